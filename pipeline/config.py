@@ -13,6 +13,9 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 # 2^30 pixels: larger than any single slide level we expect (~100k x 100k is 10^10, so
 # whole-slide readers check per level lazily; this guards decoded-in-memory formats).
 DEFAULT_MAX_PIXELS = 1 << 30
+# Tile-addressable slides are never decoded whole: their level 0 is checked against this
+# generous bound (2^36, ~262k x 262k) and each decoded tile/region against max_pixels.
+DEFAULT_MAX_SLIDE_PIXELS = 1 << 36
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class RunConfig:
     tissue_mask: str | None = None  # a user-supplied mask image instead of detection
     threshold: float | None = None  # binary models; None: the model card's threshold
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_slide_pixels: int = DEFAULT_MAX_SLIDE_PIXELS
     exports: tuple[str, ...] = ("overlay",)
     workers: int | None = None  # None: one per GPU, else per CPU slot
     ray_address: str | None = None

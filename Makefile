@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# pytest exits 5 when it collects nothing: say so and fail, rather than pass silently.
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo 'pytest collected no tests'; fi; exit $$rc
 
 demo: $(STAMP)
 	$(BIN)/segpipe demo

@@ -1,0 +1,59 @@
+"""Image I/O: open any supported input as an ``Image``, resample, ingest to zarr, export.
+
+``open_image`` sniffs the content (magic bytes, not the extension) and dispatches to one
+reader per format: dicom.py, raster.py (PNG/JPEG), tiff.py (TIFF, SVS, OME-TIFF),
+zarr_image.py (zarr, OME-Zarr). See ingest.py for which path each format takes to zarr.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SLIDE_PIXELS
+from pipeline.io.image import Image, Limits, level_mpp, select_level, to_channels
+from pipeline.io.ingest import ingest, read_in_place
+from pipeline.io.resample import resize
+from pipeline.io.sniff import check_extension, sniff
+
+__all__ = [
+    "Image",
+    "Limits",
+    "ingest",
+    "level_mpp",
+    "open_image",
+    "read_in_place",
+    "resize",
+    "select_level",
+    "to_channels",
+]
+
+
+def open_image(
+    path: str | Path,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_slide_pixels: int = DEFAULT_MAX_SLIDE_PIXELS,
+) -> Image:
+    """Open ``path`` for reading, refusing (InputError) empty, unknown, mislabelled,
+    oversized or malformed inputs before any pixel is decoded.
+
+    Pass RunConfig.max_pixels / max_slide_pixels; see image.Limits for what each bounds.
+    """
+    path = Path(path)
+    fmt = sniff(path)
+    check_extension(path, fmt)
+    limits = Limits(max_pixels=max_pixels, max_slide_pixels=max_slide_pixels)
+    if fmt == "dicom":
+        from pipeline.io.dicom import DicomImage  # pydicom is the optional 'dicom' extra
+
+        return DicomImage(path, limits)
+    if fmt in ("png", "jpeg"):
+        from pipeline.io.raster import RasterImage
+
+        return RasterImage(path, fmt, limits)
+    if fmt == "tiff":
+        from pipeline.io.tiff import TiffImage
+
+        return TiffImage(path, limits)
+    from pipeline.io.zarr_image import ZarrImage
+
+    return ZarrImage(path, limits)

@@ -1,0 +1,26 @@
+"""Session-wide test settings: an isolated Prefect home, no analytics, real-data location."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports prefect, so no test touches the user's ~/.prefect.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="segpipe-prefect-"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+REAL_DATA = Path(
+    os.environ.get("SEGPIPE_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
+)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The shared real images; tests using them skip when the folder is absent."""
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real data not found at {REAL_DATA} (set SEGPIPE_REAL_DATA)")
+    return REAL_DATA

@@ -1,0 +1,388 @@
+"""The output store: completion semantics, resume, invariant 1, NGFF layout, provenance, ids."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.config import RunConfig
+from pipeline.store import (
+    OutputStore,
+    StoreError,
+    TileReport,
+    check_provenance,
+    pyramid_shapes,
+    safe_image_id,
+    store_path,
+)
+from pipeline.tiling import Box, Tile, TileStatus, plan_tiles
+
+SMALL = dict(full_hw=(120, 100), work_hw=(60, 50), tile=16, full_chunk=32)
+
+
+def _provenance(**run_changes) -> dict:
+    return {
+        "input": {"path": "in/scan.png", "sha256": "ab" * 32},
+        "model": {"sha256": "cd" * 32, "card": {"arch": "unet", "classes": ["lung"]}},
+        "run": RunConfig(tile=16).with_(**run_changes).to_dict(),
+    }
+
+
+def _create(path: Path, **overrides) -> OutputStore:
+    args = dict(SMALL, image_id="scan", classes=["lung"], mpp=0.5, provenance=_provenance())
+    args.update(overrides)
+    return OutputStore.create_or_open(path, **args)
+
+
+def _expected(store: OutputStore) -> tuple[np.ndarray, np.ndarray]:
+    """A deterministic probability map and mask for the whole image (test data)."""
+    (h, w), (fh, fw) = store.layout.work_hw, store.layout.full_hw
+    n = len(store.layout.classes)
+    yy, xx = np.mgrid[0:h, 0:w]
+    prob = np.stack([((yy * 7 + xx * 3 + k) % 101) / 100.0 for k in range(n)], -1)
+    fy, fx = np.mgrid[0:fh, 0:fw]
+    mask = ((fy // 3 + fx // 5) % (n + 1)).astype(np.uint8)
+    return prob.astype(np.float32), mask
+
+
+def _write(store: OutputStore, tile: Tile, prob: np.ndarray, mask: np.ndarray) -> None:
+    work, full = store.owned_boxes(tile)
+    store.write_tile(tile, prob[work.slices()], mask[full.slices()], full)
+
+
+def _write_tiles(path: str, indices: list[tuple[int, int]]) -> None:
+    """A worker process: opens the store by path and writes only its own tiles."""
+    store = OutputStore.open(path, mode="r+")
+    prob, mask = _expected(store)
+    tiles = {t.index: t for t in plan_tiles(store.layout.work_hw, store.layout.tile)}
+    for index in indices:
+        _write(store, tiles[index], prob, mask)
+
+
+def _chunk_bytes(root: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != "zarr.json"}
+
+
+def _all_tiles(store: OutputStore) -> list[Tile]:
+    return plan_tiles(store.layout.work_hw, store.layout.tile)
+
+
+# ---------------------------------------------------------------------------------------
+# status and completion
+
+
+def test_new_store_is_pending_with_every_tile_to_run(tmp_path):
+    store = _create(tmp_path / "a.zarr")
+    assert store.state == "pending"
+    assert store.counts() == {"pending": 16, "done": 0, "skipped": 0, "failed": 0, "total": 16}
+    assert len(store.tiles_to_run(_all_tiles(store))) == 16
+
+
+def test_complete_only_when_every_tile_done_or_skipped(tmp_path):
+    store = _create(tmp_path / "a.zarr")
+    tiles = _all_tiles(store)
+    store.set_many(TileReport(t.index, TileStatus.DONE, seconds=0.5) for t in tiles[:-2])
+    with pytest.raises(StoreError, match="cannot mark complete"):
+        store.mark_state("complete")
+    assert store.finalize() == "partial"  # two tiles never ran
+    store.set_status(tiles[-2].index, TileStatus.SKIPPED)
+    store.set_status(tiles[-1].index, TileStatus.DONE)
+    assert store.finalize() == "complete"
+    assert OutputStore.open(tmp_path / "a.zarr").state == "complete"
+
+
+def test_failed_tile_is_recorded_and_run_again(tmp_path):
+    store = _create(tmp_path / "a.zarr")
+    tiles = _all_tiles(store)
+    store.set_many(TileReport(t.index, TileStatus.DONE) for t in tiles)
+    store.set_status((1, 2), TileStatus.FAILED, error="RuntimeError: CUDA OOM", attempts=3)
+    assert store.finalize() == "partial"
+
+    reopened = OutputStore.open(tmp_path / "a.zarr")
+    assert reopened.failures() == {(1, 2): {"error": "RuntimeError: CUDA OOM", "attempts": 3}}
+    assert [t.index for t in reopened.tiles_to_run(tiles)] == [(1, 2)]
+    summary = reopened.summary()
+    assert summary["state"] == "partial"
+    assert summary["failed"] == [{"tile": [1, 2], "error": "RuntimeError: CUDA OOM", "attempts": 3}]
+    json.dumps(summary)
+
+    store.set_status((1, 2), TileStatus.DONE, seconds=1.5)  # the retry succeeds
+    assert store.failures() == {}
+    assert store.finalize() == "complete"
+
+
+def test_failed_without_error_and_unknown_tile_are_refused(tmp_path):
+    store = _create(tmp_path / "a.zarr")
+    with pytest.raises(StoreError, match="without an error"):
+        store.set_status((0, 0), TileStatus.FAILED)
+    with pytest.raises(StoreError, match="outside the 4x4 grid"):
+        store.set_status((4, 0), TileStatus.DONE)
+    with pytest.raises(StoreError, match="unknown state"):
+        store.mark_state("finished")  # type: ignore[arg-type]
+
+
+def test_seconds_are_kept_per_tile(tmp_path):
+    store = _create(tmp_path / "a.zarr")
+    store.set_status((0, 1), TileStatus.DONE, seconds=2.25)
+    seconds = OutputStore.open(tmp_path / "a.zarr")._seconds[...]
+    assert seconds[0, 1] == 2.25 and np.isnan(seconds[0, 0])
+
+
+# ---------------------------------------------------------------------------------------
+# resume and mismatches
+
+
+def test_reopen_keeps_pixels_status_and_provenance(tmp_path):
+    store = _create(tmp_path / "a.zarr")
+    prob, mask = _expected(store)
+    tile = _all_tiles(store)[0]
+    _write(store, tile, prob, mask)
+    store.set_status(tile.index, TileStatus.DONE)
+    store.update_provenance("timings", {"infer_s": 1.25})
+
+    # a resume on another machine: other workers and retries, same pixels
+    again = _create(tmp_path / "a.zarr", provenance=_provenance(workers=8, retries=1))
+    assert again.status_grid()[0, 0] == TileStatus.DONE
+    assert again.provenance["timings"] == {"infer_s": 1.25}
+    assert again.provenance["run"]["workers"] is None  # the original record is kept
+    work, full = again.owned_boxes(tile)
+    np.testing.assert_array_equal(again.mask[full.slices()], mask[full.slices()])
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"tile": 32}, "tile"),
+        ({"full_hw": (121, 100)}, "full_hw"),
+        ({"classes": ["lung", "heart"]}, "classes"),
+        ({"prob_dtype": "float32"}, "prob_dtype"),
+        ({"provenance": _provenance(blend="gaussian")}, "run.blend"),
+        ({"provenance": {**_provenance(), "model": {"sha256": "ee" * 32}}}, "model.sha256"),
+    ],
+)
+def test_mismatched_reopen_is_refused_unless_overwrite(tmp_path, change, key):
+    store = _create(tmp_path / "a.zarr")
+    store.set_status((0, 0), TileStatus.DONE)
+    with pytest.raises(StoreError, match=key):
+        _create(tmp_path / "a.zarr", **change)
+    fresh = _create(tmp_path / "a.zarr", overwrite=True, **change)
+    assert fresh.counts()["done"] == 0
+
+
+def test_foreign_zarr_is_never_overwritten(tmp_path):
+    foreign = zarr.open_group(tmp_path / "a.zarr", mode="w")
+    foreign.create_array("data", shape=(4,), dtype="uint8")
+    with pytest.raises(StoreError, match="not a segpipe output store"):
+        _create(tmp_path / "a.zarr", overwrite=True)
+    assert "data" in zarr.open_group(tmp_path / "a.zarr", mode="r")
+    with pytest.raises(StoreError, match="no output store"):
+        OutputStore.open(tmp_path / "missing.zarr")
+
+
+# ---------------------------------------------------------------------------------------
+# writing tiles (invariant 1)
+
+
+def test_write_tile_refuses_boxes_that_are_not_its_own_chunks(tmp_path):
+    store = _create(tmp_path / "a.zarr")
+    prob, mask = _expected(store)
+    tile = _all_tiles(store)[5]  # (1, 1)
+    work, full = store.owned_boxes(tile)
+
+    shifted = Tile(tile.index, work.shift(8, 0), tile.size)
+    with pytest.raises(StoreError, match="is not its prob chunk"):
+        store.write_tile(shifted, prob[shifted.region.slices()], mask[full.slices()], full)
+    wrong_full = Box(0, 0, 32, 32)  # tile (0, 0)'s chunk
+    with pytest.raises(StoreError, match="is not its own mask chunks"):
+        store.write_tile(tile, prob[work.slices()], mask[wrong_full.slices()], wrong_full)
+    with pytest.raises(StoreError, match="prob shape"):
+        store.write_tile(tile, prob[work.slices()][:, :, 0], mask[full.slices()], full)
+    with pytest.raises(StoreError, match="uint8"):
+        store.write_tile(tile, prob[work.slices()], mask[full.slices()].astype(np.int32), full)
+    with pytest.raises(StoreError, match="label 2 > 1 classes"):
+        store.write_tile(tile, prob[work.slices()], mask[full.slices()] * 2, full)
+    with pytest.raises(StoreError, match="NaN"):
+        store.write_tile(tile, np.full_like(prob[work.slices()], np.nan), mask[full.slices()], full)
+    assert not store.mask[...].any()  # nothing was written
+
+
+def test_rewriting_a_tile_gives_identical_bytes(tmp_path):
+    store = _create(tmp_path / "a.zarr")
+    prob, mask = _expected(store)
+    edge = _all_tiles(store)[-1]  # a partial border tile: read-modify-write in zarr
+    _write(store, edge, prob, mask)
+    before = _chunk_bytes(tmp_path / "a.zarr")
+    _write(store, edge, prob, mask)
+    after = _chunk_bytes(tmp_path / "a.zarr")
+    assert before == after and len(before) >= 2
+
+
+def test_uint8_probabilities_round_and_float32_is_exact(tmp_path):
+    store = _create(tmp_path / "u8.zarr")
+    exact = _create(tmp_path / "f32.zarr", prob_dtype="float32")
+    prob, mask = _expected(store)
+    for s in (store, exact):
+        for tile in _all_tiles(s):
+            _write(s, tile, prob, mask)
+    assert store.prob.dtype == np.uint8
+    np.testing.assert_array_equal(store.prob[...], np.rint(prob * 255).astype(np.uint8))
+    assert np.abs(store.read_prob() - prob).max() <= 0.5 / 255 + 1e-7
+    np.testing.assert_array_equal(exact.read_prob(), prob)
+    np.testing.assert_array_equal(exact.mask[...], mask)
+
+
+def test_two_processes_writing_their_own_tiles_lose_no_pixel(tmp_path):
+    path = str(tmp_path / "a.zarr")
+    store = _create(Path(path), classes=["lung", "heart"])
+    assert store.prob.shards is None and store.mask.shards is None
+    indices = [t.index for t in _all_tiles(store)]
+    ctx = mp.get_context("spawn")
+    workers = [ctx.Process(target=_write_tiles, args=(path, indices[i::2])) for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
+
+    prob, mask = _expected(store)
+    np.testing.assert_array_equal(store.prob[...], np.rint(prob * 255).astype(np.uint8))
+    np.testing.assert_array_equal(store.mask[...], mask)
+
+
+# ---------------------------------------------------------------------------------------
+# OME-Zarr layout
+
+
+def test_ngff_metadata_and_nearest_pyramid(tmp_path):
+    full_hw = (2200, 1100)
+    store = _create(
+        tmp_path / "a.zarr", full_hw=full_hw, work_hw=(550, 275), tile=128, full_chunk=512,
+        classes=["lung", "heart"],
+    )  # fmt: skip
+    assert pyramid_shapes(full_hw) == [(2200, 1100), (1100, 550), (550, 275)]
+    prob, mask = _expected(store)
+    for tile in _all_tiles(store):
+        _write(store, tile, prob, mask)
+    store.set_many(TileReport(t.index, TileStatus.DONE) for t in _all_tiles(store))
+    assert store.finalize() == "complete"
+
+    root = zarr.open_group(tmp_path / "a.zarr", mode="r")
+    assert root["labels"].attrs["ome"] == {"version": "0.5", "labels": ["mask"]}
+    ome = root["labels/mask"].attrs["ome"]
+    (ms,) = ome["multiscales"]
+    assert [a["name"] for a in ms["axes"]] == ["y", "x"]
+    assert ms["axes"][0]["unit"] == "micrometer"
+    assert [d["path"] for d in ms["datasets"]] == ["0", "1", "2"]
+    scales = [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]]
+    assert scales == [[0.5, 0.5], [1.0, 1.0], [2.0, 2.0]]
+    label = ome["image-label"]
+    assert label["source"] == {"image": "../../"}
+    assert [p["class"] for p in label["properties"]] == ["lung", "heart"]
+    assert [c["label-value"] for c in label["colors"]] == [0, 1, 2]
+
+    for k, shape in enumerate(pyramid_shapes(full_hw)):
+        level = store.mask_level(k)
+        assert level.shape == shape and level.metadata.dimension_names == ("y", "x")
+        np.testing.assert_array_equal(level[...], mask[:: 2**k, :: 2**k])
+    with pytest.raises(StoreError, match="no mask level 3"):
+        store.mask_level(3)
+
+    coarse = mask[::4, ::4]
+    fractions = store.summary()["mask_fraction"]
+    assert fractions == {
+        "lung": round(float((coarse == 1).mean()), 6),
+        "heart": round(float((coarse == 2).mean()), 6),
+    }
+
+
+def test_thumbnail_is_the_root_ngff_image(tmp_path):
+    store = _create(tmp_path / "a.zarr", full_hw=(1200, 1000))
+    rgb = np.zeros((600, 500, 3), np.uint8)
+    rgb[..., 1] = 200
+    store.write_thumbnail(rgb)
+    root = zarr.open_group(tmp_path / "a.zarr", mode="r")
+    (ms,) = root.attrs["ome"]["multiscales"]
+    assert [d["path"] for d in ms["datasets"]] == ["0", "1", "2"]  # 600 -> 300 -> 150
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 1.0]  # 2 px * 0.5
+    assert root["0"].shape == (600, 500) and root["2"].shape == (150, 125)
+    assert int(root["0"][300, 250]) == round(200 * 0.7154)
+    store.write_thumbnail(np.zeros((200, 100), np.uint8))  # a smaller one replaces every level
+    assert sorted(root.array_keys()) == ["0", "prob", "status", "tile_seconds"]
+
+
+def test_mpp_unknown_gives_pixel_scales_without_unit(tmp_path):
+    store = _create(tmp_path / "a.zarr", mpp=None)
+    (ms,) = zarr.open_group(store.path, mode="r")["labels/mask"].attrs["ome"]["multiscales"]
+    assert "unit" not in ms["axes"][0]
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 1.0]
+
+
+# ---------------------------------------------------------------------------------------
+# provenance
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"PatientName": "DOE^JOHN"},
+        {"input": {"dicom": {"PatientID": "123"}}},
+        {"input": {"patient_birth_date": "19700101"}},
+        {"tags": [{"AccessionNumber": "A1"}]},
+        {"(0010,0020)": "123"},
+        {"PatientSex": "M"},
+    ],
+)
+def test_provenance_with_patient_identifiers_is_refused(tmp_path, bad):
+    with pytest.raises(StoreError, match="patient identifier"):
+        check_provenance(bad, "scan")
+    with pytest.raises(StoreError, match="patient identifier"):
+        _create(tmp_path / "a.zarr", provenance={**_provenance(), **bad})
+    assert not (tmp_path / "a.zarr").exists()
+
+
+def test_update_provenance_is_guarded_and_records_versions(tmp_path):
+    store = _create(tmp_path / "a.zarr")
+    with pytest.raises(StoreError, match="patient identifier"):
+        store.update_provenance("input", {"StudyInstanceUID": "1.2.3"})
+    versions = store.provenance["versions"]
+    assert {"python", "segpipe", "torch", "zarr", "numpy"} <= versions.keys()
+    assert store.provenance["run"] == json.loads(json.dumps(RunConfig(tile=16).to_dict()))
+
+
+# ---------------------------------------------------------------------------------------
+# output names
+
+
+def test_safe_image_id_never_escapes_the_output_root(tmp_path):
+    for name in ["../../etc/passwd", "/abs/scan.dcm", "..", "...", "", "a b/ c?*.png", ".hidden",
+                 "Röntgen.jpg", "x" * 300 + ".png"]:  # fmt: skip
+        image_id = safe_image_id(name)
+        assert "/" not in image_id and "\\" not in image_id and not image_id.startswith(".")
+        out = Path(store_path(tmp_path, image_id)).resolve()
+        assert out.parent == tmp_path.resolve()
+    assert safe_image_id("/data/a b/my scan?#1.png").startswith("my_scan_1-")
+    assert safe_image_id("/data/slide.ome.tiff").startswith("slide-")
+    assert safe_image_id("/data/...").startswith("image-")
+
+
+def test_safe_image_id_is_deterministic_and_does_not_collide(tmp_path):
+    a, b = tmp_path / "p1" / "scan.dcm", tmp_path / "p2" / "scan.dcm"
+    assert safe_image_id(a) == safe_image_id(a) == safe_image_id(str(a))
+    assert safe_image_id(a) != safe_image_id(b)
+    assert safe_image_id(a).startswith("scan-")
+    # relative to a root, an id survives moving the collection
+    moved = tmp_path / "moved" / "p1" / "scan.dcm"
+    assert safe_image_id(a, root=tmp_path) == safe_image_id(moved, root=tmp_path / "moved")
+    assert safe_image_id("s3://bucket/x/scan.svs") != safe_image_id("s3://bucket/y/scan.svs")
+
+
+def test_store_path_refuses_unsafe_ids(tmp_path):
+    for bad in ["../x", "/x", "", ".x", "a/b"]:
+        with pytest.raises(StoreError, match="unsafe image id"):
+            store_path(tmp_path, bad)
+    assert store_path("s3://bucket/out/", "scan-0a") == "s3://bucket/out/scan-0a.zarr"

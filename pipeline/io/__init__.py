@@ -12,8 +12,11 @@ from pathlib import Path
 from pipeline.config import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SLIDE_PIXELS
 from pipeline.io.image import Image, Limits, level_mpp, select_level, to_channels
 from pipeline.io.ingest import ingest, read_in_place
+from pipeline.io.raster import RasterImage
 from pipeline.io.resample import resize
 from pipeline.io.sniff import check_extension, sniff
+from pipeline.io.tiff import TiffImage
+from pipeline.io.zarr_image import ZarrImage
 
 __all__ = [
     "Image",
@@ -47,13 +50,7 @@ def open_image(
 
         return DicomImage(path, limits)
     if fmt in ("png", "jpeg"):
-        from pipeline.io.raster import RasterImage
-
         return RasterImage(path, fmt, limits)
     if fmt == "tiff":
-        from pipeline.io.tiff import TiffImage
-
         return TiffImage(path, limits)
-    from pipeline.io.zarr_image import ZarrImage
-
     return ZarrImage(path, limits)

@@ -30,7 +30,9 @@ class DicomImage(Image):
     def __init__(self, path: Path, limits: Limits) -> None:
         self._dataset = _read_dataset(path)
         rows, columns = _checked_geometry(path, self._dataset)
-        super().__init__(path, [(rows, columns, 1)], _mpp(self._dataset), np.dtype(np.float32), limits)
+        super().__init__(
+            path, [(rows, columns, 1)], _mpp(self._dataset), np.dtype(np.float32), limits
+        )
         self._pixels: np.ndarray | None = None
         self._lock = threading.Lock()
 
@@ -55,7 +57,7 @@ class DicomImage(Image):
         return meta
 
     def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        return self._decoded()[y : y + h, x : x + w]
+        return self._decoded()[y : y + h, x : x + w].copy()  # the cache must not be mutated
 
     def _decoded(self) -> np.ndarray:
         with self._lock:
@@ -84,7 +86,9 @@ def _checked_geometry(path: Path, ds: Dataset) -> tuple[int, int]:
         raise InputError(f"{path}: {samples} samples per pixel; expected greyscale (1)")
     photometric = str(ds.get("PhotometricInterpretation", ""))
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise InputError(f"{path}: PhotometricInterpretation {photometric!r}, expected MONOCHROME1/2")
+        raise InputError(
+            f"{path}: PhotometricInterpretation {photometric!r}, expected MONOCHROME1/2"
+        )
     bits = int(ds.get("BitsStored", 0))
     if not 1 <= bits <= 16:
         raise InputError(f"{path}: BitsStored={bits}, expected 1..16")

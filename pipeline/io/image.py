@@ -100,7 +100,7 @@ class Image(ABC):
     def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Decode a region already checked to lie inside the level."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: readers without handles skip it)
         """Release file handles; the default reader holds none."""
 
     def __enter__(self) -> Image:

@@ -1,13 +1,16 @@
 """PNG and JPEG X-rays: 8 or 16 bit, grey, RGB or RGBA, channels exposed as stored.
 
-Pillow reads the header (size, mode) without decoding; imagecodecs decodes, because Pillow
-drops 16-bit RGB PNGs to 8 bits. The image is decoded once, on the first read, and kept.
+Pillow reads the header (size, mode) without decoding. PNGs are decoded by imagecodecs,
+because Pillow drops 16-bit RGB PNGs to 8 bits; JPEGs by Pillow, because libjpeg-turbo in
+imagecodecs fills a truncated JPEG with grey instead of failing (limit: 8-bit JPEG only).
+The image is decoded once, on the first read, and kept.
 """
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
+
 import imagecodecs
 import numpy as np
 from PIL.JpegImagePlugin import JpegImageFile
@@ -16,7 +19,6 @@ from PIL.PngImagePlugin import PngImageFile
 from pipeline.errors import InputError
 from pipeline.io.image import Image, Kind, Limits
 
-_DECODERS = {"png": imagecodecs.png_decode, "jpeg": imagecodecs.jpeg8_decode}
 _HEADER_PARSERS = {"png": PngImageFile, "jpeg": JpegImageFile}
 
 # Pillow mode -> (channels, dtype) of the decoded array. Palette PNGs decode to RGB(A).
@@ -49,7 +51,7 @@ class RasterImage(Image):
         return self._fmt
 
     def _read(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        return self._decoded()[y : y + h, x : x + w]
+        return self._decoded()[y : y + h, x : x + w].copy()  # the cache must not be mutated
 
     def _decoded(self) -> np.ndarray:
         with self._lock:
@@ -58,7 +60,11 @@ class RasterImage(Image):
             return self._pixels
 
     def _decode(self) -> np.ndarray:
-        pixels = _DECODERS[self._fmt](self.path.read_bytes())
+        if self._fmt == "png":
+            pixels = imagecodecs.png_decode(self.path.read_bytes())
+        else:
+            with JpegImageFile(self.path) as pil:
+                pixels = np.asarray(pil)
         if pixels.ndim == 2:
             pixels = pixels[..., None]
         if pixels.shape != self.levels[0]:
@@ -85,4 +91,14 @@ def _header(path: Path, fmt: str) -> tuple[int, int, int, np.dtype]:
     channels, dtype = _MODES[mode]
     if mode == "P" and transparent:
         channels = 4
+    if fmt == "png" and _png_bit_depth(path) == 16:
+        dtype = np.dtype(np.uint16)  # Pillow calls 16-bit RGB(A) PNGs "RGB"/"RGBA"
     return height, width, channels, dtype
+
+
+def _png_bit_depth(path: Path) -> int:
+    """Bit depth from IHDR, which PNG requires first: at byte 24 after the signature,
+    chunk length, chunk type, width and height."""
+    with path.open("rb") as handle:
+        handle.seek(24)
+        return handle.read(1)[0]

@@ -44,7 +44,9 @@ class TiffImage(Image):
         try:
             series = self._tif.series[0]
             self._axes = series.axes
-            self._stores = [zarr.open_array(series.aszarr(level=i), mode="r") for i in range(len(series.levels))]
+            self._stores = [
+                zarr.open_array(series.aszarr(level=i), mode="r") for i in range(len(series.levels))
+            ]
             levels = [_level_shape(path, self._axes, store.shape) for store in self._stores]
             page = series.levels[0].keyframe
             self.kind: Kind = (
@@ -60,7 +62,9 @@ class TiffImage(Image):
             raise
         except Exception as exc:  # tifffile raises on malformed IFDs, tags or series
             self._tif.close()
-            raise InputError(f"{path}: unreadable TIFF structure: {type(exc).__name__}: {exc}") from exc
+            raise InputError(
+                f"{path}: unreadable TIFF structure: {type(exc).__name__}: {exc}"
+            ) from exc
 
     @property
     def format_name(self) -> str:
@@ -105,7 +109,9 @@ def _level_shape(path: Path, axes: str, shape: tuple[int, ...]) -> Shape:
         return (shape[0], shape[1], shape[2])
     if axes == "CYX":
         return (shape[1], shape[2], shape[0])
-    raise InputError(f"{path}: TIFF series axes {axes!r} {shape}; expected YX, YXS or CYX (2D image)")
+    raise InputError(
+        f"{path}: TIFF series axes {axes!r} {shape}; expected YX, YXS or CYX (2D image)"
+    )
 
 
 def _yx_chunk(axes: str, chunks: tuple[int, ...]) -> tuple[int, int]:

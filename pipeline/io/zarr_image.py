@@ -86,7 +86,9 @@ def _multiscales(path: Path, group: zarr.Group) -> tuple[list[zarr.Array], Order
         arrays = [group[dataset["path"]] for dataset in spec["datasets"]]
     except KeyError as exc:
         raise InputError(f"{path}: NGFF dataset {exc} missing") from exc
-    order = tuple(_ngff_axis(path, name, size) for name, size in zip(axes, arrays[0].shape, strict=True))
+    order = tuple(
+        _ngff_axis(path, name, size) for name, size in zip(axes, arrays[0].shape, strict=True)
+    )
     if sorted(a for a in order if a != "1") not in (["x", "y"], ["c", "x", "y"]):
         raise InputError(f"{path}: NGFF axes {axes} {arrays[0].shape}; expected a 2D image")
     return arrays, order, _ngff_mpp(spec, axes)

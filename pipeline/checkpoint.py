@@ -54,8 +54,11 @@ class ModelCard:
     def in_channels(self) -> int:
         return int(self.config.get("in_channels", 3))
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str, source: str = "card") -> ModelCard:
@@ -117,15 +120,12 @@ def load(path: str | Path, arch: str | None = None, **config: Any) -> tuple[Segm
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], ModelCard]:
+    card = read_card(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
             state = {name: f.get_tensor(name) for name in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    if CARD_KEY not in metadata:
-        raise CheckpointError(f"{path}: safetensors file has no segpipe model card")
-    card = ModelCard.from_json(metadata[CARD_KEY], str(path))
     actual = weights_sha256(state)
     if card.weights_sha256 and card.weights_sha256 != actual:
         raise CheckpointError(f"{path}: weights sha256 {actual[:12]} does not match its card")
@@ -184,3 +184,47 @@ def _rename_unetpp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 REFERENCE_RENAMES = {"unet": _rename_unet, "unetpp": _rename_unetpp}
+
+
+SHIPPED_DIR = Path(__file__).parent / "weights"
+
+
+def shipped_models() -> dict[str, Path]:
+    """The models that ship inside the package, by name."""
+    return {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.safetensors"))}
+
+
+def resolve(model: str | Path) -> Path:
+    """A shipped model name or a checkpoint path -> the checkpoint's path."""
+    shipped = shipped_models()
+    if str(model) in shipped:
+        return shipped[str(model)]
+    path = Path(model)
+    if not path.is_file():
+        raise CheckpointError(f"{model}: neither a checkpoint file nor a shipped model {sorted(shipped)}")
+    return path
+
+
+def read_card(path: str | Path) -> ModelCard:
+    """The model card of a checkpoint, without building the model (plain state_dicts get a
+    minimal card and need arch= at load time)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: only safetensors checkpoints carry a model card")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    if CARD_KEY not in metadata:
+        raise CheckpointError(f"{path}: safetensors file has no segpipe model card")
+    return ModelCard.from_json(metadata[CARD_KEY], str(path))
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -38,6 +38,7 @@ class RunConfig:
     tile: int = 1024
     halo: int | None = None  # None: the model card's halo, else 64
     blend: Blend = "crop"
+    window: int = 512  # gaussian blend: the sliding window's side
     overlap: float = 0.25  # gaussian blend: fraction of a window shared with its neighbour
     max_window: int = 2048  # crop blend: a tile+halo larger than this is split into windows
     batch_size: int = 4  # windows per forward pass
@@ -51,6 +52,7 @@ class RunConfig:
     tissue_threshold: float = 0.02  # tiles with less tissue than this fraction are skipped
     tissue_mask: str | None = None  # a user-supplied mask image instead of detection
     threshold: float | None = None  # binary models; None: the model card's threshold
+    prob_dtype: str = "uint8"  # stored probabilities: uint8 (p*255) | float16 | float32
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_slide_pixels: int = DEFAULT_MAX_SLIDE_PIXELS
     exports: tuple[str, ...] = ("overlay",)

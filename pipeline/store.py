@@ -90,6 +90,7 @@ class TileReport:
     error: str | None = None  # required for FAILED
     attempts: int | None = None  # FAILED: how often the tile was tried (None: 1)
     seconds: float | None = None
+    windows: int | None = None  # model inputs the tile ran (DONE)
 
 
 # ---------------------------------------------------------------------------------------
@@ -548,6 +549,21 @@ class OutputStore:
         scales = [(full_h / lv.shape[0], full_w / lv.shape[1]) for lv in levels]
         multiscales = ngff_multiscales(self.image_id, self.layout.mpp, scales)
         self._group.attrs.update({"ome": {"version": NGFF_VERSION, "multiscales": multiscales}})
+
+    def write_preview(self, image: np.ndarray) -> None:
+        """Keep the input's colour thumbnail (h, w, C) uint8 for tissue detection and
+        overlays; write_thumbnail's NGFF copy is grey."""
+        arr = self._group.create_array(
+            "preview", shape=image.shape, dtype=np.uint8, chunks=image.shape,
+            compressors=_COMPRESSORS, overwrite=True,
+        )  # fmt: skip
+        arr[...] = image
+
+    def preview(self) -> np.ndarray:
+        """The colour thumbnail written at ingest."""
+        if "preview" not in self._group:
+            raise StoreError(f"{self.path}: no preview; the image was not ingested")
+        return np.asarray(self._group["preview"][...])
 
     # -- tile status (driver only) --------------------------------------------------------
 

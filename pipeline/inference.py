@@ -1,0 +1,197 @@
+"""One tile, start to finish: read tile + halo, normalise, run windows, blend, deliver at
+full resolution, write the tile's own chunks, report. Ray actors and the single-process
+path both call `TileRunner.run`.
+
+    read      the windows' bounding box from the working-level array  (I/O, no lock)
+    infer     normalise, batch windows through the model, blend       (under the compute lock)
+    deliver   crop to the tile, upsample to full resolution, label
+    write     the tile's own prob and mask chunks                      (I/O, no lock)
+
+Reading and writing happen outside the compute lock, so a second thread reading the next
+tile overlaps the model running on the current one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline import checkpoint
+from pipeline.checkpoint import ModelCard
+from pipeline.config import RunConfig
+from pipeline.io import open_image, to_channels
+from pipeline.normalization import normalize
+from pipeline.predictor import Predictor
+from pipeline.stitching import CropCanvas, GaussianCanvas, to_labels, upsample_region
+from pipeline.store import OutputStore, TileReport
+from pipeline.tiling import (
+    Box,
+    Tile,
+    TileStatus,
+    Window,
+    bounding_box,
+    crop_windows,
+    gaussian_windows,
+    windows_touching,
+    work_box_for_full,
+)
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """What any worker needs to compute any tile of one image: small, picklable facts."""
+
+    image_id: str
+    input_path: str
+    store_path: str
+    full_hw: tuple[int, int]
+    work_hw: tuple[int, int]
+    tile: int
+    halo: int  # already on the model's grid (tiling.effective_halo)
+    kind: str = "xray"  # "xray" or "slide" (pipeline.io.Image.kind)
+    norm_stats: dict[str, float] = field(default_factory=dict)
+    work_url: str | None = None  # ingested working level (zarr); None: read the source in place
+    source_level: int = 0
+
+    def open_work(self) -> Any:
+        """The working-level (H, W, C) array: the ingested zarr array, or the source level."""
+        if self.work_url is not None:
+            import zarr
+
+            return zarr.open_array(self.work_url, mode="r")
+        return open_image(self.input_path).lazy_level(self.source_level)
+
+
+@dataclass(frozen=True)
+class TileInput:
+    """A tile's pixels as read: the windows and the raw box that holds them all."""
+
+    tile: Tile
+    region: Box  # working-level box whose probabilities the tile needs (>= tile.region)
+    windows: list[Window]
+    box: Box
+    pixels: np.ndarray
+    norm_stats: dict[str, float]
+
+
+class TileRunner:
+    """Runs tiles with one model, loaded once. Thread-safe: the model runs under a lock."""
+
+    def __init__(self, model_path: str, config: RunConfig):
+        model, card = checkpoint.load(model_path, **_mode_overrides(config))
+        self.card: ModelCard = card
+        self.config = config
+        self.multiple = model.multiple
+        self.predictor = Predictor(model, config)
+        self.threshold = config.threshold if config.threshold is not None else card.threshold
+        self._compute = threading.Lock()
+        self._open: dict[str, tuple[Any, OutputStore]] = {}
+        self._open_lock = threading.Lock()
+        self.tiles_run = 0
+
+    def run(self, job: ImageJob, tile: Tile, attempt: int = 1) -> TileReport:
+        """Compute and write one tile; raises on failure (the scheduler records it)."""
+        start = time.perf_counter()
+        self._inject_faults(tile, attempt)
+        work, store = self._resources(job)
+        data = self.read(job, tile, work, store)
+        with self._compute:
+            probs = self.infer(data)
+        self.write(job, data, probs, store)
+        self.tiles_run += 1
+        return TileReport(tile.index, TileStatus.DONE, seconds=time.perf_counter() - start,
+                          windows=len(data.windows))
+
+    def read(self, job: ImageJob, tile: Tile, work: Any, store: OutputStore) -> TileInput:
+        """Plan the tile's windows and read the raw pixels they cover, once."""
+        region = self._needed_region(job, tile, store)
+        if self.config.blend == "gaussian":
+            grid = gaussian_windows(job.work_hw, self.config.window, self.config.overlap)
+            boxes = windows_touching(Tile(tile.index, region, tile.size), grid)
+            windows = [Window(input=b, keep=b) for b in boxes]
+        else:
+            size = max(region.h, region.w, tile.size)
+            windows = crop_windows(Tile(tile.index, region, size), job.work_hw, job.halo,
+                                   self.multiple, self.config.max_window)
+        box = bounding_box(w.input for w in windows)
+        pixels = np.asarray(work[box.y0 : box.y1, box.x0 : box.x1, :])
+        return TileInput(tile, region, windows, box, pixels, job.norm_stats)
+
+    def infer(self, data: TileInput) -> np.ndarray:
+        """Probabilities (h, w, K) over `data.region`: model outputs blended per the config."""
+        card = self.card
+        pixels = to_channels(data.pixels, card.in_channels)
+        pixels = normalize(pixels, card.normalization, data.norm_stats)
+        canvas_cls = GaussianCanvas if self.config.blend == "gaussian" else CropCanvas
+        canvas = canvas_cls(data.region, self.predictor.classes)
+        for shape, group in _by_shape(data.windows).items():
+            batch = np.stack([pixels[w.input.relative_to(data.box).slices()] for w in group])
+            for window, probs in zip(group, self.predictor(batch), strict=True):
+                canvas.add(window.input, window.keep, probs)
+        return canvas.result()
+
+    def write(self, job: ImageJob, data: TileInput, probs: np.ndarray, store: OutputStore) -> None:
+        """Crop to the tile, deliver the mask at full resolution, write the tile's chunks."""
+        tile = data.tile
+        work_box, full_box = store.owned_boxes(tile)
+        own = probs[work_box.relative_to(data.region).slices()]
+        full = upsample_region(probs, data.region, full_box, job.work_hw, job.full_hw)
+        mask = to_labels(full, self.threshold) if not full_box.is_empty else np.zeros((0, 0), np.uint8)
+        # Multi-class outputs carry background as channel 0; the store keeps the classes.
+        stored = own if own.shape[-1] == 1 else own[..., 1:]
+        store.write_tile(tile, stored, mask, full_box)
+
+    def _needed_region(self, job: ImageJob, tile: Tile, store: OutputStore) -> Box:
+        """The tile's region, grown to what bilinear delivery of its full-res chunks reads."""
+        _, full_box = store.owned_boxes(tile)
+        if job.work_hw == job.full_hw or full_box.is_empty:
+            return tile.region
+        extra = work_box_for_full(full_box, job.work_hw, job.full_hw)
+        return bounding_box([tile.region, extra])
+
+    def _resources(self, job: ImageJob) -> tuple[Any, OutputStore]:
+        with self._open_lock:
+            if job.image_id not in self._open:
+                if len(self._open) >= 4:  # a worker serves a few images at a time
+                    self._open.pop(next(iter(self._open)))
+                store = OutputStore.open(job.store_path, mode="r+")
+                self._open[job.image_id] = (job.open_work(), store)
+            return self._open[job.image_id]
+
+    def _inject_faults(self, tile: Tile, attempt: int) -> None:
+        faults = self.config.faults
+        if tile.index in faults.fail_tiles and (faults.fail_attempts == 0 or attempt <= faults.fail_attempts):
+            raise RuntimeError(f"injected fault in tile {tile.index}, attempt {attempt}")
+        if faults.exit_after is not None and self.tiles_run >= faults.exit_after and _first_life():
+            os._exit(1)
+
+
+def _first_life() -> bool:
+    """False in a Ray actor that was restarted: an injected crash happens only once."""
+    try:
+        import ray
+
+        return not ray.get_runtime_context().was_current_actor_reconstructed
+    except Exception:  # not inside a Ray actor
+        return True
+
+
+def _mode_overrides(config: RunConfig) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if config.mode is not None:
+        overrides["mode"] = config.mode
+    if config.prune_level is not None:
+        overrides["prune_level"] = config.prune_level
+    return overrides
+
+
+def _by_shape(windows: list[Window]) -> dict[tuple[int, int], list[Window]]:
+    groups: dict[tuple[int, int], list[Window]] = {}
+    for w in windows:
+        groups.setdefault(w.input.shape, []).append(w)
+    return groups

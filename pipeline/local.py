@@ -1,0 +1,27 @@
+"""`segment`: one image in, its output store out, in this process (no Ray, no Prefect)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline import checkpoint, stages
+from pipeline.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+def segment(input: str | Path, model: str | Path, out: str | Path, **config: Any) -> Path:
+    """Segment one image with a checkpoint path or shipped model name; returns the output
+    store's path. Config names are RunConfig's (tile, halo, blend, mode, prune_level,
+    precision, tissue, ...)."""
+    run = RunConfig().with_(**config)
+    model_path = str(checkpoint.resolve(model))
+    job = stages.ingest(str(input), model_path, run, str(out))
+    stages.plan(job, run)
+    stages.infer_local(job, model_path, run)
+    summary = stages.finalize(job)
+    stages.export(job, run)
+    log.info("%s: %s %s", job.image_id, summary["state"], summary["counts"])
+    return Path(job.store_path)

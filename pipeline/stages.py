@@ -1,0 +1,256 @@
+"""The per-image stages a run goes through: ingest → plan → infer → finalize → export.
+
+Each stage takes paths, ids and the RunConfig and returns small summaries, never pixels:
+Prefect tasks call them one to one, and `pipeline.segment` chains them in one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from pipeline import __version__
+from pipeline import checkpoint
+from pipeline.checkpoint import ModelCard
+from pipeline.config import RunConfig
+from pipeline.errors import InputError
+from pipeline.inference import ImageJob
+from pipeline.io import Image, ingest as ingest_level, open_image, select_level
+from pipeline.normalization import image_stats
+from pipeline.store import OutputStore, TileReport, safe_image_id, store_path
+from pipeline.tiling import (
+    TileStatus,
+    effective_halo,
+    full_res_chunk,
+    plan_tiles,
+    work_shape_for,
+)
+
+log = logging.getLogger(__name__)
+
+PREVIEW_MAX_SIDE = 1024  # thumbnail for tissue detection, normalisation stats and overlays
+DEFAULT_HALO = 64
+
+
+def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
+           image_id: str | None = None) -> ImageJob:
+    """Open the image, fix its geometry, create (or reopen) its output store, bring its
+    working level into zarr (or read it in place) and store a preview."""
+    card = checkpoint.read_card(model_path)
+    with _open(input_path, config) as image:
+        image_id = image_id or safe_image_id(input_path)
+        level, full_hw, work_hw = working_geometry(image, card)
+        path = store_path(out_root, image_id)
+        store = OutputStore.create_or_open(
+            path, image_id=image_id, full_hw=full_hw, work_hw=work_hw, tile=config.tile,
+            full_chunk=full_res_chunk(config.tile, (full_hw[0] / work_hw[0], full_hw[1] / work_hw[1])),
+            classes=card.class_names, prob_dtype=config.prob_dtype, mpp=image.mpp,
+            provenance=_provenance(input_path, image, model_path, card, config, level),
+        )  # fmt: skip
+        work_url = _working_level(image, level, work_hw, path, config.tile)
+        preview = _preview(image)
+        if "preview" not in _group_keys(path):
+            store.write_preview(_display_uint8(preview))
+            store.write_thumbnail(_display_uint8(preview))
+        multiple = 2 ** (len(card.config["filters"]) - 1)
+        halo = config.halo if config.halo is not None else (card.halo or DEFAULT_HALO)
+        return ImageJob(
+            image_id=image_id, input_path=str(input_path), store_path=path,
+            full_hw=full_hw, work_hw=work_hw, tile=config.tile,
+            halo=effective_halo(halo, multiple), kind=image.kind,
+            norm_stats=image_stats(preview, card.normalization),
+            work_url=work_url, source_level=level,
+        )  # fmt: skip
+
+
+def plan(job: ImageJob, config: RunConfig) -> dict[str, int]:
+    """Mark background tiles SKIPPED (slides by default, or with a user mask); only tiles
+    still PENDING are touched, so a resumed run keeps what it had."""
+    store = OutputStore.open(job.store_path, mode="r+")
+    use_tissue = config.tissue if config.tissue is not None else job.kind == "slide"
+    if not (use_tissue or config.tissue_mask):
+        return store.counts()
+    from pipeline import tissue
+
+    if config.tissue_mask:
+        with _open(config.tissue_mask, config) as mask_image:
+            mask = _preview(mask_image)[..., 0] > 0
+    else:
+        mask = tissue.tissue_mask(_rgb(store.preview()))
+    tiles = plan_tiles(job.work_hw, job.tile)
+    fractions = tissue.tile_tissue_fraction(mask, tiles, job.work_hw)
+    skipped = tissue.skipped_tiles(fractions, config.tissue_threshold)
+    grid = store.status_grid()
+    reports = [TileReport(i, TileStatus.SKIPPED) for i in skipped if grid[i] == TileStatus.PENDING]
+    if reports:
+        store.set_many(reports)
+    return store.counts()
+
+
+def infer_local(job: ImageJob, model_path: str, config: RunConfig, progress=None) -> dict[str, int]:
+    """Run the image's pending and failed tiles in this process (two threads)."""
+    from pipeline.inference import TileRunner
+    from pipeline.scheduler import ThreadBackend, run_tiles
+
+    store = OutputStore.open(job.store_path, mode="r+")
+    if store.state == "complete":
+        return store.counts()
+    todo = store.tiles_to_run(plan_tiles(job.work_hw, job.tile))
+    if not todo:
+        return store.counts()
+    store.mark_state("running")
+    backend = ThreadBackend(TileRunner(model_path, config))
+    start = time.perf_counter()
+    try:
+        counts = run_tiles(job, todo, backend, store, config.retries, progress)
+    finally:
+        backend.close()
+    store.update_provenance("timings", {"infer_s": round(time.perf_counter() - start, 3)})
+    return counts
+
+
+def finalize(job: ImageJob) -> dict[str, Any]:
+    """Build the mask pyramid and write the completion state, last."""
+    store = OutputStore.open(job.store_path, mode="r+")
+    store.finalize()
+    return store.summary()
+
+
+def working_geometry(image: Image, card: ModelCard) -> tuple[int, tuple[int, int], tuple[int, int]]:
+    """(source level, full-resolution (h, w), working (h, w)) for this image and model."""
+    full_hw = tuple(image.levels[0][:2])
+    scale = card.scale or {}
+    if "size" in scale:
+        return 0, full_hw, work_shape_for(full_hw, tuple(scale["size"]))
+    if "mpp" in scale:
+        if image.mpp is None:
+            log.warning("%s: no pixel size in the file; running at its own scale, not the "
+                        "model's %s um/px", image.path, scale["mpp"])
+            return 0, full_hw, full_hw
+        level, factor = select_level(image, float(scale["mpp"]))
+        level_hw = tuple(image.levels[level][:2])
+        return level, full_hw, work_shape_for(level_hw, factor) if abs(factor - 1) > 1e-3 else level_hw
+    return 0, full_hw, full_hw
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 of a file; for a directory (zarr) of its metadata files, names and sizes."""
+    path = Path(path)
+    if path.is_file():
+        return checkpoint.file_sha256(path)
+    digest = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            digest.update(f"{p.relative_to(path)}|{p.stat().st_size}".encode())
+            if p.suffix == ".json":
+                digest.update(p.read_bytes())
+    return digest.hexdigest()
+
+
+def _open(path: str, config: RunConfig) -> Image:
+    return open_image(path, max_pixels=config.max_pixels, max_slide_pixels=config.max_slide_pixels)
+
+
+def _working_level(image: Image, level: int, work_hw: tuple[int, int], path: str, chunk: int) -> str | None:
+    """None when the source level is read in place; else the ingested zarr array's URL."""
+    if tuple(image.levels[level][:2]) == work_hw and image.lazy_level(level) is not None:
+        return None
+    url = f"{path}/work"
+    try:
+        done = zarr.open_array(url, mode="r").attrs.get("ingested") is True
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError, KeyError):
+        done = False
+    if not done:
+        array = ingest_level(image, level, url, work_shape=work_hw, chunk=chunk)
+        array.attrs["ingested"] = True
+    return url
+
+
+def _preview(image: Image, max_side: int = PREVIEW_MAX_SIDE) -> np.ndarray:
+    """The whole image with its long side <= max_side (float32, (h, w, C)), averaged from
+    the coarsest level still at least that large, chunk by chunk."""
+    candidates = [i for i, s in enumerate(image.levels) if max(s[:2]) >= max_side] or [0]
+    level = candidates[-1]
+    h, w, c = image.levels[level]
+    lazy = image.lazy_level(level)
+    if lazy is None:
+        lazy = da.from_array(image.read_region(level, 0, 0, h, w), chunks=(1024, 1024, c))
+    factor = max(1, math.ceil(max(h, w) / max_side))
+    trimmed = lazy[: h // factor * factor, : w // factor * factor].astype(np.float32)
+    return np.asarray(da.coarsen(np.mean, trimmed, {0: factor, 1: factor}).compute())
+
+
+def _display_uint8(preview: np.ndarray) -> np.ndarray:
+    """A viewing copy: 8-bit inputs as they are, deeper ones windowed to their 0.5–99.5%."""
+    if preview.max(initial=0) <= 255 and preview.min(initial=0) >= 0:
+        return np.rint(preview).astype(np.uint8)
+    low, high = np.percentile(preview, [0.5, 99.5])
+    return np.rint(np.clip((preview - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
+
+
+def _rgb(preview: np.ndarray) -> np.ndarray:
+    return np.repeat(preview, 3, axis=2) if preview.shape[2] == 1 else preview[..., :3]
+
+
+def _group_keys(path: str) -> set[str]:
+    return set(zarr.open_group(path, mode="r").keys())
+
+
+def _provenance(input_path: str, image: Image, model_path: str, card: ModelCard,
+                config: RunConfig, level: int) -> dict[str, Any]:
+    return {
+        "input": {"path": str(input_path), "sha256": content_hash(input_path),
+                  "image": image.metadata_safe(), "level": level},
+        "model": {"path": str(model_path), "sha256": checkpoint.file_sha256(model_path),
+                  "card": card.to_dict()},
+        "run": config.to_dict(),
+        "versions": {"segpipe": __version__},
+    }
+
+
+EXPORT_FORMATS = ("overlay", "png", "ome-tiff", "dicom-seg")
+
+
+def export(job: ImageJob, config: RunConfig, formats: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Write the requested exports beside the store; returns format -> file path.
+    `overlay` is for every image; dicom-seg only for DICOM inputs."""
+    from pipeline.io import exports
+
+    store = OutputStore.open(job.store_path)
+    base = Path(job.store_path).with_suffix("")
+    written: dict[str, str] = {}
+    for fmt in formats if formats is not None else config.exports:
+        if fmt not in EXPORT_FORMATS:
+            raise InputError(f"{job.image_id}: unknown export {fmt!r}; valid: {EXPORT_FORMATS}")
+        levels = [store.mask_level(k) for k in range(len(store.layout.levels))]
+        if fmt == "overlay":
+            path = f"{base}.overlay.png"
+            exports.export_overlay(store.preview(), np.asarray(levels[-1]), path)
+        elif fmt == "png":
+            path = f"{base}.mask.png"
+            exports.export_png(levels[0], path)
+        elif fmt == "ome-tiff":
+            path = f"{base}.mask.ome.tif"
+            exports.export_ome_tiff(levels, path, store.layout.mpp)
+        else:
+            if job.kind != "xray" or not _is_dicom(job.input_path):
+                log.info("%s: dicom-seg needs a DICOM input; skipped", job.image_id)
+                continue
+            path = f"{base}.seg.dcm"
+            exports.export_dicom_seg(job.input_path, np.asarray(levels[0]), list(store.layout.classes), path)
+        written[fmt] = path
+    return written
+
+
+def _is_dicom(path: str) -> bool:
+    from pipeline.io.sniff import sniff
+
+    return sniff(Path(path)) == "dicom"

@@ -60,10 +60,14 @@ def test_missing_file(tmp_path: Path) -> None:
     _refused(tmp_path / "nope.dcm", "no such file")
 
 
-def test_png_named_dcm_is_refused_as_lying_extension(tmp_path: Path) -> None:
+def test_png_named_dcm_opens_as_png_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     PILImage.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
     (tmp_path / "x.dcm").write_bytes((tmp_path / "x.png").read_bytes())
-    _refused(tmp_path / "x.dcm", "extension '.dcm' says dicom but the content is png")
+    with open_image(tmp_path / "x.dcm") as image:
+        assert image.metadata_safe()["format"] == "png"
+    assert "extension '.dcm' says dicom but the content is png" in caplog.text
 
 
 def test_png_without_extension_opens_as_png(tmp_path: Path) -> None:

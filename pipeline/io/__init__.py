@@ -36,8 +36,9 @@ def open_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_slide_pixels: int = DEFAULT_MAX_SLIDE_PIXELS,
 ) -> Image:
-    """Open ``path`` for reading, refusing (InputError) empty, unknown, mislabelled,
-    oversized or malformed inputs before any pixel is decoded.
+    """Open ``path`` for reading, by its content; refuse (InputError) empty, unknown,
+    oversized or malformed inputs before any pixel is decoded. An extension that names
+    another format than the content is logged as a warning.
 
     Pass RunConfig.max_pixels / max_slide_pixels; see image.Limits for what each bounds.
     """

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
 from pipeline.errors import InputError
+
+log = logging.getLogger(__name__)
 
 Format = Literal["dicom", "png", "jpeg", "tiff", "zarr"]
 
@@ -44,14 +47,22 @@ def sniff(path: Path) -> Format:
     )
 
 
-def check_extension(path: Path, fmt: Format) -> None:
-    """Refuse a file whose extension names another format than its content (a lying
-    extension): a PNG named .dcm is more likely a mix-up than something to segment."""
+def check_extension(path: Path, fmt: Format) -> bool:
+    """Whether the extension agrees with the content; a lying extension only logs a
+    warning, because the content decides how the file is read. Real data has them: the
+    torchxrayvision V7 lung mask ``16747_3_1_lungmask_v7labs.jpg`` is a PNG."""
     claimed = _EXTENSIONS.get(path.suffix.lower())
     if claimed is not None and claimed != fmt:
-        raise InputError(
-            f"{path}: extension {path.suffix!r} says {claimed} but the content is {fmt}"
+        log.warning(
+            "%s: extension %r says %s but the content is %s; reading it as %s",
+            path,
+            path.suffix,
+            claimed,
+            fmt,
+            fmt,
         )
+        return False
+    return True
 
 
 _EXTENSIONS: dict[str, Format] = {

@@ -1,0 +1,227 @@
+"""Writers from a mask (a zarr array or pyramid of (H, W) uint8 labels, 0 = background,
+1..C = classes) to files. Pure: they read their inputs and write one file.
+
+- ``export_ome_tiff``: pyramidal tiled OME-TIFF, fed tile by tile (memory: one tile).
+- ``export_png``: the raw labels 0..C, lossless, so the file reads back as the mask; for
+  looking at a mask use ``export_overlay``. PNG encoders need the whole image in memory, so
+  this refuses masks over PNG_MAX_PIXELS: export a pyramid level of a slide instead.
+- ``export_overlay``: the input with the mask tinted and outlined in class colours, at most
+  ``max_size`` on the long side (X-rays and slide thumbnails).
+- ``export_dicom_seg``: a DICOM Segmentation (highdicom, BINARY) referencing the source
+  X-ray's study, series and instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import tifffile
+from skimage.segmentation import find_boundaries
+
+from pipeline.errors import ConfigError
+from pipeline.io.resample import resize
+
+EXPORT_TILE = 512
+PNG_MAX_PIXELS = 1 << 28  # 16k x 16k
+OVERLAY_ALPHA = 0.4
+# Class colours (RGB) for labels 1, 2, ...; background is left untinted.
+PALETTE = np.array(
+    [
+        (230, 25, 75),
+        (60, 180, 75),
+        (0, 130, 200),
+        (255, 225, 25),
+        (245, 130, 48),
+        (145, 30, 180),
+        (70, 240, 240),
+        (240, 50, 230),
+    ],
+    dtype=np.uint8,
+)
+
+
+def export_ome_tiff(mask_levels: Sequence[Any], path: str | Path, mpp: float | None) -> Path:
+    """Write a pyramid of (H, W) uint8 masks (level 0 first, each array-like and sliceable,
+    e.g. zarr) as a tiled, zlib-compressed OME-TIFF with sub-IFD levels; PhysicalSizeX/Y and
+    the resolution tags carry ``mpp`` (µm per pixel of level 0) when known."""
+    path = Path(path)
+    width0 = mask_levels[0].shape[1]
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+        for index, level in enumerate(mask_levels):
+            level_mpp = None if mpp is None else mpp * width0 / level.shape[1]
+            options = _level_options(index, len(mask_levels), level_mpp)
+            tif.write(_tiles(level), shape=level.shape, dtype=np.uint8, **options)
+    return path
+
+
+def _level_options(index: int, n_levels: int, mpp: float | None) -> dict[str, Any]:
+    """tifffile.write options of pyramid level ``index`` whose pixels are ``mpp`` µm."""
+    options: dict[str, Any] = {
+        "tile": (EXPORT_TILE, EXPORT_TILE),
+        "compression": "zlib",
+        "photometric": "minisblack",
+    }
+    if mpp is not None:
+        options.update(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    if index > 0:
+        options["subfiletype"] = 1  # reduced-resolution image, stored in level 0's SubIFDs
+        return options
+    options["subifds"] = n_levels - 1
+    options["metadata"] = {"axes": "YX", "Name": "mask"}
+    if mpp is not None:
+        options["metadata"].update(PhysicalSizeX=mpp, PhysicalSizeY=mpp)
+    return options
+
+
+def _tiles(level: Any) -> Iterator[np.ndarray]:
+    """EXPORT_TILE^2 tiles of ``level`` in TIFF order (rows of tiles), edge tiles padded
+    with background, each read on its own so memory holds one tile."""
+    height, width = level.shape
+    for y in range(0, height, EXPORT_TILE):
+        for x in range(0, width, EXPORT_TILE):
+            tile = np.zeros((EXPORT_TILE, EXPORT_TILE), np.uint8)
+            block = np.asarray(level[y : y + EXPORT_TILE, x : x + EXPORT_TILE])
+            tile[: block.shape[0], : block.shape[1]] = block
+            yield tile
+
+
+def export_png(mask: Any, path: str | Path) -> Path:
+    """Write the (H, W) uint8 labels as they are (values 0..C) to a greyscale PNG."""
+    path = Path(path)
+    height, width = mask.shape
+    if height * width > PNG_MAX_PIXELS:
+        raise ConfigError(
+            f"{path}: a {height}x{width} PNG exceeds {PNG_MAX_PIXELS} pixels; "
+            "export a pyramid level or use the OME-TIFF export"
+        )
+    PIL.Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(path, format="PNG")
+    return path
+
+
+def export_overlay(
+    image_rgb_thumbnail: np.ndarray,
+    mask_thumbnail: np.ndarray,
+    path: str | Path,
+    max_size: int = 2048,
+) -> Path:
+    """Write the image with the mask tinted and outlined in class colours as an RGB PNG,
+    at most ``max_size`` pixels on the long side. The image is (h, w) or (h, w, C) of any
+    dtype (scaled to 8 bits for display); the mask is (h', w') labels at any size."""
+    path = Path(path)
+    rgb = _display_rgb(image_rgb_thumbnail)
+    scale = min(1.0, max_size / max(rgb.shape[:2]))
+    shape = (max(1, round(rgb.shape[0] * scale)), max(1, round(rgb.shape[1] * scale)))
+    rgb = np.clip(resize(rgb, shape), 0, 255)
+    labels = _nearest(np.asarray(mask_thumbnail), shape)
+    colours = PALETTE[(labels.astype(np.int64) - 1) % len(PALETTE)].astype(np.float32)
+    inside = labels > 0
+    rgb[inside] = (1 - OVERLAY_ALPHA) * rgb[inside] + OVERLAY_ALPHA * colours[inside]
+    # padded with background so that objects touching the image edge are outlined there too
+    edges = find_boundaries(np.pad(labels, 1), mode="inner")[1:-1, 1:-1] & inside
+    rgb[edges] = colours[edges]
+    PIL.Image.fromarray(np.rint(rgb).astype(np.uint8)).save(path, format="PNG")
+    return path
+
+
+def _display_rgb(image: np.ndarray) -> np.ndarray:
+    """(h, w, 3) float32 in 0..255: uint8 as is, other dtypes stretched between their 1st
+    and 99th percentiles (DICOM modality values, 16-bit PNGs), grey repeated, alpha dropped."""
+    pixels = image[..., None] if image.ndim == 2 else image
+    pixels = pixels[..., :3] if pixels.shape[2] == 4 else pixels
+    pixels = np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
+    if pixels.dtype == np.uint8:
+        return pixels.astype(np.float32)
+    low, high = np.percentile(pixels, [1, 99])
+    stretched = (pixels.astype(np.float32) - low) / max(float(high - low), 1e-6) * 255
+    return np.clip(stretched, 0, 255)
+
+
+def _nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a label image (labels must not be blended)."""
+    rows = np.minimum((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0], labels.shape[0] - 1)
+    cols = np.minimum((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1], labels.shape[1] - 1)
+    return labels[rows.astype(np.int64)[:, None], cols.astype(np.int64)[None, :]]
+
+
+def export_dicom_seg(
+    source_dataset_path: str | Path,
+    mask: np.ndarray,
+    class_names: Sequence[str],
+    path: str | Path,
+) -> Path:
+    """Write a BINARY DICOM Segmentation of ``mask`` ((H, W) labels, label k is
+    class_names[k - 1]) that references the source image's study, series and instance."""
+    import highdicom as hd  # the optional 'dicom' extra
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    path = Path(path)
+    source = pydicom.dcmread(source_dataset_path)
+    labels = np.asarray(mask, dtype=np.uint8)
+    if labels.shape != (source.Rows, source.Columns):
+        raise ConfigError(
+            f"{path}: mask {labels.shape} does not match the source image "
+            f"{(source.Rows, source.Columns)}"
+        )
+    if labels.max(initial=0) > len(class_names):
+        raise ConfigError(f"{path}: label {labels.max()} but only {len(class_names)} class names")
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name="segpipe",
+        version=_version(),
+        family=codes.cid7162.ArtificialIntelligence,
+    )
+    segments = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=name,
+            segmented_property_category=codes.SCT.AnatomicalStructure,
+            segmented_property_type=_property_type(name),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+        )
+        for number, name in enumerate(class_names, start=1)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=[source],
+        pixel_array=labels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments,
+        series_instance_uid=hd.UID(),
+        series_number=int(source.get("SeriesNumber", 0) or 0) + 1000,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="segpipe",
+        manufacturer_model_name="segpipe",
+        software_versions=_version(),
+        device_serial_number="0",
+    )
+    seg.save_as(path)
+    return path
+
+
+def _property_type(name: str) -> Any:
+    """SNOMED code for a few known class names; any other class is coded as 'Tissue' and
+    named by its segment label (limit: no full terminology mapping)."""
+    from pydicom.sr.codedict import codes
+
+    known = {
+        "lung": codes.SCT.Lung,
+        "lungs": codes.SCT.Lung,
+        "heart": codes.SCT.Heart,
+        "tumor": codes.SCT.Neoplasm,
+        "tumour": codes.SCT.Neoplasm,
+        "nucleus": codes.SCT.Nucleus,
+    }
+    return known.get(name.lower(), codes.SCT.Tissue)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("segpipe")
+    except metadata.PackageNotFoundError:
+        return "unknown"

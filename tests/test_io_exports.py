@@ -1,0 +1,120 @@
+"""Mask exports: pyramidal OME-TIFF, PNG labels, overlay, DICOM SEG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+import tifffile
+import zarr
+from PIL import Image as PILImage
+
+from pipeline.errors import ConfigError
+from pipeline.io import open_image
+from pipeline.io.exports import (
+    EXPORT_TILE,
+    PALETTE,
+    export_dicom_seg,
+    export_ome_tiff,
+    export_overlay,
+    export_png,
+)
+from tests.io_fixtures import dicom_dataset, write_dicom, xray_pixels
+
+
+def _mask(height: int, width: int) -> np.ndarray:
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 8 : height // 2, width // 8 : width // 2] = 1
+    mask[height // 2 :, width // 2 :] = 2
+    return mask
+
+
+def test_ome_tiff_export_is_a_pyramid_with_mpp(tmp_path: Path) -> None:
+    full = _mask(1300, 1100)
+    levels = [full, full[::2, ::2], full[::4, ::4]]
+    stored = [
+        zarr.create_array(tmp_path / f"{i}.zarr", data=a, chunks=(256, 256))
+        for i, a in enumerate(levels)
+    ]
+    path = export_ome_tiff(stored, tmp_path / "mask.ome.tif", mpp=0.5)
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_ome
+        series = tif.series[0]
+        assert [level.shape for level in series.levels] == [a.shape for a in levels]
+        assert series.keyframe.tilewidth == EXPORT_TILE
+        for level, expected in zip(series.levels, levels, strict=True):
+            np.testing.assert_array_equal(level.asarray(), expected)
+    with open_image(path) as image:  # our reader agrees: a slide pyramid at 0.5 µm
+        assert image.mpp == pytest.approx(0.5)
+        assert [shape[:2] for shape in image.levels] == [a.shape for a in levels]
+
+
+def test_ome_tiff_export_reads_tile_by_tile(tmp_path: Path) -> None:
+    class Recorder:
+        """Array-like that records the size of every slice read from it."""
+
+        def __init__(self, data: np.ndarray) -> None:
+            self.data, self.shape, self.reads = data, data.shape, []
+
+        def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
+            block = self.data[index]
+            self.reads.append(block.size)
+            return block
+
+    level = Recorder(_mask(1200, 1500))
+    export_ome_tiff([level], tmp_path / "mask.ome.tif", mpp=None)
+    assert len(level.reads) == 3 * 3 and max(level.reads) <= EXPORT_TILE**2
+    with tifffile.TiffFile(tmp_path / "mask.ome.tif") as tif:
+        np.testing.assert_array_equal(tif.asarray(), level.data)
+
+
+def test_png_export_keeps_raw_labels(tmp_path: Path) -> None:
+    mask = _mask(60, 80)
+    path = export_png(mask, tmp_path / "mask.png")
+    np.testing.assert_array_equal(np.asarray(PILImage.open(path)), mask)
+
+
+def test_png_export_refuses_slide_sized_masks(tmp_path: Path) -> None:
+    class Huge:
+        shape = (100_000, 100_000)
+
+    with pytest.raises(ConfigError, match="exceeds"):
+        export_png(Huge(), tmp_path / "mask.png")
+
+
+def test_overlay_is_bounded_tinted_and_outlined(tmp_path: Path) -> None:
+    image = (np.arange(3000)[:, None] * 20 + np.zeros(1500)).astype(np.uint16)  # 16-bit grey
+    mask = _mask(750, 375)  # a quarter-resolution mask
+    path = export_overlay(image, mask, tmp_path / "overlay.png", max_size=600)
+    overlay = np.asarray(PILImage.open(path))
+    assert overlay.shape == (600, 300, 3)
+    assert tuple(overlay[-1, -1]) == tuple(PALETTE[1])  # class 2's outline at the border
+    inside = overlay[450, 225].astype(int)
+    assert inside[1] > inside[0] and inside[1] > inside[2]  # green tint of class 2
+    background = overlay[5, 200]
+    assert background[0] == background[1] == background[2]
+
+
+def test_dicom_seg_reads_back_with_source_references(tmp_path: Path) -> None:
+    source_path = write_dicom(tmp_path / "x.dcm", dicom_dataset(xray_pixels(), 12))
+    mask = _mask(48, 40)
+    path = export_dicom_seg(source_path, mask, ["lung", "heart"], tmp_path / "seg.dcm")
+    seg = hd.seg.segread(path)
+    source = hd.imread(source_path)
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lung", "heart"]
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[source.SOPInstanceUID], combine_segments=True
+    )
+    np.testing.assert_array_equal(pixels[0], mask)
+
+
+def test_dicom_seg_refuses_mismatched_mask(tmp_path: Path) -> None:
+    source_path = write_dicom(tmp_path / "x.dcm", dicom_dataset(xray_pixels(), 12))
+    with pytest.raises(ConfigError, match="does not match the source image"):
+        export_dicom_seg(source_path, _mask(10, 10), ["lung"], tmp_path / "seg.dcm")
+    with pytest.raises(ConfigError, match="label 2 but only 1 class names"):
+        export_dicom_seg(source_path, _mask(48, 40), ["lung"], tmp_path / "seg.dcm")

@@ -101,3 +101,22 @@ def test_ingest_rejects_bad_level(tmp_path: Path) -> None:
     PILImage.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
     with open_image(tmp_path / "x.png") as image, pytest.raises(InputError, match="level 2 not in"):
         ingest(image, 2, tmp_path / "work.zarr")
+
+
+@pytest.mark.parametrize("work_shape", [None, (120, 100)])
+def test_ingest_reads_the_source_chunk_by_chunk(tmp_path: Path, work_shape) -> None:
+    pixels = _noise(300, 250, 1)
+    PILImage.fromarray(pixels[..., 0]).save(tmp_path / "x.png")
+    areas: list[int] = []
+    with open_image(tmp_path / "x.png") as image:
+        read_region = image.read_region
+
+        def recording(level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+            areas.append(h * w)
+            return read_region(level, y, x, h, w)
+
+        image.read_region = recording
+        ingest(image, 0, tmp_path / "work.zarr", work_shape=work_shape, chunk=32)
+    # a copied chunk reads 32^2; a resampled one 32 * 2.5 plus the filter's reach each way
+    assert max(areas) <= (32 * 2.5 + 2 * 3) ** 2
+    assert len(areas) >= (300 * 250 if work_shape is None else 120 * 100) // 32**2

@@ -17,7 +17,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from pipeline.errors import InputError
-from pipeline.io.image import Image, Kind, Limits
+from pipeline.io.image import Image, Kind, Limits, one_line
 
 _COMPRESSED_SYNTAXES = "JPEG baseline, JPEG lossless, JPEG-LS, JPEG 2000, RLE"
 
@@ -71,7 +71,7 @@ def _read_dataset(path: Path) -> Dataset:
         # pixel data is read only when first decoded, after the size checks
         return pydicom.dcmread(path, defer_size="1 MB")
     except Exception as exc:  # pydicom raises many types on corrupt headers
-        raise InputError(f"{path}: unreadable DICOM: {type(exc).__name__}: {exc}") from exc
+        raise InputError(f"{path}: unreadable DICOM: {one_line(exc)}") from exc
 
 
 def _checked_geometry(path: Path, ds: Dataset) -> tuple[int, int]:
@@ -113,7 +113,7 @@ def _to_modality(ds: Dataset) -> np.ndarray:
         syntax = ds.file_meta.get("TransferSyntaxUID", "?")
         raise InputError(
             f"{ds.filename}: cannot decode pixel data ({syntax}; supported compressed: "
-            f"{_COMPRESSED_SYNTAXES}): {type(exc).__name__}: {exc}"
+            f"{_COMPRESSED_SYNTAXES}): {one_line(exc)}"
         ) from exc
     pixels = stored.astype(np.float32)
     if ds.PhotometricInterpretation == "MONOCHROME1":

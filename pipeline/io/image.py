@@ -72,7 +72,7 @@ class Image(ABC):
         except Exception as exc:  # untrusted bytes: any codec failure is the file's fault
             raise InputError(
                 f"{self.path}: cannot decode level {level} region "
-                f"y={y} x={x} h={h} w={w}: {type(exc).__name__}: {exc}"
+                f"y={y} x={x} h={h} w={w}: {one_line(exc)}"
             ) from exc
         return region
 
@@ -150,6 +150,11 @@ class Image(ABC):
             raise InputError(
                 f"{self.path}: region {h}x{w} exceeds max_pixels={self.limits.max_pixels}"
             )
+
+
+def one_line(exc: BaseException) -> str:
+    """A library exception as '<Type>: message' on one line (errors are one line each)."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
 def check_chunk_size(path: Path, chunk_shape: tuple[int, int], limits: Limits) -> None:

@@ -13,8 +13,11 @@ Which path each format takes, and why:
 
 ``ingest`` writes one tile-row (``chunk`` output rows) at a time through dask; within a
 row each output chunk is computed and written on its own, so memory is bounded by a few
-chunks whatever the image size. Resampled chunks read only the source pixels they depend on
-(resample.resize_region) and equal resize() of the whole level to float32 rounding.
+chunks whatever the image size. Each output chunk reads its own source rectangle through
+``Image.read_region``: chunk x chunk when copying, (chunk x factor + the filter's reach)^2
+when resampling (resample.resize_region), whose result equals resize() of the whole level
+to float32 rounding. Measured on a sparse uint8 TIFF: copying 16k^2 raised peak RSS by
+~12 MB, resampling 8k^2 and 16k^2 by 2.5x by ~100 MB for both (flat in the image size).
 
 Output: zarr v3, shape (H, W, C), chunks (chunk, chunk, C), no sharding (each chunk has one
 writer), zarr's default zstd compression. dtype: the source dtype when the level is copied

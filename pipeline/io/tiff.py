@@ -24,7 +24,7 @@ import tifffile
 import zarr
 
 from pipeline.errors import InputError
-from pipeline.io.image import Image, Kind, Limits, Shape, check_chunk_size
+from pipeline.io.image import Image, Kind, Limits, Shape, check_chunk_size, one_line
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +62,7 @@ class TiffImage(Image):
             raise
         except Exception as exc:  # tifffile raises on malformed IFDs, tags or series
             self._tif.close()
-            raise InputError(
-                f"{path}: unreadable TIFF structure: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise InputError(f"{path}: unreadable TIFF structure: {one_line(exc)}") from exc
 
     @property
     def format_name(self) -> str:
@@ -98,7 +96,7 @@ def _open(path: Path) -> tifffile.TiffFile:
     try:
         return tifffile.TiffFile(path)
     except Exception as exc:  # TiffFileError, struct.error, OSError on truncated headers
-        raise InputError(f"{path}: unreadable TIFF: {type(exc).__name__}: {exc}") from exc
+        raise InputError(f"{path}: unreadable TIFF: {one_line(exc)}") from exc
 
 
 def _level_shape(path: Path, axes: str, shape: tuple[int, ...]) -> Shape:

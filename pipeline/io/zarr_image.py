@@ -16,7 +16,15 @@ import numpy as np
 import zarr
 
 from pipeline.errors import InputError
-from pipeline.io.image import ALLOWED_CHANNELS, Image, Kind, Limits, Shape, check_chunk_size
+from pipeline.io.image import (
+    ALLOWED_CHANNELS,
+    Image,
+    Kind,
+    Limits,
+    Shape,
+    check_chunk_size,
+    one_line,
+)
 
 _UM_PER_UNIT = {"micrometer": 1.0, "nanometer": 1e-3, "millimeter": 1e3}
 
@@ -30,7 +38,7 @@ class ZarrImage(Image):
         try:
             node = zarr.open(path, mode="r")
         except Exception as exc:  # zarr raises on missing or corrupt metadata documents
-            raise InputError(f"{path}: unreadable zarr: {type(exc).__name__}: {exc}") from exc
+            raise InputError(f"{path}: unreadable zarr: {one_line(exc)}") from exc
         if isinstance(node, zarr.Array):
             self._arrays = [node]
             self._order = _plain_order(path, node.shape)

@@ -49,11 +49,7 @@ class TiffImage(Image):
             ]
             levels = [_level_shape(path, self._axes, store.shape) for store in self._stores]
             page = series.levels[0].keyframe
-            self.kind: Kind = (
-                "slide"
-                if self._tif.is_svs or self._tif.is_ome or len(levels) > 1 or page.is_tiled
-                else "xray"
-            )
+            self.kind: Kind = _kind(self._tif, page, len(levels))
             super().__init__(path, levels, _mpp(self._tif, page), series.dtype, limits)
             for store in self._stores:
                 check_chunk_size(path, _yx_chunk(self._axes, store.chunks), limits)
@@ -97,6 +93,13 @@ def _open(path: Path) -> tifffile.TiffFile:
         return tifffile.TiffFile(path)
     except Exception as exc:  # TiffFileError, struct.error, OSError on truncated headers
         raise InputError(f"{path}: unreadable TIFF: {one_line(exc)}") from exc
+
+
+def _kind(tif: tifffile.TiffFile, page: tifffile.TiffPage, n_levels: int) -> Kind:
+    """'slide' for SVS, OME, pyramids and tiled files (read lazily), else a plain 'xray'."""
+    if tif.is_svs or tif.is_ome or n_levels > 1 or page.is_tiled:
+        return "slide"
+    return "xray"
 
 
 def _level_shape(path: Path, axes: str, shape: tuple[int, ...]) -> Shape:

@@ -23,10 +23,14 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE_S = 0.05  # first retry waits this long, doubling per attempt
 FLUSH_EVERY_S = 1.0  # status grid writes are batched: one write per second at most
+# A tile lost with its worker this many times is recorded FAILED: a tile that kills the
+# process running it (a decoder crash, the OOM killer) must not be resubmitted forever.
+MAX_LOSSES = 3
 
 
 class WorkerLost(Exception):
-    """The process running a tile died; the tile is resubmitted without counting an attempt."""
+    """The process running a tile died; the tile is resubmitted without counting an
+    attempt, up to MAX_LOSSES times."""
 
 
 class Backend(Protocol):
@@ -46,6 +50,7 @@ class _Pending:
     tile: Tile
     attempt: int = 1
     not_before: float = 0.0
+    losses: int = 0  # times its worker died under it
 
 
 Progress = Callable[[TileReport], None]
@@ -93,9 +98,13 @@ def _settle(
     if isinstance(outcome, TileReport):
         return outcome
     if isinstance(outcome, WorkerLost):
-        log.warning("tile %s: worker lost, resubmitting", item.tile.index)
-        queue.appendleft(_Pending(item.tile, item.attempt))
-        return None
+        if item.losses + 1 < MAX_LOSSES:
+            log.warning("tile %s: worker lost, resubmitting", item.tile.index)
+            queue.appendleft(_Pending(item.tile, item.attempt, losses=item.losses + 1))
+            return None
+        error = f"worker lost {MAX_LOSSES} times running this tile; last: {outcome}"
+        log.error("tile %s failed: %s", item.tile.index, error)
+        return TileReport(item.tile.index, TileStatus.FAILED, error=error, attempts=item.attempt)
     error = f"{type(outcome).__name__}: {outcome}".splitlines()[0]
     if item.attempt <= retries:
         log.info("tile %s attempt %d failed (%s); retrying", item.tile.index, item.attempt, error)
@@ -128,3 +137,9 @@ class ThreadBackend:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> ThreadBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -10,8 +10,10 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
@@ -33,6 +35,9 @@ from pipeline.tiling import (
     plan_tiles,
     work_shape_for,
 )
+
+if TYPE_CHECKING:
+    from pipeline.scheduler import Backend, Progress
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +103,18 @@ def plan(job: ImageJob, config: RunConfig) -> dict[str, int]:
 def infer_local(job: ImageJob, model_path: str, config: RunConfig, progress=None) -> dict[str, int]:
     """Run the image's pending and failed tiles in this process (two threads)."""
     from pipeline.inference import TileRunner
-    from pipeline.scheduler import ThreadBackend, run_tiles
+    from pipeline.scheduler import ThreadBackend
+
+    return infer(job, config, lambda: ThreadBackend(TileRunner(model_path, config)), progress)
+
+
+def infer(job: ImageJob, config: RunConfig, open_backend: Callable[[], AbstractContextManager[Backend]],
+          progress: Progress | None = None) -> dict[str, int]:  # fmt: skip
+    """Run the image's pending and failed tiles on the backend `open_backend` gives (called
+    only when there is work: an image already complete is not touched); returns counts.
+    The backend is used as a context manager: a pool kept over many images comes in
+    wrapped in contextlib.nullcontext."""
+    from pipeline.scheduler import run_tiles
 
     store = OutputStore.open(job.store_path, mode="r+")
     if store.state == "complete":
@@ -107,12 +123,9 @@ def infer_local(job: ImageJob, model_path: str, config: RunConfig, progress=None
     if not todo:
         return store.counts()
     store.mark_state("running")
-    backend = ThreadBackend(TileRunner(model_path, config))
     start = time.perf_counter()
-    try:
+    with open_backend() as backend:
         counts = run_tiles(job, todo, backend, store, config.retries, progress)
-    finally:
-        backend.close()
     store.update_provenance("timings", {"infer_s": round(time.perf_counter() - start, 3)})
     return counts
 

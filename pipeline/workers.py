@@ -1,0 +1,311 @@
+"""Ray execution: tile workers as actors, and the scheduler's backend over them.
+
+    connect        join the cluster the config or RAY_ADDRESS names, else start a local one
+    worker_shape   how many actors, with which resources (pure: cluster resources in)
+    TileWorker     the actor: one TileRunner, so the model is loaded once per actor
+    RayBackend     scheduler.Backend over a pool of actors: a bounded number of tiles in
+                   flight per actor, results by ray.wait, a dead actor's tiles as WorkerLost
+    infer_ray      the infer stage on Ray (stages.infer with a RayBackend)
+
+No pixel data goes through the driver or the object store: a call carries an ImageJob, a
+Tile and the attempt number; the actor reads the tile + halo from the working-level array,
+writes the tile's own chunks and returns a TileReport.
+
+A run over many images keeps one pool, so the model stays loaded between images:
+``with RayBackend.start(model, config) as pool:`` then, per image,
+``stages.infer(job, config, lambda: contextlib.nullcontext(pool))``.
+
+Cluster use: the workers need the same code and the same storage as the driver. `connect`
+ships the ``pipeline`` package to the cluster (runtime_env py_modules) when it joins one;
+third-party dependencies (torch, zarr, ...) come from the cluster's container image
+(deploy/), not from pip at start-up, which would download torch on every node. Paths in
+the ImageJob and the checkpoint must be reachable from every node: a shared filesystem,
+or fsspec URLs (s3://...; the checkpoint is copied to a local temporary file per actor).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+import fsspec
+import ray
+import ray.exceptions as rx
+import torch
+
+import pipeline
+from pipeline import stages
+from pipeline.config import RunConfig
+from pipeline.errors import CheckpointError, SegpipeError
+from pipeline.inference import ImageJob, TileRunner
+from pipeline.scheduler import Progress, WorkerLost
+from pipeline.store import TileReport
+from pipeline.tiling import Tile
+
+log = logging.getLogger(__name__)
+
+ACTOR_THREADS = 2  # one call reads/writes its tile while the other computes
+IN_FLIGHT_PER_ACTOR = 2  # tiles submitted to one actor at a time (backpressure)
+MAX_RESTARTS = 4  # lives of an actor after the first; then it is retired
+PROBE_INTERVAL_S = 0.25  # how often a restarting actor is asked whether it is back
+CPU_THREADS_PER_WORKER = 4  # default CPU actor size: torch threads (and CPUs) per actor
+
+# Errors that mean the process running a call is gone, not that the tile is bad: the
+# tile goes back to the scheduler as WorkerLost. ActorUnavailableError (a subclass of
+# RayActorError) is what in-flight calls of a restarting actor raise.
+LOST_ERRORS: tuple[type[BaseException], ...] = (
+    rx.RayActorError,
+    rx.WorkerCrashedError,
+    rx.NodeDiedError,
+    rx.ObjectLostError,
+    rx.LocalRayletDiedError,
+)
+
+
+class Runner(Protocol):
+    """What a TileWorker runs tiles with (TileRunner; benchmarks pass a no-op one)."""
+
+    def run(self, job: ImageJob, tile: Tile, attempt: int) -> TileReport: ...
+
+
+RunnerFactory = Callable[[str, RunConfig], Runner]
+
+
+# ---------------------------------------------------------------------------------------
+# Cluster
+
+
+def connect(config: RunConfig) -> None:
+    """Join the cluster at ``config.ray_address`` or RAY_ADDRESS ("auto", "ray://host:10001",
+    "host:6379"), else start a local one with this machine's CPUs and GPUs. A Ray already
+    initialised in this process (a notebook, a test session) is used as it is."""
+    if ray.is_initialized():
+        return
+    address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address is None:
+        ray.init()
+        return
+    log.info("joining the Ray cluster at %s", address)
+    ray.init(address=address, runtime_env=cluster_runtime_env())
+
+
+def cluster_runtime_env() -> dict[str, Any]:
+    """The runtime_env for a cluster: this driver's ``pipeline`` package, so workers run
+    the same code; dependencies come from the cluster's image (see the module docstring)."""
+    return {"py_modules": [str(Path(pipeline.__file__).parent)]}
+
+
+@dataclass(frozen=True)
+class WorkerShape:
+    """How many tile actors to start and what each one asks Ray for."""
+
+    count: int
+    num_cpus: float
+    num_gpus: float
+    threads: int | None  # torch threads per actor; None: torch's default (GPU actors)
+
+
+def worker_shape(resources: Mapping[str, float], workers: int | None) -> WorkerShape:
+    """One actor per GPU when the cluster has GPUs, else CPU actors of
+    CPU_THREADS_PER_WORKER threads each; ``workers`` (RunConfig.workers) sets the count.
+    The count is taken from the resources present now: an autoscaling cluster adds nodes
+    for actors that do not fit only when ``workers`` asks for them."""
+    if workers is not None and workers < 1:
+        raise SegpipeError(f"workers must be >= 1, got {workers=}")
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    if gpus:
+        count = workers or gpus
+        return WorkerShape(count, num_cpus=1, num_gpus=min(1.0, gpus / count), threads=None)
+    count = workers or max(1, cpus // CPU_THREADS_PER_WORKER)
+    threads = max(1, cpus // count)
+    # More actors than CPUs: a fractional share, so every actor is placed.
+    return WorkerShape(count, num_cpus=min(threads, cpus / count), num_gpus=0, threads=threads)
+
+
+# ---------------------------------------------------------------------------------------
+# The actor
+
+
+class TileWorker:
+    """A tile actor's body: loads the model once and runs tiles of any image with it."""
+
+    def __init__(self, model_path: str, config: RunConfig, threads: int | None,
+                 runner: RunnerFactory = TileRunner):  # fmt: skip
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with local_checkpoint(model_path) as path:
+            self.runner = runner(path, config)
+
+    def run(self, job: ImageJob, tile: Tile, attempt: int) -> TileReport:
+        """Compute and write one tile; its exception, if any, goes back to the driver."""
+        return self.runner.run(job, tile, attempt)
+
+    def ping(self) -> bool:
+        """Answers once the actor (and its model) is up."""
+        return True
+
+
+# The one place TileWorker becomes a Ray actor; resources are set where actors start.
+RemoteTileWorker = ray.remote(max_concurrency=ACTOR_THREADS, max_restarts=MAX_RESTARTS)(TileWorker)
+
+
+@contextmanager
+def local_checkpoint(model_path: str) -> Iterator[str]:
+    """A local file for a checkpoint path, or for an fsspec URL a temporary copy that
+    lives while the model loads (the name is kept: the loader goes by its suffix)."""
+    if "://" not in model_path:
+        yield model_path
+        return
+    with tempfile.TemporaryDirectory(prefix="segpipe-model-") as tmp:
+        local = Path(tmp) / PurePosixPath(model_path.split("://", 1)[1]).name
+        try:
+            with fsspec.open(model_path, "rb") as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        except (OSError, ValueError, ImportError) as exc:
+            raise CheckpointError(f"{model_path}: cannot fetch the checkpoint ({exc})") from exc
+        yield str(local)
+
+
+# ---------------------------------------------------------------------------------------
+# The backend
+
+
+@dataclass
+class _Actor:
+    handle: Any
+    load: int = 0  # tiles in flight on it
+    ready: bool = False  # answered a ping since it (re)started
+    retired: bool = False  # dead for good: restarts used up, or its start failed
+    probe_at: float = 0.0  # when to ping it next (while not ready)
+
+
+class RayBackend:
+    """The scheduler's Backend over TileWorker actors. Each actor takes at most
+    IN_FLIGHT_PER_ACTOR tiles at a time, so ``slots`` counts only actors that are up.
+    An actor that dies hands its tiles back as WorkerLost and gets none until a ping
+    says it restarted; one that cannot come back is retired."""
+
+    def __init__(self, actors: list[Any]):
+        if not actors:
+            raise SegpipeError("RayBackend needs at least one actor")
+        self._actors = [_Actor(a) for a in actors]
+        self._tiles: dict[Any, int] = {}  # ObjectRef -> actor number
+        self._probes: dict[Any, int] = {}
+        self._last_death = ""
+
+    @classmethod
+    def start(cls, model_path: str, config: RunConfig, runner: RunnerFactory = TileRunner) -> RayBackend:
+        """Start the actors `worker_shape` asks for on the connected cluster."""
+        shape = worker_shape(ray.cluster_resources(), config.workers)
+        log.info("starting %d tile workers (%s CPU, %s GPU, %s threads each)",
+                 shape.count, shape.num_cpus, shape.num_gpus, shape.threads)  # fmt: skip
+        options = RemoteTileWorker.options(num_cpus=shape.num_cpus, num_gpus=shape.num_gpus)
+        return cls([options.remote(model_path, config, shape.threads, runner) for _ in range(shape.count)])
+
+    @property
+    def slots(self) -> int:
+        return IN_FLIGHT_PER_ACTOR * sum(a.ready for a in self._actors)
+
+    def submit(self, job: ImageJob, tile: Tile, attempt: int) -> Hashable:
+        """Send the tile to the least loaded actor that is up."""
+        number = min((i for i, a in enumerate(self._actors) if a.ready),
+                     key=lambda i: self._actors[i].load)  # fmt: skip
+        actor = self._actors[number]
+        ref = actor.handle.run.remote(job, tile, attempt)
+        actor.load += 1
+        self._tiles[ref] = number
+        return ref
+
+    def wait(self, timeout: float) -> list[tuple[Hashable, TileReport | BaseException]]:
+        """Finished tiles (probes of restarting actors are settled on the way)."""
+        self._send_probes()
+        refs = [*self._tiles, *self._probes]
+        if not refs:
+            time.sleep(timeout)
+            return []
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        if not ready:
+            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        finished = []
+        for ref in ready:
+            if ref in self._probes:
+                self._settle_probe(ref)
+            else:
+                finished.append((ref, self._outcome(ref)))
+        return finished
+
+    def close(self) -> None:
+        """Stop every actor (its model and open stores go with it)."""
+        for actor in self._actors:
+            ray.kill(actor.handle)
+
+    def __enter__(self) -> RayBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _outcome(self, ref: Any) -> TileReport | BaseException:
+        number = self._tiles.pop(ref)
+        self._actors[number].load -= 1
+        try:
+            return ray.get(ref)
+        except rx.RayTaskError as exc:
+            # The tile's own exception, not Ray's wrapper: its text is what gets recorded.
+            return exc.cause if isinstance(exc.cause, BaseException) else exc
+        except LOST_ERRORS as exc:
+            self._lost(number, exc)
+            return WorkerLost(f"tile worker {number}: {_last_line(exc)}")
+
+    def _lost(self, number: int, exc: BaseException) -> None:
+        actor = self._actors[number]
+        if actor.ready:
+            log.warning("tile worker %d lost (%s); waiting for its restart", number, _last_line(exc))
+            actor.ready, actor.probe_at = False, 0.0
+
+    def _send_probes(self) -> None:
+        now = time.monotonic()
+        probing = set(self._probes.values())
+        for number, actor in enumerate(self._actors):
+            if not (actor.ready or actor.retired or number in probing) and actor.probe_at <= now:
+                self._probes[actor.handle.ping.remote()] = number
+
+    def _settle_probe(self, ref: Any) -> None:
+        number = self._probes.pop(ref)
+        actor = self._actors[number]
+        try:
+            ray.get(ref)
+            actor.ready = True
+        except rx.ActorUnavailableError:  # restarting: ask again shortly
+            actor.probe_at = time.monotonic() + PROBE_INTERVAL_S
+        except LOST_ERRORS as exc:
+            actor.retired, self._last_death = True, _last_line(exc)
+            log.error("tile worker %d is dead: %s", number, self._last_death)
+            if all(a.retired for a in self._actors):
+                raise SegpipeError(f"every tile worker died; the last said: {self._last_death}") from exc
+
+
+def _last_line(exc: BaseException) -> str:
+    """Ray's messages end with the cause (a creation task's error, the exit reason)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------
+# The stage
+
+
+def infer_ray(job: ImageJob, model_path: str, config: RunConfig,
+              progress: Progress | None = None) -> dict[str, int]:  # fmt: skip
+    """The infer stage on Ray: the image's pending and failed tiles on tile actors (an
+    image already complete is not touched, and no actor starts for it); returns counts."""
+    connect(config)
+    return stages.infer(job, config, lambda: RayBackend.start(model_path, config), progress)

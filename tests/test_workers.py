@@ -1,0 +1,228 @@
+"""Ray execution: tiles on actors survive failing tiles, killed workers and a killed driver,
+and the result equals an uninterrupted run. One 2-CPU Ray per session (conftest)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from pipeline import checkpoint, stages
+from pipeline.checkpoint import ModelCard
+from pipeline.config import FaultInjection, RunConfig
+from pipeline.errors import CheckpointError
+from pipeline.inference import ImageJob
+from pipeline.models import build_model
+from pipeline.scheduler import MAX_LOSSES, WorkerLost, run_tiles
+from pipeline.store import OutputStore, TileReport
+from pipeline.tiling import TileStatus, plan_tiles
+from pipeline.workers import infer_ray, local_checkpoint, worker_shape
+
+SHAPE = (768, 1024)  # 6 x 8 = 48 tiles of 128
+CONFIG = RunConfig(tile=128, precision="fp32", prob_dtype="float32", exports=(), workers=2)
+
+# A driver in its own process, killed mid-run by the test.
+DRIVER = """
+import pickle, sys
+from pipeline.workers import infer_ray
+job, model, config = pickle.loads(open(sys.argv[1], "rb").read())
+infer_ray(job, model, config)
+"""
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    net = build_model("unet", in_channels=3, classes=1, filters=[4, 8, 16])
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    checkpoint.save(net, ModelCard(arch="", config={}), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory) -> str:
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (SHAPE[0] // 32, SHAPE[1] // 32, 3), dtype=np.uint8)
+    smooth = np.asarray(PILImage.fromarray(coarse).resize(SHAPE[::-1], PILImage.BILINEAR))
+    noisy = np.clip(smooth + rng.normal(0, 12, smooth.shape), 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("image") / "xray.png"
+    PILImage.fromarray(noisy).save(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def clean(ray_cluster, model, image, tmp_path_factory) -> OutputStore:
+    """The uninterrupted run every faulty run must equal."""
+    job, _ = prepare(image, model, CONFIG, tmp_path_factory.mktemp("clean"))
+    infer_ray(job, model, CONFIG)
+    assert stages.finalize(job)["state"] == "complete"
+    return OutputStore.open(job.store_path)
+
+
+def prepare(image: str, model: str, config: RunConfig, out: Path) -> tuple[ImageJob, int]:
+    job = stages.ingest(image, model, config, str(out))
+    return job, stages.plan(job, config)["total"]
+
+
+def assert_same(store: OutputStore, reference: OutputStore) -> None:
+    assert np.array_equal(store.prob[...], reference.prob[...])
+    for k in range(len(reference.layout.levels)):
+        assert np.array_equal(store.mask_level(k)[...], reference.mask_level(k)[...])
+
+
+def done(store: OutputStore) -> set[tuple[int, int]]:
+    return {tuple(int(i) for i in rc) for rc in np.argwhere(store.status_grid() == TileStatus.DONE)}
+
+
+# -- Ray: faults ------------------------------------------------------------------------
+
+
+def test_tiles_failing_once_are_retried_and_the_image_equals_a_clean_run(clean, model, image, tmp_path):
+    tiles = plan_tiles(SHAPE, CONFIG.tile)
+    rng = np.random.default_rng(1)
+    chosen = rng.choice(len(tiles), size=max(1, round(0.03 * len(tiles))), replace=False)
+    faults = FaultInjection(fail_tiles=tuple(tiles[i].index for i in chosen), fail_attempts=1)
+    config = CONFIG.with_(faults=faults)
+    job, total = prepare(image, model, config, tmp_path)
+    reports: list[TileReport] = []
+
+    # The checkpoint as a URL: each actor copies it to a local file before loading.
+    counts = infer_ray(job, f"file://{model}", config, reports.append)
+
+    assert counts["done"] == total and not OutputStore.open(job.store_path).failures()
+    assert stages.finalize(job)["state"] == "complete"
+    assert_same(OutputStore.open(job.store_path), clean)
+
+
+@pytest.mark.slow  # the killed actors restart: two more model loads
+def test_a_killed_actor_costs_no_tile_and_counts_none_twice(clean, model, image, tmp_path, caplog):
+    config = CONFIG.with_(faults=FaultInjection(exit_after=5))
+    job, total = prepare(image, model, config, tmp_path)
+    reports: list[TileReport] = []
+
+    with caplog.at_level(logging.WARNING, logger="pipeline"):
+        counts = infer_ray(job, model, config, reports.append)
+
+    assert any("worker lost" in r.getMessage() for r in caplog.records)  # it did die
+    assert counts["done"] == total
+    per_tile = Counter(r.index for r in reports)
+    assert len(per_tile) == total and set(per_tile.values()) == {1}
+    assert stages.finalize(job)["state"] == "complete"
+    assert_same(OutputStore.open(job.store_path), clean)
+
+
+def test_tiles_that_always_fail_are_recorded_and_a_rerun_completes(clean, model, image, tmp_path):
+    bad = ((1, 1), (4, 6))
+    config = CONFIG.with_(retries=2, faults=FaultInjection(fail_tiles=bad, fail_attempts=0))
+    job, total = prepare(image, model, config, tmp_path)
+
+    counts = infer_ray(job, model, config)
+
+    store = OutputStore.open(job.store_path)
+    assert counts["failed"] == 2 and counts["done"] == total - 2
+    failures = store.failures()
+    assert set(failures) == set(bad)
+    for index in bad:
+        assert failures[index]["attempts"] == 3
+        assert f"injected fault in tile {index}" in failures[index]["error"]
+    assert stages.finalize(job)["state"] == "partial"
+
+    rerun, _ = prepare(image, model, CONFIG, tmp_path)
+    reports: list[TileReport] = []
+    infer_ray(rerun, model, CONFIG, reports.append)
+
+    assert sorted(r.index for r in reports) == sorted(bad)  # only what was missing
+    assert stages.finalize(rerun)["state"] == "complete"
+    assert_same(OutputStore.open(rerun.store_path), clean)
+
+
+@pytest.mark.slow  # a second driver process: python, torch and Ray start again
+def test_a_killed_driver_resumes_without_recomputing_done_tiles(ray_cluster, clean, model, image, tmp_path):
+    job, total = prepare(image, model, CONFIG, tmp_path)
+    args = tmp_path / "args.pickle"
+    args.write_bytes(pickle.dumps((job, model, CONFIG)))
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(args)], env=env)
+    store = OutputStore.open(job.store_path)
+    try:
+        while not done(store):
+            assert driver.poll() is None, "the driver ended before any tile was recorded"
+            time.sleep(0.02)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    before = done(store)
+    assert 0 < len(before) < total, "the driver finished before it was killed"
+    reports: list[TileReport] = []
+
+    infer_ray(job, model, CONFIG, reports.append)
+
+    assert not before & {r.index for r in reports}  # nothing recorded done ran again
+    assert len(reports) == total - len(before)
+    assert stages.finalize(job)["state"] == "complete"
+    assert_same(OutputStore.open(job.store_path), clean)
+
+
+# -- without Ray ---------------------------------------------------------------------
+
+
+def test_worker_shape_one_actor_per_gpu_else_cpu_actors():
+    gpu = worker_shape({"CPU": 32, "GPU": 4}, None)
+    assert (gpu.count, gpu.num_gpus, gpu.threads) == (4, 1.0, None)
+    assert worker_shape({"CPU": 32, "GPU": 4}, 8).num_gpus == 0.5
+    cpu = worker_shape({"CPU": 16}, None)
+    assert (cpu.count, cpu.num_cpus, cpu.threads) == (4, 4, 4)
+    assert (worker_shape({"CPU": 2}, 2).threads, worker_shape({"CPU": 2}, 2).num_cpus) == (1, 1)
+    assert worker_shape({"CPU": 2}, 4).num_cpus == 0.5  # more actors than CPUs still place
+
+
+def test_local_checkpoint_copies_a_url_and_keeps_a_path(model):
+    with local_checkpoint(model) as path:
+        assert path == model
+    with local_checkpoint(f"file://{model}") as path:
+        assert path != model and Path(path).name == Path(model).name
+        assert Path(path).read_bytes() == Path(model).read_bytes()
+    assert not Path(path).exists()
+    with pytest.raises(CheckpointError, match="missing.safetensors"):
+        with local_checkpoint(f"file://{model}.missing.safetensors"):
+            pass
+
+
+class _LosingBackend:
+    """Every tile's worker dies under it."""
+
+    slots = 1
+
+    def __init__(self):
+        self.sent: list[tuple[int, int]] = []
+
+    def submit(self, job, tile, attempt):
+        self.sent.append(tile.index)
+        return len(self.sent)
+
+    def wait(self, timeout):
+        return [(len(self.sent), WorkerLost("process gone"))]
+
+
+def test_a_tile_that_keeps_killing_its_worker_is_failed_not_resubmitted_forever(tmp_path):
+    store = OutputStore.create_or_open(
+        tmp_path / "s.zarr", image_id="s", full_hw=(32, 32), work_hw=(32, 32), tile=16,
+        full_chunk=16, classes=["fg"], provenance={},
+    )  # fmt: skip
+    backend = _LosingBackend()
+
+    counts = run_tiles(None, plan_tiles((32, 32), 16)[:1], backend, store, retries=3)
+
+    assert counts["failed"] == 1 and backend.sent == [(0, 0)] * MAX_LOSSES
+    assert "worker lost" in store.failures()[(0, 0)]["error"]

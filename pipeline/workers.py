@@ -5,7 +5,7 @@
     TileWorker     the actor: one TileRunner, so the model is loaded once per actor
     RayBackend     scheduler.Backend over a pool of actors: a bounded number of tiles in
                    flight per actor, results by ray.wait, a dead actor's tiles as WorkerLost
-    infer_ray      the infer stage on Ray (stages.infer with a RayBackend)
+    infer_ray      the infer stage on Ray: stages.infer with a RayBackend
 
 No pixel data goes through the driver or the object store: a call carries an ImageJob, a
 Tile and the attempt number; the actor reads the tile + halo from the working-level array,
@@ -25,14 +25,16 @@ or fsspec URLs (s3://...; the checkpoint is copied to a local temporary file per
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
@@ -53,7 +55,9 @@ from pipeline.tiling import Tile
 log = logging.getLogger(__name__)
 
 ACTOR_THREADS = 2  # one call reads/writes its tile while the other computes
-IN_FLIGHT_PER_ACTOR = 2  # tiles submitted to one actor at a time (backpressure)
+IN_FLIGHT_PER_ACTOR = 8  # tiles given to one actor at a time (backpressure)
+# Tiles per call: a full actor's tiles make one batch per thread, so both threads work.
+BATCH_MAX = IN_FLIGHT_PER_ACTOR // ACTOR_THREADS
 MAX_RESTARTS = 4  # lives of an actor after the first; then it is retired
 PROBE_INTERVAL_S = 0.25  # how often a restarting actor is asked whether it is back
 CPU_THREADS_PER_WORKER = 4  # default CPU actor size: torch threads (and CPUs) per actor
@@ -144,13 +148,31 @@ class TileWorker:
         with local_checkpoint(model_path) as path:
             self.runner = runner(path, config)
 
-    def run(self, job: ImageJob, tile: Tile, attempt: int) -> TileReport:
-        """Compute and write one tile; its exception, if any, goes back to the driver."""
-        return self.runner.run(job, tile, attempt)
+    def run(self, job: ImageJob, batch: list[tuple[Tile, int]]) -> list[TileReport | BaseException]:
+        """Compute and write (tile, attempt) pairs one after another; a tile's exception
+        comes back in its place, so one bad tile does not fail the others of its batch."""
+        return [self._run_one(job, tile, attempt) for tile, attempt in batch]
+
+    def _run_one(self, job: ImageJob, tile: Tile, attempt: int) -> TileReport | BaseException:
+        try:
+            return self.runner.run(job, tile, attempt)
+        except Exception as exc:
+            log.warning("%s: tile %s attempt %d failed", job.image_id, tile.index, attempt, exc_info=True)
+            return _portable(exc)
 
     def ping(self) -> bool:
         """Answers once the actor (and its model) is up."""
         return True
+
+
+def _portable(exc: Exception) -> Exception:
+    """The exception itself when it survives pickling to the driver, else a RuntimeError
+    with its type and text (an exception whose __init__ takes other arguments does not)."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 # The one place TileWorker becomes a Ray actor; resources are set where actors start.
@@ -181,29 +203,34 @@ def local_checkpoint(model_path: str) -> Iterator[str]:
 @dataclass
 class _Actor:
     handle: Any
-    load: int = 0  # tiles in flight on it
+    load: int = 0  # tiles in flight on it, sent or still in its outbox
     ready: bool = False  # answered a ping since it (re)started
     retired: bool = False  # dead for good: restarts used up, or its start failed
     probe_at: float = 0.0  # when to ping it next (while not ready)
+    outbox: list[tuple[int, ImageJob, Tile, int]] = field(default_factory=list)  # key, job, tile, attempt
 
 
 class RayBackend:
-    """The scheduler's Backend over TileWorker actors. Each actor takes at most
-    IN_FLIGHT_PER_ACTOR tiles at a time, so ``slots`` counts only actors that are up.
-    An actor that dies hands its tiles back as WorkerLost and gets none until a ping
-    says it restarted; one that cannot come back is retired."""
+    """The scheduler's Backend over TileWorker actors. Each actor holds at most
+    IN_FLIGHT_PER_ACTOR tiles, so ``slots`` counts only actors that are up. Tiles
+    submitted together go to an actor in one call (at most BATCH_MAX tiles): fast tiles
+    then cost one Ray call per batch, not per tile. An actor that dies hands its tiles
+    back as WorkerLost and gets none until a ping says it restarted; one that cannot come
+    back is retired."""
 
     def __init__(self, actors: list[Any]):
         if not actors:
             raise SegpipeError("RayBackend needs at least one actor")
         self._actors = [_Actor(a) for a in actors]
-        self._tiles: dict[Any, int] = {}  # ObjectRef -> actor number
-        self._probes: dict[Any, int] = {}
+        self._keys = itertools.count()
+        self._calls: dict[Any, tuple[int, list[int]]] = {}  # ObjectRef -> actor number, tile keys
+        self._probes: dict[Any, int] = {}  # ObjectRef -> actor number
         self._last_death = ""
 
     @classmethod
     def start(cls, model_path: str, config: RunConfig, runner: RunnerFactory = TileRunner) -> RayBackend:
-        """Start the actors `worker_shape` asks for on the connected cluster."""
+        """Connect (see `connect`) and start the actors `worker_shape` asks for."""
+        connect(config)
         shape = worker_shape(ray.cluster_resources(), config.workers)
         log.info("starting %d tile workers (%s CPU, %s GPU, %s threads each)",
                  shape.count, shape.num_cpus, shape.num_gpus, shape.threads)  # fmt: skip
@@ -215,31 +242,31 @@ class RayBackend:
         return IN_FLIGHT_PER_ACTOR * sum(a.ready for a in self._actors)
 
     def submit(self, job: ImageJob, tile: Tile, attempt: int) -> Hashable:
-        """Send the tile to the least loaded actor that is up."""
-        number = min((i for i, a in enumerate(self._actors) if a.ready),
-                     key=lambda i: self._actors[i].load)  # fmt: skip
-        actor = self._actors[number]
-        ref = actor.handle.run.remote(job, tile, attempt)
+        """Give the tile to the least loaded actor that is up; it is sent at the next wait."""
+        actor = min((a for a in self._actors if a.ready), key=lambda a: a.load)
+        key = next(self._keys)
+        actor.outbox.append((key, job, tile, attempt))
         actor.load += 1
-        self._tiles[ref] = number
-        return ref
+        return key
 
     def wait(self, timeout: float) -> list[tuple[Hashable, TileReport | BaseException]]:
-        """Finished tiles (probes of restarting actors are settled on the way)."""
+        """Send what was submitted, then return finished tiles (probes of restarting
+        actors are settled on the way)."""
+        self._send_batches()
         self._send_probes()
-        refs = [*self._tiles, *self._probes]
+        refs = [*self._calls, *self._probes]
         if not refs:
             time.sleep(timeout)
             return []
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         if not ready:
             ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
-        finished = []
+        finished: list[tuple[Hashable, TileReport | BaseException]] = []
         for ref in ready:
             if ref in self._probes:
                 self._settle_probe(ref)
             else:
-                finished.append((ref, self._outcome(ref)))
+                finished += self._outcomes(ref)
         return finished
 
     def close(self) -> None:
@@ -253,17 +280,33 @@ class RayBackend:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _outcome(self, ref: Any) -> TileReport | BaseException:
-        number = self._tiles.pop(ref)
-        self._actors[number].load -= 1
+    def _send_batches(self) -> None:
+        """One call per actor, image and BATCH_MAX tiles of its outbox."""
+        for number, actor in enumerate(self._actors):
+            by_image: dict[str, list[tuple[int, ImageJob, Tile, int]]] = {}
+            for item in actor.outbox:
+                by_image.setdefault(item[1].image_id, []).append(item)
+            actor.outbox = []
+            for items in by_image.values():
+                for i in range(0, len(items), BATCH_MAX):
+                    part = items[i : i + BATCH_MAX]
+                    batch = [(tile, attempt) for _, _, tile, attempt in part]
+                    self._calls[actor.handle.run.remote(part[0][1], batch)] = (number, [k for k, *_ in part])
+
+    def _outcomes(self, ref: Any) -> list[tuple[int, TileReport | BaseException]]:
+        number, keys = self._calls.pop(ref)
+        self._actors[number].load -= len(keys)
         try:
-            return ray.get(ref)
-        except rx.RayTaskError as exc:
-            # The tile's own exception, not Ray's wrapper: its text is what gets recorded.
-            return exc.cause if isinstance(exc.cause, BaseException) else exc
+            return list(zip(keys, ray.get(ref), strict=True))
         except LOST_ERRORS as exc:
             self._lost(number, exc)
-            return WorkerLost(f"tile worker {number}: {_last_line(exc)}")
+            lost = WorkerLost(f"tile worker {number}: {_last_line(exc)}")
+            return [(key, lost) for key in keys]
+        except rx.RayTaskError as exc:  # the call itself broke, not one of its tiles
+            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+            return [(key, cause) for key in keys]
+        except rx.RayError as exc:  # e.g. its arguments could not be unpickled there
+            return [(key, exc) for key in keys]
 
     def _lost(self, number: int, exc: BaseException) -> None:
         actor = self._actors[number]
@@ -306,6 +349,6 @@ def _last_line(exc: BaseException) -> str:
 def infer_ray(job: ImageJob, model_path: str, config: RunConfig,
               progress: Progress | None = None) -> dict[str, int]:  # fmt: skip
     """The infer stage on Ray: the image's pending and failed tiles on tile actors (an
-    image already complete is not touched, and no actor starts for it); returns counts."""
-    connect(config)
+    image already complete is not touched, and neither Ray nor an actor starts for it);
+    returns the image's tile counts."""
     return stages.infer(job, config, lambda: RayBackend.start(model_path, config), progress)

@@ -27,7 +27,7 @@ from pipeline.models import build_model
 from pipeline.scheduler import MAX_LOSSES, WorkerLost, run_tiles
 from pipeline.store import OutputStore, TileReport
 from pipeline.tiling import TileStatus, plan_tiles
-from pipeline.workers import infer_ray, local_checkpoint, worker_shape
+from pipeline.workers import TileWorker, infer_ray, local_checkpoint, worker_shape
 
 SHAPE = (768, 1024)  # 6 x 8 = 48 tiles of 128
 CONFIG = RunConfig(tile=128, precision="fp32", prob_dtype="float32", exports=(), workers=2)
@@ -145,6 +145,8 @@ def test_tiles_that_always_fail_are_recorded_and_a_rerun_completes(clean, model,
     assert sorted(r.index for r in reports) == sorted(bad)  # only what was missing
     assert stages.finalize(rerun)["state"] == "complete"
     assert_same(OutputStore.open(rerun.store_path), clean)
+    # Complete: a third run starts no actor (one would die on this checkpoint).
+    assert infer_ray(rerun, str(tmp_path / "absent.safetensors"), CONFIG)["done"] == total
 
 
 @pytest.mark.slow  # a second driver process: python, torch and Ray start again
@@ -197,6 +199,34 @@ def test_local_checkpoint_copies_a_url_and_keeps_a_path(model):
     with pytest.raises(CheckpointError, match="missing.safetensors"):
         with local_checkpoint(f"file://{model}.missing.safetensors"):
             pass
+
+
+class _Picky(Exception):
+    def __init__(self, tile, why):  # two arguments: does not unpickle
+        super().__init__(f"tile {tile}: {why}")
+
+
+class _FailingRunner:
+    def __init__(self, model_path, config):
+        pass
+
+    def run(self, job, tile, attempt):
+        if tile.index == (0, 1):
+            raise _Picky(tile.index, "unreadable")
+        if tile.index == (1, 0):
+            raise ValueError(f"tile {tile.index}: bad pixels")
+        return TileReport(tile.index, TileStatus.DONE)
+
+
+def test_a_worker_returns_each_tiles_outcome_in_place_of_failing_the_batch():
+    worker = TileWorker("unused.safetensors", CONFIG, threads=None, runner=_FailingRunner)
+    job = ImageJob("j", "", "", (32, 32), (32, 32), 16, 0)
+
+    outcomes = worker.run(job, [(t, 1) for t in plan_tiles((32, 32), 16)])
+
+    assert [type(o) for o in outcomes] == [TileReport, RuntimeError, ValueError, TileReport]
+    assert str(outcomes[1]) == "_Picky: tile (0, 1): unreadable"  # made picklable for Ray
+    assert str(outcomes[2]) == "tile (1, 0): bad pixels"
 
 
 class _LosingBackend:

@@ -1,0 +1,1 @@
+"""Prefect flows and the `segpipe` command line over the pipeline library."""

@@ -221,6 +221,13 @@ def _identity(provenance: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def same_output(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> bool:
+    """Whether an output with provenance ``stored`` is what a run with provenance
+    ``requested`` ({"input": {"sha256"}, "model": {"sha256"}, "run": settings}) would write:
+    same input and model hashes and pixel settings; execution-only settings may differ."""
+    return _identity(stored) == _identity(_as_json(dict(requested), "requested provenance"))
+
+
 # ---------------------------------------------------------------------------------------
 # Layout: shapes and NGFF metadata (pure)
 

@@ -35,3 +35,25 @@ def ray_cluster() -> Iterator[str]:
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """One temporary Prefect server (SQLite in the session's PREFECT_HOME) for the whole
+    session: starting one takes ~15 s."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny untrained U-Net (3 in, 1 class, filters 4-8-16) saved as a checkpoint."""
+    from pipeline import checkpoint
+    from pipeline.models import build_model
+
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    model = build_model("unet", in_channels=3, classes=1, filters=[4, 8, 16])
+    checkpoint.save(model, checkpoint.ModelCard(arch="", config={}), path)
+    return path

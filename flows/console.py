@@ -1,0 +1,119 @@
+"""What the CLI shows: live progress bars fed by run events, and the summary tables."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from flows import progress
+from flows.report import ImageResult, format_fractions
+
+STATE_STYLE = {"complete": "green", "partial": "yellow", "failed": "red", "reused": "cyan"}
+
+
+class RateColumn(ProgressColumn):
+    """Tiles per second of a bar (blank for the images bar and until measured)."""
+
+    def render(self, task: Any) -> Text:
+        if not task.fields.get("tiles") or task.speed is None:
+            return Text("")
+        return Text(f"{task.speed:.1f} tiles/s", style="progress.data.speed")
+
+
+class RunDisplay:
+    """Progress bars of a run: one for the images, one per image while it infers (tiles,
+    tiles/s, ETA). Fed by `flows.progress` events from the run's threads."""
+
+    def __init__(self, console: Console):
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, transient=False,
+        )  # fmt: skip
+        self._images: TaskID | None = None
+        self._bars: dict[str, TaskID] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, event: progress.Event) -> None:
+        with self._lock:
+            handler = getattr(self, f"_on_{event.kind}")
+            handler(event)
+
+    def _on_discovered(self, event: progress.Event) -> None:
+        self._images = self.progress.add_task("images", total=event.total, tiles=False)
+
+    def _on_started(self, event: progress.Event) -> None:
+        self._bars[event.image_id] = self.progress.add_task(
+            f"  {event.image_id}", total=event.total, completed=event.done, tiles=True
+        )
+
+    def _on_tiles(self, event: progress.Event) -> None:
+        bar = self._bars.get(event.image_id)
+        if bar is not None:
+            self.progress.advance(bar, event.done)
+
+    def _on_finished(self, event: progress.Event) -> None:
+        bar = self._bars.pop(event.image_id, None)
+        if bar is not None:
+            self.progress.remove_task(bar)
+        style = STATE_STYLE.get(event.state, "")
+        self.progress.console.print(f"[{style}]{event.state:>8}[/] {event.image_id}")
+        if self._images is not None:
+            self.progress.advance(self._images, 1)
+
+
+@contextmanager
+def live_progress(console: Console) -> Iterator[None]:
+    """Show a run's progress bars on `console` while the block runs."""
+    display = RunDisplay(console)
+    with display.progress, progress.listen(display):
+        yield
+
+
+def results_table(results: Sequence[ImageResult], title: str = "segpipe run") -> Table:
+    """The summary table: one row per image; outputs are <image>.zarr under the output
+    root, and failed images' errors are listed below the table (report.problems)."""
+    table = Table(title=title, title_justify="left")
+    for name, justify in (("image", "left"), ("state", "left"), ("size", "left"), ("done", "right"),
+                          ("skipped", "right"), ("failed", "right"), ("seconds", "right"),
+                          ("mask fraction", "left")):  # fmt: skip
+        table.add_column(name, justify=justify, no_wrap=name == "image")  # type: ignore[arg-type]
+    for r in results:
+        row = r.row()
+        style = STATE_STYLE["reused" if r.reused else r.state]
+        table.add_row(r.image_id, f"[{style}]{row['state']}[/]", row["size"], str(row["tiles done"]),
+                      str(row["skipped"]), str(row["failed"]), f"{r.seconds:.1f}",
+                      row["mask fraction"])  # fmt: skip
+    return table
+
+
+def status_table(summaries: Sequence[Mapping[str, Any]]) -> Table:
+    """`segpipe status`: per image its state, tile counts and mask fraction."""
+    table = Table(title="outputs", title_justify="left")
+    for name, justify in (("image", "left"), ("state", "left"), ("size", "left"), ("tiles", "right"),
+                          ("done", "right"), ("skipped", "right"), ("failed", "right"),
+                          ("pending", "right"), ("mask fraction", "left")):  # fmt: skip
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for s in summaries:
+        c = s["counts"]
+        style = STATE_STYLE.get(s["state"], "")
+        table.add_row(s["image_id"], f"[{style}]{s['state']}[/]", "x".join(map(str, s["full_hw"])),
+                      str(c["total"]), str(c["done"]), str(c["skipped"]), str(c["failed"]),
+                      str(c["pending"]), format_fractions(s.get("mask_fraction")))  # fmt: skip
+    return table

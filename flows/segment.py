@@ -1,0 +1,190 @@
+"""The flows: `segment_image` (one image through ingest → plan → infer → finalize →
+export) and `segment_collection` (discover, skip what is already done, run the rest a few
+at a time on one shared pool of Ray workers, report).
+
+Both run on Prefect's embedded server when PREFECT_API_URL is unset, and on a real server
+when it is set. An image that fails is one line in the report; the others go on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture, as_completed
+from prefect.runtime import flow_run
+
+from flows import progress, report
+from flows.discover import Source, fingerprint
+from flows.pool import run_pool
+from flows.report import ImageResult
+from flows.tasks import (
+    discover_task,
+    export_task,
+    finalize_task,
+    infer_task,
+    ingest_task,
+    input_sha256,
+    plan_task,
+)
+from pipeline import checkpoint
+from pipeline.config import RunConfig
+from pipeline.store import OutputStore, StoreError, safe_image_id, same_output, store_path
+
+DEFAULT_CONCURRENCY = 2
+TABLE_KEY = "segpipe-run"
+
+
+def _image_run_name() -> str:
+    params = flow_run.parameters
+    return params.get("image_id") or safe_image_id(params["source"])
+
+
+@flow(name="segment-image", flow_run_name=_image_run_name)
+def segment_image(source: str, model: str, out: str, config: RunConfig | None = None,
+                  image_id: str | None = None, pool: str | None = None) -> ImageResult:
+    """Segment one image (a path or fsspec URL) with a shipped model name or checkpoint
+    path into OUT/<image_id>.zarr, plus its exports. `pool` is set by segment_collection:
+    the key of the run's shared Ray worker pool."""
+    run = config or RunConfig()
+    logger = get_run_logger()
+    start = time.perf_counter()
+    model_path = str(checkpoint.resolve(model))
+    item = Source(source, image_id or safe_image_id(source))
+    job = ingest_task(item, model_path, run, out)
+    plan_task(job, run)
+    infer_task(job, model_path, run, pool)
+    summary = finalize_task(job)
+    exports: dict[str, str] = {}
+    if summary["state"] == "complete":
+        exports = export_task(job, run)
+    else:
+        logger.warning("%s: %d tiles failed; exports wait for a complete output",
+                       job.image_id, summary["failed_total"])  # fmt: skip
+    result = report.from_summary(source, summary, time.perf_counter() - start, exports)
+    logger.info("%s: %s in %.1f s", job.image_id, result.state, result.seconds)
+    if _is_top_level():
+        create_table_artifact([result.row()], key=TABLE_KEY, description=f"segment-image {job.image_id}")
+    return result
+
+
+@flow(name="segment-collection")
+def segment_collection(inputs: list[str], model: str, out: str, config: RunConfig | None = None,
+                       concurrency: int = DEFAULT_CONCURRENCY) -> list[ImageResult]:
+    """Segment every image under `inputs` (folders, globs, list files, fsspec URLs) into
+    OUT. Images whose output is already complete for the same input content, model and
+    settings are reported and not run again; up to `concurrency` images run at once, all
+    on one pool of Ray workers; a failed image is reported and the others go on."""
+    run = config or RunConfig()
+    logger = get_run_logger()
+    model_path = str(checkpoint.resolve(model))
+    sources = discover_task(inputs, out)
+    progress.emit(progress.Event("discovered", total=len(sources)))
+    wanted = {"model": {"sha256": checkpoint.file_sha256(model_path)}, "run": run.to_dict()}
+    reused = _reusable(sources, out, wanted)
+    todo = [s for s in sources if s.uri not in reused]
+    logger.info("%d images: %d already complete, %d to run", len(sources), len(reused), len(todo))
+    if todo:
+        _connect(run)  # here, in the flow's thread: Ray starts best from the main thread
+    with run_pool(lambda: _start_pool(model_path, run)) as pool:
+        fresh = _run_bounded(todo, model_path, out, run, pool, max(1, concurrency))
+    order = {s.uri: i for i, s in enumerate(sources)}
+    results = sorted([*reused.values(), *fresh], key=lambda r: order[r.input])
+    _report(results, out)
+    return results
+
+
+@task(name="image", cache_policy=NO_CACHE)
+def image_task(source: Source, model_path: str, out: str, config: RunConfig, pool: str) -> ImageResult:
+    """One image's subflow; its failure becomes a failed result instead of an exception,
+    so the collection goes on. (A task around the subflow lets images run concurrently.)"""
+    start = time.perf_counter()
+    state = segment_image(source.uri, model_path, out, config, source.image_id, pool, return_state=True)
+    if state.is_completed():
+        result = state.result()
+    else:
+        exc = state.result(raise_on_failure=False)
+        if not isinstance(exc, BaseException):
+            exc = RuntimeError(state.message or state.name)
+        result = report.failed(source.uri, source.image_id, exc, time.perf_counter() - start)
+        get_run_logger().error(result.error)
+    progress.emit(progress.Event("finished", source.image_id, state=result.state))
+    return result
+
+
+def _reusable(sources: list[Source], out: str, wanted: dict[str, Any]) -> dict[str, ImageResult]:
+    """Sources whose output is complete for this model and these settings and whose
+    content hash (cached across runs by size and modification marker) is the one recorded."""
+    candidates: dict[str, tuple[OutputStore, PrefectFuture]] = {}
+    for source in sources:
+        store = _complete_store(out, source.image_id)
+        if store is None:
+            continue
+        recorded = store.provenance.get("input", {})
+        if same_output(store.provenance, {**wanted, "input": recorded}):
+            candidates[source.uri] = (store, input_sha256.submit(source.uri, *fingerprint(source)))
+    reused = {}
+    for uri, (store, digest) in candidates.items():
+        if digest.result() == store.provenance["input"].get("sha256"):
+            reused[uri] = report.from_summary(uri, store.summary(), 0.0, reused=True)
+            progress.emit(progress.Event("finished", store.image_id, state="reused"))
+    return reused
+
+
+def _complete_store(out: str, image_id: str) -> OutputStore | None:
+    try:
+        store = OutputStore.open(store_path(out, image_id))
+    except StoreError:
+        return None
+    return store if store.state == "complete" else None
+
+
+def _run_bounded(todo: list[Source], model_path: str, out: str, config: RunConfig,
+                 pool: str, limit: int) -> list[ImageResult]:
+    """Run the images, at most `limit` at a time; results in the order they finish."""
+    queue, running, results = deque(todo), set(), []
+    while queue or running:
+        while queue and len(running) < limit:
+            running.add(image_task.submit(queue.popleft(), model_path, out, config, pool))
+        finished = next(iter(as_completed(running)))
+        running.discard(finished)
+        results.append(finished.result())
+    return results
+
+
+def _connect(config: RunConfig) -> None:
+    from pipeline.workers import connect
+
+    connect(config)
+
+
+def _start_pool(model_path: str, config: RunConfig) -> Any:
+    """The run's tile workers (called on first use): join or start Ray, start the actors."""
+    from pipeline.workers import RayBackend
+
+    _connect(config)
+    return RayBackend.start(model_path, config)
+
+
+def _report(results: list[ImageResult], out: str) -> None:
+    """Log the totals and each problem on one line, write the table artifact and the
+    run record beside the outputs."""
+    logger = get_run_logger()
+    totals = report.totals(results)
+    logger.info("run finished: %s", ", ".join(f"{k} {v}" for k, v in totals.items()))
+    for line in report.problems(results):
+        logger.error(line)
+    if results:
+        description = ", ".join(f"{v} {k}" for k, v in totals.items())
+        create_table_artifact([r.row() for r in results], key=TABLE_KEY, description=description)
+    report.write_record(out, results)
+
+
+def _is_top_level() -> bool:
+    ctx = FlowRunContext.get()
+    return ctx is None or ctx.flow_run is None or ctx.flow_run.parent_task_run_id is None

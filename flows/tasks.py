@@ -1,0 +1,176 @@
+"""Prefect tasks: one per stage of one image, each one `pipeline` call with paths and ids in
+and summaries out (never pixels, never a tile: tiles are Ray's).
+
+Retries: the I/O stages (discovery, ingest, export) retry with exponential backoff, but
+only on errors that may pass (a network or storage hiccup): a corrupt image or a bad
+setting fails the same way every time, so it fails at once.
+
+Caching: only `input_sha256` is cached (Prefect's INPUTS policy, kept across runs): its
+result depends on nothing but its arguments, the source and its size and modification
+marker, so a nightly run does not re-read every unchanged slide to learn that it is
+unchanged. Every other task writes to or reads from the output store, whose own state
+decides what is left to do: caching them would skip work after an output was deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import INPUTS, NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from flows import progress
+from flows.discover import Source, discover, localize
+from flows.pool import lookup
+from pipeline import stages
+from pipeline.config import RunConfig
+from pipeline.errors import SegpipeError
+from pipeline.inference import ImageJob
+from pipeline.store import OutputStore, TileReport
+from pipeline.tiling import TileStatus
+
+IO_RETRIES = 2
+IO_BACKOFF = exponential_backoff(backoff_factor=2)  # 2 s, then 4 s
+IO_JITTER = 0.5
+HASH_CACHE_DAYS = 90
+ARTIFACT_EVERY_S = 2.0  # the progress artifact is updated at most this often
+CACHE_ENV = "SEGPIPE_CACHE"  # where fetched remote inputs go; default <out>/.inputs
+
+
+def transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry condition: retry anything but segpipe's own errors (bad input, bad setting,
+    bad checkpoint), which would fail again the same way."""
+    exc = state.result(raise_on_failure=False)
+    return not isinstance(exc, SegpipeError)
+
+
+@task(name="discover", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF,
+      retry_jitter_factor=IO_JITTER, retry_condition_fn=transient, cache_policy=NO_CACHE)
+def discover_task(inputs: list[str], out: str) -> list[Source]:
+    """The images of the run (folders, globs, list files, fsspec URLs)."""
+    sources = discover(inputs, out)
+    get_run_logger().info("%d images to consider", len(sources))
+    return sources
+
+
+@task(name="input-sha256", cache_policy=INPUTS, persist_result=True,
+      cache_expiration=timedelta(days=HASH_CACHE_DAYS), retries=IO_RETRIES,
+      retry_delay_seconds=IO_BACKOFF, retry_condition_fn=transient)
+def input_sha256(uri: str, size: int, marker: str) -> str:
+    """The content hash provenance records for an input (size and marker are the cache key:
+    a changed file gets a new key, so a stale hash is never reused)."""
+    if "://" not in uri or uri.startswith("file://"):
+        return stages.content_hash(uri.removeprefix("file://"))
+    digest = hashlib.sha256()
+    with fsspec.open(uri, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@task(name="ingest", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF,
+      retry_jitter_factor=IO_JITTER, retry_condition_fn=transient, cache_policy=NO_CACHE)
+def ingest_task(source: Source, model_path: str, config: RunConfig, out: str) -> ImageJob:
+    """Open the image, create (or reopen) its output store, bring its working level to zarr."""
+    local = localize(source, _cache_dir(out))
+    job = stages.ingest(local, model_path, config, out, image_id=source.image_id)
+    get_run_logger().info("%s: ingested, working level %sx%s, tile %d", job.image_id,
+                          *job.work_hw, job.tile)  # fmt: skip
+    return job
+
+
+@task(name="plan", cache_policy=NO_CACHE)
+def plan_task(job: ImageJob, config: RunConfig) -> dict[str, int]:
+    """Mark background tiles skipped (slides, or with a tissue mask)."""
+    counts = stages.plan(job, config)
+    get_run_logger().info("%s: %d tiles, %d skipped as background", job.image_id,
+                          counts["total"], counts["skipped"])  # fmt: skip
+    return counts
+
+
+@task(name="infer", cache_policy=NO_CACHE)
+def infer_task(job: ImageJob, model_path: str, config: RunConfig, pool: str | None = None) -> dict[str, int]:
+    """Run the image's pending and failed tiles on Ray and wait: on the run's shared pool
+    when the collection opened one, else on actors started for this image."""
+    tracker = TileProgress(job)
+    run_pool = lookup(pool)
+    if run_pool is None:
+        from pipeline.workers import infer_ray
+
+        counts = infer_ray(job, model_path, config, tracker)
+    else:
+        counts = stages.infer(job, config, run_pool.view, tracker)
+    tracker.close()
+    get_run_logger().info("%s: tiles %s", job.image_id, _counts_text(counts))
+    return counts
+
+
+@task(name="finalize", cache_policy=NO_CACHE)
+def finalize_task(job: ImageJob) -> dict[str, Any]:
+    """Build the mask pyramid and write the completion state."""
+    return stages.finalize(job)
+
+
+@task(name="export", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF,
+      retry_jitter_factor=IO_JITTER, retry_condition_fn=transient, cache_policy=NO_CACHE)
+def export_task(job: ImageJob, config: RunConfig, formats: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Write the requested exports (overlay, png, ome-tiff, dicom-seg) beside the store."""
+    written = stages.export(job, config, formats)
+    if written:
+        get_run_logger().info("%s: exported %s", job.image_id, ", ".join(sorted(written)))
+    return written
+
+
+class TileProgress:
+    """The scheduler's progress callback for one image: a Prefect progress artifact
+    (updated every ARTIFACT_EVERY_S at most) and events for local listeners."""
+
+    def __init__(self, job: ImageJob):
+        counts = OutputStore.open(job.store_path).counts()
+        self.image_id = job.image_id
+        self.total = counts["total"]
+        self.settled = counts["done"] + counts["skipped"]
+        self._artifact = create_progress_artifact(
+            progress=self._percent(), description=f"{job.image_id}: tiles settled (done, skipped or failed)"
+        )
+        self._last = time.monotonic()
+        progress.emit(progress.Event("started", self.image_id, self.settled, self.total))
+
+    def __call__(self, report: TileReport) -> None:
+        if report.status not in (TileStatus.DONE, TileStatus.FAILED):
+            return
+        self.settled += 1
+        progress.emit(progress.Event("tiles", self.image_id, 1, self.total))
+        if time.monotonic() - self._last >= ARTIFACT_EVERY_S:
+            self._update()
+
+    def close(self) -> None:
+        self._update()
+
+    def _update(self) -> None:
+        update_progress_artifact(self._artifact, progress=self._percent())
+        self._last = time.monotonic()
+
+    def _percent(self) -> float:
+        return 100.0 * self.settled / self.total if self.total else 100.0
+
+
+def _cache_dir(out: str) -> str:
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    if "://" in out and not out.startswith("file://"):
+        return str(Path(tempfile.gettempdir()) / "segpipe-inputs")
+    return str(Path(out.removeprefix("file://")) / ".inputs")
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items() if v and k != "pending")

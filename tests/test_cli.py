@@ -1,0 +1,210 @@
+"""The `segpipe` command line: exit codes, status, export, models, serve, demo pieces."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import pytest
+import tifffile
+from typer.testing import CliRunner
+
+from flows import demo
+from flows.cli import app
+from pipeline.config import FaultInjection, RunConfig
+
+runner = CliRunner()
+TILE = "32"
+
+
+def write_png(path: Path, seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    PIL.Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def flows_env(prefect_harness: None, ray_cluster: str) -> None:
+    """Prefect (temporary server) and Ray (local) for commands that run flows."""
+
+
+@pytest.mark.parametrize("command", ["run", "status", "export", "serve", "models", "demo"])
+def test_every_command_has_help_with_examples(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    assert "Examples" in result.output and f"segpipe {command}" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tile", "100"], "multiple of 16"),
+        (["--export", "jpeg"], "unknown export"),
+        (["--model", "no-such-model"], "no-such-model"),
+        (["--blend", "median"], "blend"),
+    ],
+)
+def test_run_usage_errors_exit_2(args: list[str], message: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    image = write_png(tmp_path / "x.png")
+    base = {"--model": str(tiny_checkpoint), "--out": str(tmp_path / "out")}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    result = runner.invoke(app, ["run", str(image), *[a for kv in base.items() for a in kv]])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_run_without_images_exits_2(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["run", str(tmp_path / "nothing"), "-m", str(tiny_checkpoint), "-o", str(tmp_path)])
+    assert result.exit_code == 2 and "no such file" in result.output
+
+
+def test_run_five_images_one_corrupt(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    for i in range(4):
+        write_png(tmp_path / "in" / f"x{i}.png", seed=i)
+    (tmp_path / "in" / "x4.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # truncated
+    out = tmp_path / "out"
+
+    result = runner.invoke(app, ["run", str(tmp_path / "in"), "-m", str(tiny_checkpoint), "-o", str(out),
+                                 "--tile", TILE, "--json"])  # fmt: skip
+
+    assert result.exit_code == 1, result.output
+    rows = json.loads(result.stdout)
+    assert sorted(r["state"] for r in rows) == ["complete"] * 4 + ["failed"]
+    [failed] = [r for r in rows if r["state"] == "failed"]
+    assert failed["error"].startswith(str(tmp_path / "in" / "x4.png")) and "\n" not in failed["error"]
+    assert len(list(out.glob("*.zarr"))) == 4
+
+    status = runner.invoke(app, ["status", str(out)])
+    assert status.exit_code == 1
+    assert "x4.png" in status.output  # failed before any output existed: from the run record
+
+
+def test_status_reports_a_partial_image_failed_tiles(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from flows.segment import segment_collection
+
+    write_png(tmp_path / "in" / "x.png")
+    out = tmp_path / "out"
+    config = RunConfig(tile=int(TILE), retries=0, faults=FaultInjection(fail_tiles=((1, 0),)))
+    segment_collection([str(tmp_path / "in")], str(tiny_checkpoint), str(out), config)
+
+    as_json = runner.invoke(app, ["status", str(out), "--json"])
+    assert as_json.exit_code == 1
+    [image] = json.loads(as_json.stdout)["images"]
+    assert image["state"] == "partial"
+    assert image["counts"] == {"pending": 0, "done": 3, "skipped": 0, "failed": 1, "total": 4}
+    assert image["failed"][0]["tile"] == [1, 0] and "injected fault" in image["failed"][0]["error"]
+
+    text = runner.invoke(app, ["status", str(out)])
+    assert text.exit_code == 1 and "tile (1, 0)" in text.output and "injected fault" in text.output
+
+    # exports wait for a complete image
+    export = runner.invoke(app, ["export", str(out), "--format", "png"])
+    assert export.exit_code == 1 and "not complete" in export.output
+
+
+def test_export_writes_files_of_complete_images(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    write_png(tmp_path / "in" / "x.png")
+    out = tmp_path / "out"
+    run = runner.invoke(app, ["run", str(tmp_path / "in"), "-m", str(tiny_checkpoint), "-o", str(out),
+                              "--tile", TILE, "--export", "none"])  # fmt: skip
+    assert run.exit_code == 0, run.output
+    assert not list(out.glob("*.png"))
+
+    result = runner.invoke(app, ["export", str(out), "-f", "png,ome-tiff"])
+
+    assert result.exit_code == 0, result.output
+    [png] = out.glob("*.mask.png")
+    assert np.asarray(PIL.Image.open(png)).shape == (64, 64)
+    assert tifffile.imread(next(out.glob("*.mask.ome.tif"))).shape == (64, 64)
+    assert runner.invoke(app, ["export", str(out), "-f", "png", "--image", "nope"]).exit_code == 2
+
+
+def test_models_lists_shipped_cards(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipeline import checkpoint
+
+    shutil.copy(tiny_checkpoint, tmp_path / "tiny-demo.safetensors")
+    monkeypatch.setattr(checkpoint, "SHIPPED_DIR", tmp_path)
+
+    listed = runner.invoke(app, ["models", "--json"])
+    table = runner.invoke(app, ["models"])
+
+    assert listed.exit_code == 0 and set(json.loads(listed.stdout)) == {"tiny-demo"}
+    assert table.exit_code == 0 and "tiny-demo" in table.output
+
+
+def test_serve_builds_the_deployment_with_the_cron(tiny_checkpoint: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import prefect
+
+    served: list[Any] = []
+    monkeypatch.setattr(prefect, "serve", lambda *deployments, **kw: served.extend(deployments))
+
+    result = runner.invoke(app, ["serve", str(tmp_path), "-m", str(tiny_checkpoint), "-o", "results",
+                                 "--cron", "30 1 * * *", "--tile", "512"])  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    [deployment] = served
+    assert deployment.schedules[0].schedule.cron == "30 1 * * *"
+    assert deployment.parameters["inputs"] == [str(tmp_path)]
+    assert deployment.parameters["out"] == str(Path("results").resolve())
+    assert deployment.parameters["config"] == {"tile": 512}
+
+
+# -- the demo's pieces ------------------------------------------------------------------------------
+
+
+def test_patches_never_overlap() -> None:
+    places = demo.patch_places(8192, 1024, 768, 40, np.random.default_rng(0))
+    boxes = {(y // 1024, x // 1024) for y, x in places}
+    assert len(boxes) == 40  # one per cell, and a patch never leaves its cell
+    assert all(y % 1024 + 768 <= 1024 and x % 1024 + 768 <= 1024 for y, x in places)
+
+
+def test_build_slide_writes_a_tiled_pyramid_of_real_patches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    source = tmp_path / "he.tif"
+    tissue = np.full((600, 500, 3), 255, np.uint8)
+    tissue[100:500, 50:450] = rng.integers(80, 200, (400, 400, 3), dtype=np.uint8)  # saturated
+    tifffile.imwrite(source, tissue, tile=(256, 256), photometric="rgb",
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")  # fmt: skip
+    for name, value in {"SLIDE_SIDE": 2048, "SLIDE_MIN_SIDE": 256, "PATCH": 192, "CELL": 256, "PATCHES": 12}.items():
+        monkeypatch.setattr(demo, name, value)
+
+    path = demo.build_slide(source, tmp_path / "slide.tif", demo_console())
+
+    with tifffile.TiffFile(path) as tif:
+        levels = [lv.shape for lv in tif.series[0].levels]
+        page = tif.series[0].levels[0].keyframe
+        assert page.is_tiled and page.compression == tifffile.COMPRESSION.JPEG
+        level0 = tif.series[0].levels[0].asarray()
+    assert levels == [(2048, 2048, 3), (1024, 1024, 3), (512, 512, 3), (256, 256, 3)]
+    background = (level0 > 240).all(axis=2).mean()
+    assert 0.85 < background < 0.92  # 12 patches of 192^2 (>= 60% tissue) in 2048^2 on white
+
+
+def test_demo_skips_models_that_are_not_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows import cli
+    from pipeline import checkpoint
+
+    monkeypatch.setattr(demo, "demo_files", lambda console: {demo.XRAY[0]: tmp_path / "x.dcm", demo.HE[0]: tmp_path / "he.svs"})
+    monkeypatch.setattr(demo, "build_slide", lambda source, path, console: path)
+    monkeypatch.setattr(checkpoint, "SHIPPED_DIR", tmp_path)  # nothing shipped
+    ran: list[str] = []
+    monkeypatch.setattr(cli, "run_collection", lambda inputs, model, *a, **k: ran.append(model) or [])
+
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
+
+    assert result.exit_code == 1 and not ran
+    assert "lung-xray" in result.output and "not shipped" in result.output
+
+
+def demo_console() -> Any:
+    from rich.console import Console
+
+    return Console(quiet=True)

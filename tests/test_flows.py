@@ -1,0 +1,360 @@
+"""The Prefect flows, discovery, the shared worker pool and the deployment files.
+
+Flow tests run on one temporary Prefect server and one local Ray per session, with a
+tiny untrained U-Net (its masks mean nothing; states, counts and files do)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import PIL.Image
+import pytest
+import yaml
+
+from flows import progress, report
+from flows.discover import discover, localize
+from flows.pool import SharedBackend
+from pipeline.config import FaultInjection, RunConfig
+from pipeline.errors import InputError
+from pipeline.store import OutputStore, TileReport
+from pipeline.tiling import Tile, TileStatus
+
+REPO = Path(__file__).resolve().parents[1]
+TILE = 32
+
+
+def write_png(path: Path, size: tuple[int, int] = (64, 64), seed: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)
+    PIL.Image.fromarray(pixels).save(path)
+    return path
+
+
+def write_scan(path: Path, size: tuple[int, int] = (48, 40)) -> Path:
+    """A DICOM X-ray without extension, with the fixture's patient identifiers set."""
+    from tests.io_fixtures import dicom_dataset, write_dicom, xray_pixels
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_dicom(path, dicom_dataset(xray_pixels(*size, 12), 12))
+
+
+@pytest.fixture
+def flows_env(prefect_harness: None, ray_cluster: str) -> None:
+    """Prefect (temporary server) and Ray (local) for flow tests."""
+
+
+# -- discovery --------------------------------------------------------------------------------
+
+
+def test_discover_walks_folders_sniffs_dicom_and_skips_outputs(tmp_path: Path) -> None:
+    root = tmp_path / "archive"
+    write_png(root / "a" / "scan.png")
+    write_png(root / "b" / "scan.png")  # same name, other folder: another output name
+    write_scan(root / "c" / "IM0001")  # no extension
+    (root / "c" / "notes.txt").write_text("not an image")
+    (root / "c" / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
+    write_png(root / ".cache" / "hidden.png")
+    out = root / "out"
+    write_png(out / "old-overlay.png")  # the output root itself is never an input
+
+    sources = discover([str(root)], str(out))
+
+    names = sorted(Path(s.uri).relative_to(root).as_posix() for s in sources)
+    assert names == ["a/scan.png", "b/scan.png", "c/IM0001"]
+    ids = [s.image_id for s in sources]
+    assert len(set(ids)) == 3 and all(i.startswith(("scan-", "IM0001-")) for i in ids)
+
+
+def test_discover_globs_list_files_and_collisions(tmp_path: Path) -> None:
+    one, two = write_png(tmp_path / "x" / "scan.png"), write_png(tmp_path / "y" / "scan.png")
+    listing = tmp_path / "inputs.txt"
+    listing.write_text("# tonight\nx/scan.png\n\n")
+
+    assert [s.uri for s in discover([str(listing)])] == [str(one)]
+    globbed = discover([str(tmp_path / "*" / "*.png")])
+    assert [s.uri for s in globbed] == [str(one), str(two)]
+    # two folders given separately: relative names collide, so full paths name them
+    both = discover([str(tmp_path / "x"), str(tmp_path / "y")])
+    assert len({s.image_id for s in both}) == 2
+    # a named file is always taken, even one that will fail to open
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"garbage")
+    assert [s.uri for s in discover([str(broken)])] == [str(broken)]
+    with pytest.raises(InputError, match="no such file"):
+        discover([str(tmp_path / "missing")])
+    with pytest.raises(InputError, match="no images found"):
+        discover([str(tmp_path / "x" / "*.jpg")])
+
+
+def test_discover_fsspec_url_and_fetch(tmp_path: Path) -> None:
+    fs = fsspec.filesystem("memory")
+    data = write_png(tmp_path / "scan.png").read_bytes()
+    fs.pipe("/bucket/night/scan.png", data)
+    fs.pipe("/bucket/night/readme.md", b"text")
+
+    sources = discover(["memory://bucket/night"])
+
+    assert [s.name for s in sources] == ["scan.png"]
+    local = localize(sources[0], tmp_path / "cache")
+    assert Path(local).read_bytes() == data
+    assert Path(local).parent == tmp_path / "cache"
+    fs.rm("/bucket", recursive=True)
+
+
+# -- reporting ----------------------------------------------------------------------------------
+
+
+def test_errors_are_one_line_naming_the_file() -> None:
+    line = report.one_line_error("/data/x.dcm", RuntimeError("decoder\nexploded"))
+    assert line == "/data/x.dcm: RuntimeError: decoder exploded"
+    own = report.one_line_error("/data/x.dcm", InputError("/data/x.dcm: truncated"))
+    assert own == "/data/x.dcm: truncated"
+
+
+def test_retry_condition_skips_deterministic_errors() -> None:
+    from flows.tasks import transient
+
+    class State:
+        def __init__(self, exc: BaseException):
+            self.exc = exc
+
+        def result(self, raise_on_failure: bool = True) -> BaseException:
+            return self.exc
+
+    assert transient(None, None, State(OSError("connection reset")))
+    assert not transient(None, None, State(InputError("x.dcm: truncated")))
+
+
+# -- the shared pool ------------------------------------------------------------------------------
+
+
+class FakeBackend:
+    """Finishes every tile at the next wait, DONE."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.pending: list[tuple[int, Tile]] = []
+        self.count = 0
+
+    def submit(self, job: Any, tile: Tile, attempt: int) -> int:
+        self.count += 1
+        self.pending.append((self.count, tile))
+        return self.count
+
+    def wait(self, timeout: float) -> list[tuple[int, TileReport]]:
+        done, self.pending = self.pending, []
+        return [(k, TileReport(t.index, TileStatus.DONE)) for k, t in done]
+
+
+def test_shared_backend_routes_results_to_their_image() -> None:
+    from pipeline.tiling import Box
+
+    shared = SharedBackend(FakeBackend(slots=3))
+    a, b = shared.view(), shared.view()
+    tile = Tile((0, 0), Box(0, 0, 1, 1), 1)
+    key_a = a.submit(None, tile, 1)
+    assert a.slots == 3 and b.slots == 2  # the views together never exceed the pool
+    key_b = b.submit(None, Tile((0, 1), Box(0, 1, 1, 2), 1), 1)
+
+    got_b = b.wait(timeout=0.1)
+    got_a = a.wait(timeout=0.1)
+
+    assert [k for k, _ in got_a] == [key_a] and [k for k, _ in got_b] == [key_b]
+    assert got_b[0][1].index == (0, 1)
+
+
+# -- the flows ----------------------------------------------------------------------------------
+
+
+def test_segment_image_flow(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from flows.segment import segment_image
+
+    image = write_png(tmp_path / "in" / "chest.png", (64, 48))
+    result = segment_image(str(image), str(tiny_checkpoint), str(tmp_path / "out"), RunConfig(tile=TILE))
+
+    assert result.state == "complete" and result.size == (64, 48)
+    assert result.counts["done"] == 4
+    store = OutputStore.open(result.output)
+    assert store.state == "complete" and store.mask.shape == (64, 48)
+    assert Path(result.exports["overlay"]).is_file()
+
+
+@pytest.fixture
+def counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts infer stages that ran tiles and worker pools started."""
+    from flows import segment
+    from pipeline import stages
+
+    calls = {"infer": 0, "pools": 0}
+    real_infer, real_start = stages.infer, segment._start_pool
+
+    def infer(*args: Any, **kwargs: Any) -> dict[str, int]:
+        calls["infer"] += 1
+        return real_infer(*args, **kwargs)
+
+    def start(*args: Any) -> Any:
+        calls["pools"] += 1
+        return real_start(*args)
+
+    monkeypatch.setattr(stages, "infer", infer)
+    monkeypatch.setattr(segment, "_start_pool", start)
+    return calls
+
+
+def test_second_collection_run_does_no_inference(flows_env: None, tiny_checkpoint: Path,
+                                                  tmp_path: Path, counting: dict[str, int]) -> None:
+    from flows.segment import segment_collection
+
+    for i in range(3):
+        write_png(tmp_path / "in" / f"x{i}.png", seed=i)
+    args = ([str(tmp_path / "in")], str(tiny_checkpoint), str(tmp_path / "out"), RunConfig(tile=TILE))
+
+    first = segment_collection(*args)
+    assert [r.state for r in first] == ["complete"] * 3 and not any(r.reused for r in first)
+    assert counting == {"infer": 3, "pools": 1}  # one pool for the run, not one per image
+
+    second = segment_collection(*args)
+    assert all(r.reused and r.state == "complete" for r in second)
+    assert counting == {"infer": 3, "pools": 1}  # nothing ran, no worker started
+
+    write_png(tmp_path / "in" / "x3.png", seed=3)  # a new image arrives
+    third = segment_collection(*args)
+    assert [r.reused for r in third] == [True, True, True, False]
+    assert counting == {"infer": 4, "pools": 2}
+
+
+def test_collection_isolates_a_corrupt_image(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from flows.segment import segment_collection
+
+    write_png(tmp_path / "in" / "good.png")
+    (tmp_path / "in" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    results = segment_collection([str(tmp_path / "in")], str(tiny_checkpoint), str(tmp_path / "out"),
+                                 RunConfig(tile=TILE))  # fmt: skip
+
+    states = {Path(r.input).name: r.state for r in results}
+    assert states == {"bad.png": "failed", "good.png": "complete"}
+    bad = next(r for r in results if r.state == "failed")
+    assert "\n" not in bad.error and str(tmp_path / "in" / "bad.png") in bad.error
+    assert [r.state for r in report.read_record(tmp_path / "out")] == ["failed", "complete"]
+
+
+def test_failed_tiles_leave_a_partial_image(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from flows.segment import segment_collection
+
+    write_png(tmp_path / "in" / "x.png")
+    config = RunConfig(tile=TILE, retries=1, faults=FaultInjection(fail_tiles=((0, 1),)))
+    [result] = segment_collection([str(tmp_path / "in")], str(tiny_checkpoint), str(tmp_path / "out"), config)
+
+    assert result.state == "partial" and result.counts["failed"] == 1 and result.counts["done"] == 3
+    assert result.failed_tiles[0]["tile"] == [0, 1] and result.failed_tiles[0]["attempts"] == 2
+    assert "injected fault" in result.failed_tiles[0]["error"]
+    assert not result.exports  # exports wait for a complete output
+
+
+PATIENT_VALUES = ("Doe^Jane", "Doe", "Jane", "SECRET-4711", "19700101", "ACC-0815")
+
+
+class Capture(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name} {record.getMessage()} {record.exc_text or ''}")
+
+
+@pytest.fixture
+def every_log_record(flows_env: None) -> Iterator[Capture]:
+    """Every log record of the test, at any level, from any logger."""
+    from prefect import flow
+
+    # Prefect configures logging again (replacing root handlers) when its API app first
+    # starts in this process: let that happen before the capture is attached.
+    flow(lambda: None, name="warm-up")()
+    capture = Capture()
+    loggers = [logging.getLogger(n) for n in ("", "prefect", "pipeline", "flows")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(capture)
+    yield capture
+    logging.getLogger().removeHandler(capture)
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.setLevel(level)
+
+
+def test_no_patient_identifier_leaks(flows_env: None, tiny_checkpoint: Path, tmp_path: Path,
+                                     every_log_record: Capture) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.segment import segment_collection
+    from tests.io_fixtures import PATIENT
+
+    assert PATIENT["PatientName"] == "Doe^Jane"
+    write_scan(tmp_path / "in" / "study" / "IM0001", (64, 64))
+    events: list[progress.Event] = []
+    out = tmp_path / "out"
+    with progress.listen(events.append):
+        results = segment_collection([str(tmp_path / "in")], str(tiny_checkpoint), str(out),
+                                     RunConfig(tile=TILE, exports=("overlay", "png", "ome-tiff")))  # fmt: skip
+    assert [r.state for r in results] == ["complete"]
+
+    with get_client(sync_client=True) as client:
+        artifacts = [f"{a.key} {a.description} {a.data}" for a in client.read_artifacts()]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "zarr.json" for p in files) and any(p.suffix == ".png" for p in files)
+    texts = {
+        "log records": "\n".join(every_log_record.lines),
+        "artifacts": "\n".join(artifacts),
+        "progress events": repr(events),
+        "results": repr(results),
+        "output names": "\n".join(str(p) for p in files),
+    }
+    assert every_log_record.lines, "no log record captured"
+    assert artifacts and events
+    for value in PATIENT_VALUES:
+        for where, text in texts.items():
+            assert value not in text, f"{value!r} leaked into {where}"
+        for path in files:
+            assert value.encode() not in path.read_bytes(), f"{value!r} leaked into {path}"
+
+
+# -- deployment files -----------------------------------------------------------------------------
+
+
+def test_prefect_yaml_names_an_existing_flow() -> None:
+    import importlib
+
+    from prefect import Flow
+
+    spec = yaml.safe_load((REPO / "deploy" / "prefect.yaml").read_text())
+    [nightly] = spec["deployments"]
+    module, name = nightly["entrypoint"].split(":")
+    flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), name)
+    assert isinstance(flow, Flow) and flow.name == "segment-collection"
+    assert nightly["schedules"][0]["cron"] == "0 2 * * *"
+    assert nightly["work_pool"]["name"]
+    params = flow.validate_parameters(nightly["parameters"])
+    assert isinstance(params["config"], RunConfig)
+
+
+def test_serve_builds_a_cron_deployment(tiny_checkpoint: Path) -> None:
+    from flows.schedule import build_deployment
+
+    deployment = build_deployment(["/archive"], str(tiny_checkpoint), "/results", "0 2 * * *",
+                                  RunConfig(tile=512, exports=("overlay", "png")))  # fmt: skip
+    [schedule] = deployment.schedules
+    assert schedule.schedule.cron == "0 2 * * *"
+    assert deployment.entrypoint.endswith("flows/segment.py:segment_collection")
+    assert deployment.parameters["config"] == {"tile": 512, "exports": ["overlay", "png"]}
+
+
+def test_dicom_output_names_come_from_the_file_name(tmp_path: Path) -> None:
+    path = write_scan(tmp_path / "IM0001")
+    [source] = discover([str(path)])
+    assert source.image_id.startswith("IM0001-")

@@ -46,7 +46,7 @@ import torch
 import pipeline
 from pipeline import stages
 from pipeline.config import RunConfig
-from pipeline.errors import CheckpointError, SegpipeError
+from pipeline.errors import CheckpointError, ConfigError, SegpipeError
 from pipeline.inference import ImageJob, TileRunner
 from pipeline.scheduler import Progress, WorkerLost
 from pipeline.store import TileReport
@@ -54,8 +54,8 @@ from pipeline.tiling import Tile
 
 log = logging.getLogger(__name__)
 
-ACTOR_THREADS = 2  # one call reads/writes its tile while the other computes
-IN_FLIGHT_PER_ACTOR = 8  # tiles given to one actor at a time (backpressure)
+ACTOR_THREADS = 2  # calls run at once in an actor: one reads/writes while the other computes
+IN_FLIGHT_PER_ACTOR = 8  # tiles given to one actor at a time (backpressure; no pixels held)
 # Tiles per call: a full actor's tiles make one batch per thread, so both threads work.
 BATCH_MAX = IN_FLIGHT_PER_ACTOR // ACTOR_THREADS
 MAX_RESTARTS = 4  # lives of an actor after the first; then it is retired
@@ -123,7 +123,7 @@ def worker_shape(resources: Mapping[str, float], workers: int | None) -> WorkerS
     The count is taken from the resources present now: an autoscaling cluster adds nodes
     for actors that do not fit only when ``workers`` asks for them."""
     if workers is not None and workers < 1:
-        raise SegpipeError(f"workers must be >= 1, got {workers=}")
+        raise ConfigError(f"workers must be >= 1, got {workers=}")
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
     if gpus:
         count = workers or gpus

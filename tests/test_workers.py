@@ -122,6 +122,7 @@ def test_a_killed_actor_costs_no_tile_and_counts_none_twice(clean, model, image,
     assert_same(OutputStore.open(job.store_path), clean)
 
 
+@pytest.mark.slow  # two pools of actors start: the faulty run's and the re-run's
 def test_tiles_that_always_fail_are_recorded_and_a_rerun_completes(clean, model, image, tmp_path):
     bad = ((1, 1), (4, 6))
     config = CONFIG.with_(retries=2, faults=FaultInjection(fail_tiles=bad, fail_attempts=0))

@@ -131,6 +131,9 @@ class ThreadBackend:
         return future
 
     def wait(self, timeout: float) -> list[tuple[Hashable, TileReport | BaseException]]:
+        if not self._futures:  # only retries waiting out their backoff: don't spin
+            time.sleep(timeout)
+            return []
         done, _ = wait(self._futures, timeout=timeout, return_when=FIRST_COMPLETED)
         self._futures -= done
         return [(f, f.exception() or f.result()) for f in done]

@@ -10,7 +10,6 @@ export and models answer at once.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from dataclasses import asdict
@@ -19,6 +18,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from pipeline.errors import SegpipeError
@@ -28,7 +28,6 @@ EXPORTS = ("overlay", "png", "ome-tiff", "dicom-seg")
 
 app = typer.Typer(
     name="segpipe",
-    help="Batch segmentation of very large medical images (X-rays, whole-slide images).",
     no_args_is_help=True,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -41,20 +40,20 @@ err_console = Console(stderr=True)
 ENGINE = "Engine"
 Model = Annotated[str, typer.Option("--model", "-m", help="A shipped model name (see `segpipe models`) or a .safetensors checkpoint.")]
 Out = Annotated[str, typer.Option("--out", "-o", help="Output folder (or fsspec URL): one <image>.zarr per image, exports beside it.")]
-Tile = Annotated[Optional[int], typer.Option(help="Tile side in working-level pixels (multiple of 16) [default: 1024].", rich_help_panel=ENGINE)]
-Halo = Annotated[Optional[int], typer.Option(help="Context around each tile [default: the model card's, else 64].", rich_help_panel=ENGINE)]
+Tile = Annotated[Optional[int], typer.Option(help="Tile side in working-level pixels, a multiple of 16 (default: 1024).", rich_help_panel=ENGINE)]
+Halo = Annotated[Optional[int], typer.Option(help="Context around each tile (default: the model card's, else 64).", rich_help_panel=ENGINE)]
 Blend = Annotated[Optional[str], typer.Option(help="crop (exact, default) or gaussian (global sliding window).", rich_help_panel=ENGINE)]
-Mode = Annotated[Optional[str], typer.Option(help="UNet++: accurate (mean of heads) or fast (one pruned head) [default: the card's].", rich_help_panel=ENGINE)]
+Mode = Annotated[Optional[str], typer.Option(help="UNet++: accurate (mean of heads) or fast (one pruned head) (default: the card's).", rich_help_panel=ENGINE)]
 PruneLevel = Annotated[Optional[int], typer.Option(help="UNet++ fast mode: prune level 1-4.", rich_help_panel=ENGINE)]
-Precision = Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16 [default: auto].", rich_help_panel=ENGINE)]
-Tissue = Annotated[Optional[bool], typer.Option("--tissue/--no-tissue", help="Skip background tiles [default: on for slides, off for X-rays].", rich_help_panel=ENGINE, show_default=False)]
-TissueThreshold = Annotated[Optional[float], typer.Option(help="Tiles with less tissue than this fraction are skipped [default: 0.02].", rich_help_panel=ENGINE)]
+Precision = Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16 (default: auto).", rich_help_panel=ENGINE)]
+Tissue = Annotated[Optional[bool], typer.Option("--tissue/--no-tissue", help="Skip background tiles (default: on for slides, off for X-rays).", rich_help_panel=ENGINE, show_default=False)]
+TissueThreshold = Annotated[Optional[float], typer.Option(help="Tiles with less tissue than this fraction are skipped (default: 0.02).", rich_help_panel=ENGINE)]
 TissueMask = Annotated[Optional[str], typer.Option(help="A mask image to use instead of tissue detection.", rich_help_panel=ENGINE)]
-Threshold = Annotated[Optional[float], typer.Option(help="Probability threshold of binary models [default: the card's].", rich_help_panel=ENGINE)]
-Export = Annotated[Optional[list[str]], typer.Option("--export", "-e", help=f"Export after a complete image, repeatable or comma-separated: {', '.join(EXPORTS)}, none [default: overlay].", rich_help_panel=ENGINE)]
-Workers = Annotated[Optional[int], typer.Option(help="Tile workers [default: one per GPU, else one per 4 CPUs].", rich_help_panel=ENGINE)]
-RayAddress = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Ray cluster to join [default: a local one].", rich_help_panel=ENGINE)]
-Retries = Annotated[Optional[int], typer.Option(help="Attempts per failed tile after the first [default: 3].", rich_help_panel=ENGINE)]
+Threshold = Annotated[Optional[float], typer.Option(help="Probability threshold of binary models (default: the card's).", rich_help_panel=ENGINE)]
+Export = Annotated[Optional[list[str]], typer.Option("--export", "-e", help=f"Export after a complete image, repeatable or comma-separated: {', '.join(EXPORTS)}, none (default: overlay).", rich_help_panel=ENGINE)]
+Workers = Annotated[Optional[int], typer.Option(help="Tile workers (default: one per GPU, else one per 4 CPUs).", rich_help_panel=ENGINE)]
+RayAddress = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Ray cluster to join (default: a local one).", rich_help_panel=ENGINE)]
+Retries = Annotated[Optional[int], typer.Option(help="Attempts per failed tile after the first (default: 3).", rich_help_panel=ENGINE)]
 Concurrency = Annotated[int, typer.Option(help="Images processed at once (all share the Ray workers).", rich_help_panel=ENGINE)]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's and the pipeline's logs.")]
 
@@ -83,9 +82,12 @@ def parse_exports(values: list[str]) -> tuple[str, ...]:
 
 @app.callback()
 def main(verbose: Verbose = False) -> None:
-    """segpipe: Prefect runs images, Ray runs tiles, zarr holds the pixels.
+    """Batch segmentation of very large medical images: chest X-rays (DICOM, PNG, JPEG) and
+    whole-slide images (SVS, pyramidal TIFF, OME-TIFF, zarr). Prefect runs the images, Ray
+    runs their tiles, zarr holds every pixel.
 
     Start with [bold]segpipe demo[/], then [bold]segpipe run[/] on your own images.
+    Exit codes: 0 every image complete, 1 some image or tile failed, 2 usage or configuration error.
     """
     quiet_logs(verbose)
 
@@ -137,7 +139,7 @@ def run_collection(inputs: list[str], model: str, out: str, config: Any, concurr
     if show_table:
         out_console.print(console.results_table(results, title=title))
         for line in report.problems(results):
-            err_console.print(f"[red]✗[/] {line}", highlight=False, soft_wrap=True)
+            err_console.print(f"[red]✗[/] {escape(line)}", highlight=False, soft_wrap=True)
     return results
 
 
@@ -164,8 +166,9 @@ def status(
 
     stores = _usage_checked(lambda: outputs.stores(out))
     summaries = [s.summary() for s in stores]
-    have = {s["image_id"] for s in summaries}
-    failed = [r for r in report.read_record(out) if r.state == "failed" and r.image_id not in have]
+    complete = {s["image_id"] for s in summaries if s["state"] == "complete"}
+    # images whose last run failed before finishing (an output may exist, incomplete)
+    failed = [r for r in report.read_record(out) if r.state == "failed" and r.image_id not in complete]
     if as_json:
         out_console.print_json(json.dumps({
             "images": summaries,
@@ -176,15 +179,15 @@ def status(
         for s in summaries:
             for f in s["failed"]:
                 out_console.print(f"[red]✗[/] {s['image_id']} tile {tuple(f['tile'])} "
-                                  f"({f['attempts']} attempts): {f['error']}", highlight=False, soft_wrap=True)
+                                  f"({f['attempts']} attempts): {escape(f['error'])}", highlight=False, soft_wrap=True)
             if s["failed_total"] > len(s["failed"]):
                 out_console.print(f"  … and {s['failed_total'] - len(s['failed'])} more failed tiles")
         for r in failed:
-            out_console.print(f"[red]✗[/] {r.error}", highlight=False, soft_wrap=True)
+            out_console.print(f"[red]✗[/] {escape(r.error or r.input)}", highlight=False, soft_wrap=True)
         if not summaries and not failed:
             out_console.print(f"no segpipe outputs in {out}")
-    complete = all(s["state"] == "complete" for s in summaries) and not failed
-    raise typer.Exit(EXIT_OK if complete else EXIT_FAILED)
+    everything = all(s["state"] == "complete" for s in summaries) and not failed
+    raise typer.Exit(EXIT_OK if everything else EXIT_FAILED)
 
 
 @app.command(epilog="""[bold]Examples[/]
@@ -219,7 +222,7 @@ def export(
         try:
             written = stages.export(outputs.job_for(store), RunConfig(), formats)
         except SegpipeError as exc:
-            err_console.print(f"[red]✗[/] {store.image_id}: {exc}", highlight=False)
+            err_console.print(f"[red]✗[/] {store.image_id}: {escape(str(exc))}", highlight=False)
             code = EXIT_FAILED
             continue
         for fmt, path in written.items():
@@ -321,7 +324,8 @@ def quiet_logs(verbose: bool) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-        logging.getLogger("ray").setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_LOGGER_LEVEL", "error")  # read when ray is imported
+        os.environ.setdefault("RAY_LOG_TO_DRIVER", "0")  # tile errors are recorded anyway
 
 
 def _check_run(inputs: list[str], model: str, out: str) -> str:
@@ -351,7 +355,7 @@ def _usage_checked(call: Any) -> Any:
 
 
 def _usage_error(message: str) -> None:
-    err_console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_USAGE)
 
 

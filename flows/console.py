@@ -22,9 +22,15 @@ from rich.table import Table
 from rich.text import Text
 
 from flows import progress
+from flows import report
 from flows.report import ImageResult, format_fractions
 
-STATE_STYLE = {"complete": "green", "partial": "yellow", "failed": "red", "reused": "cyan"}
+STATE_STYLE = {"complete": "green", "partial": "yellow", "failed": "red", "reused": "cyan",
+               "pending": "yellow", "running": "yellow"}
+
+
+def styled(text: str, state: str) -> Text:
+    return Text(text, style=STATE_STYLE.get(state, ""))
 
 
 class RateColumn(ProgressColumn):
@@ -72,8 +78,8 @@ class RunDisplay:
         bar = self._bars.pop(event.image_id, None)
         if bar is not None:
             self.progress.remove_task(bar)
-        style = STATE_STYLE.get(event.state, "")
-        self.progress.console.print(f"[{style}]{event.state:>8}[/] {event.image_id}")
+        if event.state != "reused":  # a nightly run reuses thousands: the table counts them
+            self.progress.console.print(styled(f"{event.state:>8}", event.state), event.image_id)
         if self._images is not None:
             self.progress.advance(self._images, 1)
 
@@ -86,18 +92,26 @@ def live_progress(console: Console) -> Iterator[None]:
         yield
 
 
+TABLE_ROWS = 40  # a larger run shows its problems first and the rest by count
+
+
 def results_table(results: Sequence[ImageResult], title: str = "segpipe run") -> Table:
-    """The summary table: one row per image; outputs are <image>.zarr under the output
-    root, and failed images' errors are listed below the table (report.problems)."""
-    table = Table(title=title, title_justify="left")
+    """The summary table: one row per image (images that are not complete first, at most
+    TABLE_ROWS); outputs are <image>.zarr under the output root, and failed images'
+    errors are listed below the table (report.problems)."""
+    shown = sorted(results, key=lambda r: r.ok)[:TABLE_ROWS]
+    totals = report.totals(results)
+    caption = ", ".join(f"{v} {k}" for k, v in totals.items() if v or k == "images")
+    if len(shown) < len(results):
+        caption += f"; {len(results) - len(shown)} complete images not listed (--json lists all)"
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for name, justify in (("image", "left"), ("state", "left"), ("size", "left"), ("done", "right"),
                           ("skipped", "right"), ("failed", "right"), ("seconds", "right"),
                           ("mask fraction", "left")):  # fmt: skip
         table.add_column(name, justify=justify, no_wrap=name == "image")  # type: ignore[arg-type]
-    for r in results:
+    for r in shown:
         row = r.row()
-        style = STATE_STYLE["reused" if r.reused else r.state]
-        table.add_row(r.image_id, f"[{style}]{row['state']}[/]", row["size"], str(row["tiles done"]),
+        table.add_row(r.image_id, styled(row["state"], "reused" if r.reused else r.state), row["size"], str(row["tiles done"]),
                       str(row["skipped"]), str(row["failed"]), f"{r.seconds:.1f}",
                       row["mask fraction"])  # fmt: skip
     return table
@@ -112,8 +126,7 @@ def status_table(summaries: Sequence[Mapping[str, Any]]) -> Table:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for s in summaries:
         c = s["counts"]
-        style = STATE_STYLE.get(s["state"], "")
-        table.add_row(s["image_id"], f"[{style}]{s['state']}[/]", "x".join(map(str, s["full_hw"])),
+        table.add_row(s["image_id"], styled(s["state"], s["state"]), "x".join(map(str, s["full_hw"])),
                       str(c["total"]), str(c["done"]), str(c["skipped"]), str(c["failed"]),
                       str(c["pending"]), format_fractions(s.get("mask_fraction")))  # fmt: skip
     return table

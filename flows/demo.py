@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import tifffile
 from rich.console import Console
+from rich.markup import escape
 from skimage.color import rgb2hsv
 from skimage.transform import downscale_local_mean
 
@@ -236,6 +237,6 @@ def _where_to_look(out: Path, results: list[Any], console: Console) -> None:
     console.print(f"\n[bold]Outputs[/] in {out}/<model>/: one <image>.zarr per image (OME-Zarr: "
                   "mask pyramid, probabilities, tile status, provenance)")  # fmt: skip
     for path in overlays:
-        console.print(f"  overlay  {path}", highlight=False)
+        console.print(f"  overlay  {escape(str(path))}", highlight=False)
     console.print(f"Check them with [bold]segpipe status {out}/<model>[/]; the input slide is in {out}/data/.")
 

@@ -120,17 +120,24 @@ def image_task(source: Source, model_path: str, out: str, config: RunConfig, poo
 def _reusable(sources: list[Source], out: str, wanted: dict[str, Any]) -> dict[str, ImageResult]:
     """Sources whose output is complete for this model and these settings and whose
     content hash (cached across runs by size and modification marker) is the one recorded."""
-    candidates: dict[str, tuple[OutputStore, PrefectFuture]] = {}
+    candidates: dict[str, tuple[OutputStore, str | None, PrefectFuture]] = {}
     for source in sources:
         store = _complete_store(out, source.image_id)
         if store is None:
             continue
-        recorded = store.provenance.get("input", {})
-        if same_output(store.provenance, {**wanted, "input": recorded}):
-            candidates[source.uri] = (store, input_sha256.submit(source.uri, *fingerprint(source)))
+        stored = store.provenance
+        recorded = stored.get("input", {})
+        # model and settings first: the input is hashed only when they match
+        if not same_output(stored, {**wanted, "input": recorded}):
+            continue
+        try:
+            key = fingerprint(source)
+        except OSError:  # gone since discovery: the image's own run reports it
+            continue
+        candidates[source.uri] = (store, recorded.get("sha256"), input_sha256.submit(source.uri, *key))
     reused = {}
-    for uri, (store, digest) in candidates.items():
-        if digest.result() == store.provenance["input"].get("sha256"):
+    for uri, (store, recorded_sha, digest) in candidates.items():
+        if digest.result() == recorded_sha:
             reused[uri] = report.from_summary(uri, store.summary(), 0.0, reused=True)
             progress.emit(progress.Event("finished", store.image_id, state="reused"))
     return reused
@@ -164,10 +171,9 @@ def _connect(config: RunConfig) -> None:
 
 
 def _start_pool(model_path: str, config: RunConfig) -> Any:
-    """The run's tile workers (called on first use): join or start Ray, start the actors."""
+    """The run's tile workers (called on first use)."""
     from pipeline.workers import RayBackend
 
-    _connect(config)
     return RayBackend.start(model_path, config)
 
 

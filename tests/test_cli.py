@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from flows import demo
 from flows.cli import app
 from pipeline.config import FaultInjection, RunConfig
+from pipeline.io import open_image
 
 runner = CliRunner()
 TILE = "32"
@@ -176,8 +177,10 @@ def test_build_slide_writes_a_tiled_pyramid_of_real_patches(tmp_path: Path, monk
     for name, value in {"SLIDE_SIDE": 2048, "SLIDE_MIN_SIDE": 256, "PATCH": 192, "CELL": 256, "PATCHES": 12}.items():
         monkeypatch.setattr(demo, name, value)
 
-    path = demo.build_slide(source, tmp_path / "slide.tif", demo_console())
+    path = demo.build_slide(source, tmp_path / "slide.tif", demo_console(), model_mpp=0.502)
 
+    with open_image(path) as image:  # within 1% of the source's 0.5: the model's scale is written
+        assert image.mpp == pytest.approx(0.502) and image.kind == "slide"
     with tifffile.TiffFile(path) as tif:
         levels = [lv.shape for lv in tif.series[0].levels]
         page = tif.series[0].levels[0].keyframe
@@ -193,7 +196,7 @@ def test_demo_skips_models_that_are_not_shipped(tmp_path: Path, monkeypatch: pyt
     from pipeline import checkpoint
 
     monkeypatch.setattr(demo, "demo_files", lambda console: {demo.XRAY[0]: tmp_path / "x.dcm", demo.HE[0]: tmp_path / "he.svs"})
-    monkeypatch.setattr(demo, "build_slide", lambda source, path, console: path)
+    monkeypatch.setattr(demo, "build_slide", lambda source, path, console, mpp=None: path)
     monkeypatch.setattr(checkpoint, "SHIPPED_DIR", tmp_path)  # nothing shipped
     ran: list[str] = []
     monkeypatch.setattr(cli, "run_collection", lambda inputs, model, *a, **k: ran.append(model) or [])

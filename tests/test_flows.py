@@ -172,6 +172,8 @@ def test_shared_backend_routes_results_to_their_image() -> None:
 
 
 def test_segment_image_flow(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+
     from flows.segment import segment_image
 
     image = write_png(tmp_path / "in" / "chest.png", (64, 48))
@@ -182,6 +184,11 @@ def test_segment_image_flow(flows_env: None, tiny_checkpoint: Path, tmp_path: Pa
     store = OutputStore.open(result.output)
     assert store.state == "complete" and store.mask.shape == (64, 48)
     assert Path(result.exports["overlay"]).is_file()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    tables = [a for a in artifacts if a.type == "table" and a.key == "segpipe-run"]
+    assert any(result.image_id in str(a.data) for a in tables)  # the run's table
+    assert any(a.type == "progress" and result.image_id in (a.description or "") for a in artifacts)
 
 
 @pytest.fixture

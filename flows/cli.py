@@ -134,8 +134,12 @@ def run_collection(inputs: list[str], model: str, out: str, config: Any, concurr
     from flows import console, report
     from flows.segment import segment_collection
 
-    with console.live_progress(err_console):
-        results = segment_collection(inputs, model, out, config, concurrency)
+    try:
+        with console.live_progress(err_console):
+            results = segment_collection(inputs, model, out, config, concurrency)
+    except (SegpipeError, ValueError, ConnectionError, TimeoutError) as exc:
+        # the run itself could not go on: a setting, the cluster, the server or the storage
+        _usage_error(f"run stopped: {type(exc).__name__}: {' '.join(str(exc).split())}")
     if show_table:
         out_console.print(console.results_table(results, title=title))
         for line in report.problems(results):

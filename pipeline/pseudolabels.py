@@ -1,7 +1,7 @@
 """Labels from classical image analysis, for training where no manual annotation exists.
 
-  tissue   H&E tissue vs glass on a whole-slide preview: saturated or dark pixels, closed,
-           holes filled, specks removed (the classical detector the tissue-he model learns).
+  tissue   H&E tissue vs glass on a whole-slide preview: pipeline.tissue's detector, the one
+           runs use to skip background tiles (the tissue-he model learns it).
   nuclei   haematoxylin from colour deconvolution (Ruifrok & Johnston 2001, scikit-image's
            rgb2hed), smoothed, cut at one threshold for the whole slide, cleaned, touching
            nuclei split by a distance-transform watershed. Pseudo-labels: for demonstration.
@@ -25,40 +25,15 @@ from skimage import color, feature, filters, morphology, segmentation
 
 from pipeline.io import open_image
 from pipeline.stages import _preview
+from pipeline.tissue import tissue_mask
 
-WHITE_SATURATION = 0.07  # below this HSV saturation a pixel is glass unless it is dark
-DARK = 0.35  # grey level under which unsaturated pixels count as tissue (dense nuclei, folds)
-BLACK = 0.05  # scanner padding and slide edges are black: never tissue
-
-
-def tissue_mask(rgb: np.ndarray, mpp: float, min_object_um2: float = 40_000.0,
-                max_hole_um2: float = 20_000.0) -> np.ndarray:
-    """(h, w, 3) uint8 H&E preview at `mpp` µm/px -> bool tissue mask."""
-    hsv = color.rgb2hsv(rgb)
-    saturation, value = hsv[..., 1], hsv[..., 2]
-    cut = max(filters.threshold_otsu(saturation), WHITE_SATURATION)
-    tissue = ((saturation > cut) | (value < DARK)) & (value > BLACK)
-    radius = max(1, round(20 / mpp))  # close gaps narrower than ~40 µm
-    tissue = morphology.closing(tissue, morphology.disk(radius))
-    return _clean(tissue, max_hole_px=max_hole_um2 / mpp**2, min_object_px=min_object_um2 / mpp**2)
-
-
-def _clean(mask: np.ndarray, max_hole_px: float, min_object_px: float) -> np.ndarray:
-    """Fill holes and drop objects smaller than the given areas (area closing / opening:
-    the same as remove_small_holes/objects, whose parameters change across skimage versions)."""
-    mask = morphology.area_closing(mask, area_threshold=max(1, int(max_hole_px)))
-    return morphology.area_opening(mask, area_threshold=max(1, int(min_object_px))).astype(bool)
-
-
-def write_tissue_labels(slide: str | Path, out: str | Path, mpp: float) -> Path:
-    """The slide's tissue mask (0/255 PNG) at preview size; `mpp` is the slide's level-0
-    µm/px (the preview's is derived from it)."""
+def write_tissue_labels(slide: str | Path, out: str | Path) -> Path:
+    """The slide's tissue mask (0/255 PNG) at preview size, by the same classical detector
+    the run uses to skip background tiles (pipeline.tissue, with its safety margin)."""
     with open_image(slide) as image:
         preview = _preview(image)
-        level0_w = image.levels[0][1]
     rgb = np.clip(np.rint(preview[..., :3]), 0, 255).astype(np.uint8)
-    mask = tissue_mask(rgb, mpp * level0_w / rgb.shape[1])
-    PILImage.fromarray((mask * 255).astype(np.uint8)).save(out)
+    PILImage.fromarray(tissue_mask(rgb).astype(np.uint8) * 255).save(out)
     return Path(out)
 
 
@@ -89,7 +64,8 @@ def nuclei_mask(rgb: np.ndarray, threshold: float, mpp: float, min_um2: float = 
     """(h, w, 3) uint8 H&E at `mpp` µm/px -> bool nuclei mask (touching nuclei split)."""
     density = filters.gaussian(haematoxylin(rgb), sigma=0.5 / mpp)
     nuclei = morphology.opening(density > threshold, morphology.disk(max(1, round(0.5 / mpp))))
-    nuclei = _clean(nuclei, max_hole_px=max_hole_um2 / mpp**2, min_object_px=min_um2 / mpp**2)
+    nuclei = morphology.remove_small_holes(nuclei, max_size=int(max_hole_um2 / mpp**2))
+    nuclei = morphology.remove_small_objects(nuclei, max_size=int(min_um2 / mpp**2))
     return split_touching(nuclei, min_distance=max(2, round(2.5 / mpp))) if split else nuclei
 
 

@@ -84,7 +84,7 @@ def tissue_he(data: Path, out: Path) -> TrainConfig:
     slide = data / TCGA
     tissue = labels / "tcga-tissue.png"
     if not tissue.exists():
-        write_tissue_labels(slide, tissue, mpp=TCGA_MPP)
+        write_tissue_labels(slide, tissue)
     reference = labels / "tcga-tissue-histolab.png"
     if not reference.exists():
         mask = np.load(slide.parent / "tissue-mask-tcga-cr-7395.npy")
@@ -96,7 +96,7 @@ def tissue_he(data: Path, out: Path) -> TrainConfig:
         normalization={"kind": "scale", "divisor": 255}, augment=H_AND_E_AUGMENT,
         epochs=15, steps_per_epoch=20, batch_size=4, lr=3e-3, ema=0.95, threads=1, tile=512,
         data=f"Training: {TCGA_DATA} Labels: this project's classical tissue detector "
-             "(pipeline.pseudolabels.tissue_mask). Validation: histolab's TissueMask of the same "
+             "(pipeline.tissue.tissue_mask). Validation: histolab's TissueMask of the same "
              "slide (algorithmic, not manual).",
         license="Weights: Apache-2.0 (TCGA open-access image; see NOTICE).",
     )
@@ -112,7 +112,7 @@ def nuclei_he(data: Path, out: Path) -> TrainConfig:
     if not nuclei.exists():
         tissue = labels / "tcga-tissue.png"
         if not tissue.exists():
-            write_tissue_labels(slide, tissue, mpp=TCGA_MPP)
+            write_tissue_labels(slide, tissue)
         threshold = haematoxylin_threshold(slide, np.asarray(PILImage.open(tissue)) > 0)
         write_nuclei_labels(slide, nuclei, mpp=TCGA_MPP, threshold=threshold)
     return TrainConfig(

@@ -289,13 +289,16 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print the model
     if not cards:
         out_console.print("no shipped models in this installation")
         return
-    table = Table(title="shipped models", title_justify="left")
-    for column in ("name", "arch", "classes", "scale", "default mode", "size", "validation", "data"):
-        table.add_column(column, overflow="fold")
+    table = Table(title="shipped models", title_justify="left",
+                  caption="full model cards (data, licence, training): segpipe models --json", caption_justify="left")
+    for column in ("name", "arch", "params", "classes", "scale", "default mode", "validation", "size"):
+        table.add_column(column, no_wrap=column == "name")
     for name, card in cards.items():
+        params = card.metrics.get("params")
         table.add_row(
-            name, card.arch, ", ".join(card.class_names), json.dumps(card.scale) if card.scale else "native",
-            _mode_text(card.config), f"{sizes[name] / 1e6:.1f} MB", _metrics_text(card.metrics), card.data,
+            name, card.arch, f"{params / 1e6:.2f}M" if isinstance(params, int) else "",
+            ", ".join(card.class_names), _scale_text(card.scale), _mode_text(card.config),
+            _metrics_text(card.metrics), f"{sizes[name] / 1e6:.1f} MB",
         )  # fmt: skip
     out_console.print(table)
 
@@ -408,8 +411,18 @@ def _mode_text(config: dict[str, Any]) -> str:
 
 
 def _metrics_text(metrics: dict[str, Any]) -> str:
-    flat = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-    return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in list(flat.items())[:3])
+    """The card's validation scores (val_dice, val_iou, ...), short."""
+    scores = {k.removeprefix("val_"): v for k, v in metrics.items()
+              if k.startswith("val_") and isinstance(v, int | float)}  # fmt: skip
+    return ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+
+
+def _scale_text(scale: dict[str, Any] | None) -> str:
+    if not scale:
+        return "native"
+    if "size" in scale:
+        return "x".join(map(str, scale["size"]))
+    return f"{scale['mpp']} um/px" if "mpp" in scale else json.dumps(scale)
 
 
 if __name__ == "__main__":

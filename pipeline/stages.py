@@ -150,7 +150,9 @@ def working_geometry(image: Image, card: ModelCard) -> tuple[int, tuple[int, int
             return 0, full_hw, full_hw
         level, factor = select_level(image, float(scale["mpp"]))
         level_hw = tuple(image.levels[level][:2])
-        return level, full_hw, work_shape_for(level_hw, factor) if abs(factor - 1) > 1e-3 else level_hw
+        # Within 2% of the model's scale the level is used as it is: resampling a whole
+        # level for a difference smaller than scanners' own calibration error buys nothing.
+        return level, full_hw, work_shape_for(level_hw, factor) if abs(factor - 1) > 0.02 else level_hw
     return 0, full_hw, full_hw
 
 

@@ -27,7 +27,7 @@ DARK_MAX = 0.8
 CLOSING_RADIUS = 0.01  # of the short side
 DILATION_RADIUS = 0.01  # of the short side
 MAX_HOLE = 0.02  # of the area: lumens and tears inside tissue are filled
-MAX_SPECK = 0.001  # of the area: dust and debris are dropped
+MAX_SPECK = 0.0001  # of the area: dust is dropped; a needle biopsy's fragments are not
 
 
 def tissue_mask(thumbnail_rgb: np.ndarray) -> np.ndarray:
@@ -91,15 +91,18 @@ def tile_tissue_fraction(
     fractions = {}
     for t in tiles:
         r = t.region
-        rows, wy = _overlap_weights(r.y0 * sy, r.y1 * sy)
-        cols, wx = _overlap_weights(r.x0 * sx, r.x1 * sx)
+        rows, wy = _overlap_weights(r.y0 * sy, r.y1 * sy, mask.shape[0])
+        cols, wx = _overlap_weights(r.x0 * sx, r.x1 * sx, mask.shape[1])
         part = mask[rows, cols].astype(bool)
         fractions[t.index] = float(wy @ part @ wx / (wy.sum() * wx.sum()))
     return fractions
 
 
-def _overlap_weights(a: float, b: float) -> tuple[slice, np.ndarray]:
-    """Mask pixels [i, i+1) overlapping [a, b), and the length each shares with it."""
+def _overlap_weights(a: float, b: float, n: int) -> tuple[slice, np.ndarray]:
+    """Mask pixels [i, i+1) overlapping [a, b), and the length each shares with it.
+    `b` is clamped to the mask's `n` pixels: a border tile's scaled end can exceed it by
+    float rounding."""
+    b = min(b, n)
     first, last = int(np.floor(a)), int(np.ceil(b))
     edges = np.arange(first, last + 1, dtype=np.float64)
     weights = np.minimum(edges[1:], b) - np.maximum(edges[:-1], a)

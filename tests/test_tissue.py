@@ -126,3 +126,11 @@ def test_real_slide_agrees_with_its_algorithmic_mask(real_data):
     iou = (mask & reference).sum() / (mask | reference).sum()
     log.warning("tissue IoU vs the stored histolab mask: %.3f", iou)
     assert iou >= 0.9
+
+
+def test_fractions_tolerate_a_scaled_border_past_the_mask_edge():
+    """A mask whose size is not an exact fraction of the working level (here 989 rows for
+    2961): the last tile's scaled end rounds past the mask and must be clamped."""
+    mask = np.ones((989, 740), bool)
+    fractions = tile_tissue_fraction(mask, plan_tiles((2961, 2216), 1024), (2961, 2216))
+    assert all(f == pytest.approx(1.0) for f in fractions.values())

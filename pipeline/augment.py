@@ -35,7 +35,8 @@ class Augment:
     gamma: float = 0.0  # exponent in [exp(-g), exp(g)]
     opacity: float = 0.0  # X-rays: 0-3 soft bright blobs of height up to o (consolidation, effusion)
     hsv: float = 0.0  # H&E: hue shift in [-h, h] turns, saturation/value scale in [1 - 2h, 1 + 2h]
-    stain: float = 0.0  # H&E: haematoxylin/eosin/DAB scale in [1 - s, 1 + s] (Tellez et al. 2018)
+    stain: float = 0.0  # H&E: H/E/DAB densities scaled in [1 - s, 1 + s] (Tellez et al. 2018),
+    # and up to 2s of the eosin density moved into haematoxylin (pink slides turned purple)
 
     def __post_init__(self) -> None:
         for name in ("rotate_deg", "scale", "aspect", "translate", "brightness", "contrast",
@@ -134,6 +135,7 @@ def colour_jitter(image: np.ndarray, aug: Augment, rng: np.random.Generator) -> 
     if aug.stain:
         hed = color.rgb2hed(out)
         hed = hed * rng.uniform(1 - aug.stain, 1 + aug.stain, size=3)
+        hed[..., 0] += rng.uniform(0, 2 * aug.stain) * hed[..., 1]
         out = np.clip(color.hed2rgb(hed), 0.0, 1.0)
     if aug.hsv:
         hsv = color.rgb2hsv(out)

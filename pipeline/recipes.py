@@ -73,7 +73,7 @@ TCGA_DATA = ("TCGA-CR-7395-01A-01-TS1 (a crop; TCGA open access, via github hist
              "half the pixel size of those on CMU-1-Small-Region at 0.499 um/px (docs/training.md).")
 TCGA_MPP = 1.0
 H_AND_E_AUGMENT = Augment(hflip=True, vflip=True, rot90=True, scale=0.15, brightness=0.05,
-                          contrast=0.1, gamma=0.1, hsv=0.04, stain=0.15)
+                          contrast=0.1, gamma=0.1, hsv=0.12, stain=0.5)
 
 
 def tissue_he(data: Path, out: Path) -> TrainConfig:

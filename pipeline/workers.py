@@ -30,7 +30,6 @@ import logging
 import os
 import pickle
 import shutil
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
@@ -98,24 +97,8 @@ def connect(config: RunConfig) -> None:
     if address is None:
         ray.init()
         return
-    _check_reachable(address)
     log.info("joining the Ray cluster at %s", address)
     ray.init(address=address, runtime_env=cluster_runtime_env())
-
-
-REACH_TIMEOUT_S = 10
-
-
-def _check_reachable(address: str) -> None:
-    """Fail in seconds on a cluster address nothing answers at: ray.init itself keeps
-    retrying for minutes. "auto" (find the local cluster) is left to Ray."""
-    if address == "auto":
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    try:
-        socket.create_connection((host or address, int(port)), timeout=REACH_TIMEOUT_S).close()
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"Ray cluster at {address!r} is not reachable ({exc})") from None
 
 
 def cluster_runtime_env() -> dict[str, Any]:

@@ -7,7 +7,6 @@ import logging
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -258,16 +257,3 @@ def test_a_tile_that_keeps_killing_its_worker_is_failed_not_resubmitted_forever(
 
     assert counts["failed"] == 1 and backend.sent == [(0, 0)] * MAX_LOSSES
     assert "worker lost" in store.failures()[(0, 0)]["error"]
-
-
-def test_an_unreachable_cluster_is_a_config_error_in_seconds():
-    from pipeline.errors import ConfigError
-    from pipeline.workers import _check_reachable
-
-    with socket.socket() as s:  # a port nothing listens on: bind, then close
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.raises(ConfigError, match="not reachable"):
-        _check_reachable(f"ray://127.0.0.1:{port}")
-    with pytest.raises(ConfigError, match="not reachable"):
-        _check_reachable("no-port-here")

@@ -39,7 +39,8 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 SHENZHEN = ("Training: 10 chest X-rays of the NLM Shenzhen set (CHNCXR_0001_0..0010_0, Jaeger et al. "
             "2014, public) downsampled to 512x512, with lung masks from the Kaggle 'Chest X-ray masks "
-            "and labels' set (stated as CC BY-NC-SA 4.0), via github pegasus-isi/lung-instance-segmentation-workflow. "
+            "and labels' set (stated as CC BY-NC-SA 4.0), via github "
+            "pegasus-isi/lung-instance-segmentation-workflow. "
             "Validation: covid-chestxray-dataset image 16747_3_1 with an independent manual lung mask by "
             "V7 Labs (from github mlmed/torchxrayvision, Apache-2.0), never trained on.")
 SHENZHEN_LICENSE = ("Weights derived from data under CC BY-NC-SA 4.0 (lung masks): non-commercial use, "
@@ -120,9 +121,9 @@ def nuclei_he(data: Path, out: Path) -> TrainConfig:
         filters=(8, 16, 32, 64), in_channels=3, classes=1, class_names=("nucleus",),
         mpp=0.5, image_mpp=TCGA_MPP, patch=128, val_tiles=16, foreground_bias=0.8,
         normalization={"kind": "scale", "divisor": 255}, augment=H_AND_E_AUGMENT,
-        epochs=15, steps_per_epoch=20, batch_size=4, lr=3e-3, ema=0.95, threads=1,
+        epochs=40, steps_per_epoch=20, batch_size=4, lr=3e-3, ema=0.95, threads=1,
         tile=1024, halo=32,
-        data=f"PSEUDO-LABELS; FOR DEMONSTRATION. Training: {TCGA_DATA} Labels: haematoxylin from "
+        data=f"Pseudo-labels; for demonstration. Training: {TCGA_DATA} Labels: haematoxylin from "
              "colour deconvolution (scikit-image rgb2hed), one Otsu threshold per slide, cleaned, "
              "touching nuclei split by watershed (pipeline.pseudolabels.nuclei_mask); no manual "
              "annotation. Validated only against those pseudo-labels (in-sample tiles).",

@@ -187,49 +187,85 @@ def fit(config: TrainConfig, worker: Worker) -> Path:
 
 
 def _fit(config: TrainConfig, worker: Worker) -> Path:
-    spec = data_spec(config)
-    sources = build_sources(find_pairs(config.images, config.masks), spec)
-    validation = validation_set(config, sources) if worker.rank == 0 else []
-    torch.manual_seed(config.seed)
-    model = new_model(config).to(worker.device, memory_format=torch.channels_last)
-    patch_fits(spec.sample_hw, model.multiple)
-    net = worker.wrap(TrainingHeads(model))
-    optimizer = make_optimizer(config, model)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True) if config.ema else None
-    state = load_state(config, model, optimizer, ema) if config.resume else new_state()
-    dtype = autocast_dtype(config.precision, worker.device)
-    scaler = torch.amp.GradScaler(worker.device.type, enabled=dtype == torch.float16)
-    transform = _augmenter(config.augment)
+    run = _prepare(config, worker)
+    state = load_state(config, run.model, run.optimizer, run.ema) if config.resume else new_state()
     started = time.perf_counter() - state["seconds"]
     with _progress(config, worker) as bar:
         for epoch in range(state["epoch"], config.epochs):
-            losses = []
-            task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=config.steps_per_epoch,
-                                loss=math.nan, dice=state["best"])
-            model.train()
-            for step in range(config.steps_per_epoch):
-                x, y = sample_batch(sources, config.batch_size, [config.seed, epoch, step, worker.rank], transform)
-                set_learning_rate(optimizer, config, epoch * config.steps_per_epoch + step)
-                losses.append(train_step(net, optimizer, scaler, x, y, worker.device, dtype))
-                if ema is not None:
-                    ema.update_parameters(model)
-                bar.update(task, advance=1, loss=float(np.mean(losses)))
-            record = {"epoch": epoch + 1, "loss": float(np.mean(losses)),
-                      "lr": optimizer.param_groups[0]["lr"]}
+            record = _train_epoch(run, config, worker, epoch, bar, state["best"])
             if worker.rank == 0:
-                scored = ema.module if ema is not None else model
-                record |= evaluate(scored, validation, config.threshold, worker.device, dtype)
-                bar.update(task, dice=record["dice"])
-                state = _advance(state, record, time.perf_counter() - started)
-                if record["dice"] > state["best"]:
-                    state |= {"best": record["dice"], "best_epoch": epoch + 1}
-                    save_best(config, scored, record, state)
-                save_state(config, model, optimizer, ema, state)
-                log.info("%s epoch %d/%d: loss %.4f, val dice %.4f iou %.4f, lr %.2e",
-                         config.name, epoch + 1, config.epochs, record["loss"], record["dice"],
-                         record["iou"], record["lr"])
+                state = _end_epoch(run, config, record, state, time.perf_counter() - started)
             worker.report(record)
     return config.checkpoint_path
+
+
+@dataclass
+class _Run:
+    """What the loop works with, built once per run (and per worker)."""
+
+    model: SegmentationModel
+    net: nn.Module  # the model's heads, DDP-wrapped under Ray
+    optimizer: torch.optim.Optimizer
+    ema: AveragedModel | None
+    scaler: torch.amp.GradScaler
+    dtype: torch.dtype | None
+    device: torch.device
+    sources: list
+    validation: list[Sample]
+    transform: Callable[[np.ndarray, np.ndarray, np.random.Generator], tuple]
+
+
+def _prepare(config: TrainConfig, worker: Worker) -> _Run:
+    """Data sources, validation samples (rank 0), model, optimiser, EMA, autocast."""
+    spec = data_spec(config)
+    sources = build_sources(find_pairs(config.images, config.masks), spec)
+    torch.manual_seed(config.seed)
+    model = new_model(config).to(worker.device, memory_format=torch.channels_last)
+    patch_fits(spec.sample_hw, model.multiple)
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
+           if config.ema else None)
+    dtype = autocast_dtype(config.precision, worker.device)
+    return _Run(
+        model=model, net=worker.wrap(TrainingHeads(model)), optimizer=make_optimizer(config, model),
+        ema=ema, scaler=torch.amp.GradScaler(worker.device.type, enabled=dtype == torch.float16),
+        dtype=dtype, device=worker.device, sources=sources,
+        validation=validation_set(config, sources) if worker.rank == 0 else [],
+        transform=_augmenter(config.augment),
+    )
+
+
+def _train_epoch(run: _Run, config: TrainConfig, worker: Worker, epoch: int, bar: Any,
+                 best: float) -> dict[str, Any]:
+    """steps_per_epoch optimiser steps; returns the epoch's record (mean loss, lr)."""
+    losses: list[float] = []
+    task = bar.add_task(f"epoch {epoch + 1}/{config.epochs}", total=config.steps_per_epoch,
+                        loss=math.nan, dice=best)
+    run.model.train()
+    for step in range(config.steps_per_epoch):
+        seeds = [config.seed, epoch, step, worker.rank]
+        x, y = sample_batch(run.sources, config.batch_size, seeds, run.transform)
+        set_learning_rate(run.optimizer, config, epoch * config.steps_per_epoch + step)
+        losses.append(train_step(run.net, run.optimizer, run.scaler, x, y, run.device, run.dtype))
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
+        bar.update(task, advance=1, loss=float(np.mean(losses)))
+    return {"epoch": epoch + 1, "loss": float(np.mean(losses)),
+            "lr": run.optimizer.param_groups[0]["lr"], "workers": worker.world}
+
+
+def _end_epoch(run: _Run, config: TrainConfig, record: dict[str, Any], state: dict[str, Any],
+               seconds: float) -> dict[str, Any]:
+    """Validate (the EMA weights when kept), save the checkpoint if best, save the state."""
+    scored = run.ema.module if run.ema is not None else run.model
+    record |= evaluate(scored, run.validation, config.threshold, run.device, run.dtype)
+    state = _advance(state, record, seconds)
+    if record["dice"] > state["best"]:
+        state |= {"best": record["dice"], "best_epoch": record["epoch"]}
+        save_best(config, scored, record, state)
+    save_state(config, run.model, run.optimizer, run.ema, state)
+    log.info("%s epoch %d/%d: loss %.4f, val dice %.4f iou %.4f, lr %.2e", config.name,
+             record["epoch"], config.epochs, record["loss"], record["dice"], record["iou"], record["lr"])
+    return state
 
 
 @contextmanager
@@ -290,7 +326,8 @@ def evaluate(model: SegmentationModel, samples: list[Sample], threshold: float,
         probs = (torch.sigmoid(logits) if model.classes == 1 else torch.softmax(logits, 1))[0]
         probs = resize(probs.permute(1, 2, 0).cpu().numpy(), sample.truth.shape)
         labels = (probs[..., 0] > threshold).astype(np.int64) if model.classes == 1 else probs.argmax(-1)
-        counts[sample.source] = counts.get(sample.source, 0) + overlap_counts(labels, sample.truth, model.classes)
+        found = overlap_counts(labels, sample.truth, model.classes)
+        counts[sample.source] = counts.get(sample.source, 0) + found
     model.train(was_training)
     scores = [overlap_scores(c) for c in counts.values()]
     return {"dice": float(np.mean([s[0] for s in scores])), "iou": float(np.mean([s[1] for s in scores]))}

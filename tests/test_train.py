@@ -289,4 +289,5 @@ def test_ray_train_with_two_cpu_workers(pairs_dir, tmp_path):
         ray.shutdown()
     _, card = checkpoint.load(path)
     assert card.metrics["epoch"] >= 1
-    assert read_state(config)["epoch"] == 2
+    history = read_state(config)["history"]
+    assert [(r["epoch"], r["workers"]) for r in history] == [(1, 2), (2, 2)]

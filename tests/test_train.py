@@ -268,7 +268,8 @@ def test_training_on_a_large_image_with_a_mask(slide_pair, tmp_path):
                          name="slide", filters=TINY, in_channels=3, mpp=2.0, image_mpp=1.0, patch=32,
                          normalization={"kind": "scale", "divisor": 255}, epochs=2, steps_per_epoch=2,
                          batch_size=2, val_tiles=4, precision="fp32", foreground_bias=0.5,
-                         augment=Augment(rot90=True, vflip=True, hsv=0.02, stain=0.05), progress=False)
+                         augment=Augment(rot90=True, vflip=True, hsv=0.02, stain=0.05), progress=False,
+                         threads=1)
     _, card = checkpoint.load(train(config))
     assert card.scale == {"mpp": 2.0}
     assert 0.0 <= card.metrics["val_dice"] <= 1.0
@@ -291,3 +292,72 @@ def test_ray_train_with_two_cpu_workers(pairs_dir, tmp_path):
     assert card.metrics["epoch"] >= 1
     history = read_state(config)["history"]
     assert [(r["epoch"], r["workers"]) for r in history] == [(1, 2), (2, 2)]
+
+
+# ------------------------------------------------------------ modes, recipes, labels
+
+
+def test_prune_report_and_default_mode(pairs_dir, tmp_path):
+    from pipeline.train import choose_mode, prune_report, set_default_mode, validation_set
+
+    config = tiny_config(pairs_dir, tmp_path / "run", epochs=2, steps_per_epoch=2, progress=True)
+    path = train(config)
+    table = prune_report(path, validation_set(config), repeats=1)
+    assert [(r["mode"], r["prune_level"]) for r in table] == [("accurate", None), ("fast", 1), ("fast", 2)]
+    assert table[1]["params"] < table[2]["params"] <= table[0]["params"]
+    set_default_mode(path, "fast", 1, table)
+    model, card = checkpoint.load(path)
+    assert (model.mode, model.prune_level) == ("fast", 1)
+    assert card.metrics["prune_levels"] == table
+
+
+def test_choose_mode_takes_the_fastest_within_tolerance():
+    from pipeline.train import choose_mode
+
+    rows = [{"mode": "accurate", "prune_level": None, "dice": 0.90, "ms": 10},
+            {"mode": "fast", "prune_level": 1, "dice": 0.80, "ms": 1},
+            {"mode": "fast", "prune_level": 2, "dice": 0.897, "ms": 5}]
+    assert choose_mode(rows) == ("fast", 2)
+    assert choose_mode(rows, tolerance=0.001) == ("accurate", None)
+
+
+def test_recipes_build_valid_configs(tmp_path):
+    from pipeline.recipes import recipe
+
+    config = recipe("lung-xray", tmp_path / "data", tmp_path / "out")
+    assert config.size == (256, 256) and config.in_channels == 1 and config.name == "lung-xray"
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        recipe("spleen", tmp_path, tmp_path)
+
+
+def test_touching_nuclei_are_split():
+    from scipy import ndimage
+
+    from pipeline.pseudolabels import split_touching
+
+    yy, xx = np.mgrid[:40, :60]
+    two = ((yy - 20) ** 2 + (xx - 20) ** 2 < 100) | ((yy - 20) ** 2 + (xx - 36) ** 2 < 100)
+    assert ndimage.label(two)[1] == 1
+    split = split_touching(two, min_distance=4)
+    assert ndimage.label(split)[1] == 2
+    assert split.sum() > 0.9 * two.sum()
+
+
+def test_nuclei_labels_are_written_tile_by_tile(tmp_path):
+    from pipeline.io import open_image
+    from pipeline.pseudolabels import nuclei_mask, write_nuclei_labels
+
+    rgb = np.full((300, 200, 3), (230, 160, 200), np.uint8)  # pink stroma
+    yy, xx = np.mgrid[:300, :200]
+    centres = [(40, 40), (150, 100), (250, 170), (128, 128)]  # the last straddles tiles
+    for cy, cx in centres:
+        rgb[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = (70, 40, 140)  # haematoxylin-dark
+    tifffile.imwrite(tmp_path / "he.tif", rgb, tile=(64, 64), photometric="rgb")
+    out = write_nuclei_labels(tmp_path / "he.tif", tmp_path / "nuclei.tif", mpp=0.5,
+                              threshold=0.05, tile=64, margin=16)
+    with open_image(out) as mask:
+        assert mask.levels[0][:2] == (300, 200)
+        labels = mask.read_region(0, 0, 0, 300, 200)[..., 0] > 0
+    assert all(labels[cy, cx] for cy, cx in centres)
+    assert not labels[10, 190]
+    assert np.array_equal(labels, nuclei_mask(rgb, 0.05, 0.5))

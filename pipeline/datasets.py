@@ -22,11 +22,10 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.io import Image, open_image, resize, select_level, to_channels
+from pipeline.io import Image, open_image, preview, resize, select_level, to_channels
 from pipeline.io.resample import resize_region
 from pipeline.io.sniff import sniff
 from pipeline.normalization import image_stats, normalize
-from pipeline.stages import _preview
 from pipeline.tiling import work_shape_for
 
 MASK_SEPARATORS = ("_", "-", ".")
@@ -153,7 +152,7 @@ class WholeSource:
         size = tuple(spec.scale["size"])
         with open_image(pair.image) as image, open_image(pair.mask) as mask:
             raw = image.read_region(0, 0, 0, *image.levels[0][:2])
-            stats = image_stats(_preview(image), spec.normalization)
+            stats = image_stats(preview(image), spec.normalization)
             truth = mask_labels(mask.read_region(0, 0, 0, *mask.levels[0][:2]), spec.classes, pair.mask)
         if truth.shape != raw.shape[:2]:
             raise InputError(f"{pair.mask}: mask {truth.shape} does not match image {raw.shape[:2]}")
@@ -185,12 +184,12 @@ class TileSource:
         self.image = open_image(pair.image)
         self.mask = open_image(pair.mask)
         self.level, self.work_hw = _working_level(self.image, spec)
-        self.stats = image_stats(_preview(self.image), spec.normalization)
+        self.stats = image_stats(preview(self.image), spec.normalization)
         if min(self.work_hw) < spec.patch:
             raise ConfigError(f"{pair.image}: working level {self.work_hw} is smaller than "
                               f"the patch {spec.patch}")
         # where foreground is, coarsely: any labelled pixel inside a preview cell counts
-        overview = _preview(self.mask)[..., 0] > 0
+        overview = preview(self.mask)[..., 0] > 0
         self.foreground = np.argwhere(overview)
         self.overview_hw = overview.shape
 

@@ -23,16 +23,15 @@ from PIL import Image as PILImage
 from scipy import ndimage
 from skimage import color, feature, filters, morphology, segmentation
 
-from pipeline.io import open_image
-from pipeline.stages import _preview
+from pipeline.io import open_image, preview
 from pipeline.tissue import tissue_mask
 
 def write_tissue_labels(slide: str | Path, out: str | Path) -> Path:
     """The slide's tissue mask (0/255 PNG) at preview size, by the same classical detector
     the run uses to skip background tiles (pipeline.tissue, with its safety margin)."""
     with open_image(slide) as image:
-        preview = _preview(image)
-    rgb = np.clip(np.rint(preview[..., :3]), 0, 255).astype(np.uint8)
+        overview = preview(image)
+    rgb = np.clip(np.rint(overview[..., :3]), 0, 255).astype(np.uint8)
     PILImage.fromarray(tissue_mask(rgb).astype(np.uint8) * 255).save(out)
     return Path(out)
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import dask.array as da
 import numpy as np
 import zarr
 
@@ -25,7 +23,7 @@ from pipeline.checkpoint import ModelCard
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
 from pipeline.inference import ImageJob
-from pipeline.io import Image, ingest as ingest_level, open_image, select_level
+from pipeline.io import Image, ingest as ingest_level, open_image, preview, select_level
 from pipeline.normalization import image_stats
 from pipeline.store import OutputStore, TileReport, safe_image_id, store_path
 from pipeline.tiling import (
@@ -41,7 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREVIEW_MAX_SIDE = 1024  # thumbnail for tissue detection, normalisation stats and overlays
 DEFAULT_HALO = 64
 
 
@@ -61,17 +58,17 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
             provenance=_provenance(input_path, image, model_path, card, config, level),
         )  # fmt: skip
         work_url = _working_level(image, level, work_hw, path, config.tile)
-        preview = _preview(image)
+        overview = preview(image)
         if "preview" not in _group_keys(path):
-            store.write_preview(_display_uint8(preview))
-            store.write_thumbnail(_display_uint8(preview))
+            store.write_preview(_display_uint8(overview))
+            store.write_thumbnail(_display_uint8(overview))
         multiple = 2 ** (len(card.config["filters"]) - 1)
         halo = config.halo if config.halo is not None else (card.halo or DEFAULT_HALO)
         return ImageJob(
             image_id=image_id, input_path=str(input_path), store_path=path,
             full_hw=full_hw, work_hw=work_hw, tile=config.tile,
             halo=effective_halo(halo, multiple), kind=image.kind,
-            norm_stats=image_stats(preview, card.normalization),
+            norm_stats=image_stats(overview, card.normalization),
             work_url=work_url, source_level=level,
         )  # fmt: skip
 
@@ -87,7 +84,7 @@ def plan(job: ImageJob, config: RunConfig) -> dict[str, int]:
 
     if config.tissue_mask:
         with _open(config.tissue_mask, config) as mask_image:
-            mask = _preview(mask_image)[..., 0] > 0
+            mask = preview(mask_image)[..., 0] > 0
     else:
         mask = tissue.tissue_mask(_rgb(store.preview()))
     tiles = plan_tiles(job.work_hw, job.tile)
@@ -187,20 +184,6 @@ def _working_level(image: Image, level: int, work_hw: tuple[int, int], path: str
         array = ingest_level(image, level, url, work_shape=work_hw, chunk=chunk)
         array.attrs["ingested"] = True
     return url
-
-
-def _preview(image: Image, max_side: int = PREVIEW_MAX_SIDE) -> np.ndarray:
-    """The whole image with its long side <= max_side (float32, (h, w, C)), averaged from
-    the coarsest level still at least that large, chunk by chunk."""
-    candidates = [i for i, s in enumerate(image.levels) if max(s[:2]) >= max_side] or [0]
-    level = candidates[-1]
-    h, w, c = image.levels[level]
-    lazy = image.lazy_level(level)
-    if lazy is None:
-        lazy = da.from_array(image.read_region(level, 0, 0, h, w), chunks=(1024, 1024, c))
-    factor = max(1, math.ceil(max(h, w) / max_side))
-    trimmed = lazy[: h // factor * factor, : w // factor * factor].astype(np.float32)
-    return np.asarray(da.coarsen(np.mean, trimmed, {0: factor, 1: factor}).compute())
 
 
 def _display_uint8(preview: np.ndarray) -> np.ndarray:

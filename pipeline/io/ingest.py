@@ -26,6 +26,7 @@ as is (lossless and compact; DICOM is already float32), float32 when resampled.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import dask.array as da
@@ -130,3 +131,21 @@ def _resampled_band(
         dtype=np.float32,
         meta=np.empty((0, 0, 0), dtype=np.float32),
     )
+
+
+# Thumbnail for tissue detection, normalisation statistics and overlays.
+PREVIEW_MAX_SIDE = 1024
+
+
+def preview(image: Image, max_side: int = PREVIEW_MAX_SIDE) -> np.ndarray:
+    """The whole image (for tissue detection, normalisation statistics and overlays) with its long side <= max_side (float32, (h, w, C)), averaged from
+    the coarsest level still at least that large, chunk by chunk."""
+    candidates = [i for i, s in enumerate(image.levels) if max(s[:2]) >= max_side] or [0]
+    level = candidates[-1]
+    h, w, c = image.levels[level]
+    lazy = image.lazy_level(level)
+    if lazy is None:
+        lazy = da.from_array(image.read_region(level, 0, 0, h, w), chunks=(1024, 1024, c))
+    factor = max(1, math.ceil(max(h, w) / max_side))
+    trimmed = lazy[: h // factor * factor, : w // factor * factor].astype(np.float32)
+    return np.asarray(da.coarsen(np.mean, trimmed, {0: factor, 1: factor}).compute())

@@ -24,12 +24,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from benchmarks.common import REAL_DATA, cache_dir, load, machine, table  # noqa: E402
+from benchmarks.common import REAL_DATA, cache_dir, load, machine, table  # noqa: E402  (first: OpenMP policy)
 from benchmarks.overhead import tile_batches  # noqa: E402
 from benchmarks.vs_monai import QUICK_FILTERS, prepare  # noqa: E402
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 from pipeline import checkpoint  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.errors import SegpipeError  # noqa: E402
@@ -94,7 +94,7 @@ def lung_model_table() -> str:
     card = checkpoint.read_card(LUNG_MODEL)
     truth = np.asarray(Image.open(LUNG_MASK).convert("L")) > 127
     out = cache_dir() / "lung-runs"
-    rows, seconds = [], {}
+    rows, seconds, masks = [], {}, {}
     segment(LUNG_IMAGE, LUNG_MODEL, out / "warm", exports=())  # imports and kernels, untimed
     for mode, level in MODES:
         row = [mode if level is None else f"fast L{level}"]
@@ -109,15 +109,26 @@ def lung_model_table() -> str:
                 row += ["n/a", str(exc).splitlines()[0][:60]]
                 continue
             seconds[(mode, level, precision)] = time.perf_counter() - start
-            mask = np.asarray(OutputStore.open(path).mask[...]) > 0
+            mask = masks[(mode, level, precision)] = np.asarray(OutputStore.open(path).mask[...]) > 0
             row += [f"{dice(mask, truth):.4f}", f"{seconds[(mode, level, precision)]:.2f}"]
         rows.append(row)
     return "\n".join([
         title,
-        f"Model: {card.name or LUNG_MODEL.name}, {card.arch} {card.config.get('filters')}, "
-        f"scale {card.scale}; image {LUNG_IMAGE.name} (seconds: segment() end to end, one run each).\n",
+        f"Model: {card.name or LUNG_MODEL.name}, {card.arch} {card.config.get('filters')}, card's mode "
+        f"{card.config.get('mode')} (prune level {card.config.get('prune_level')}), scale {card.scale}; image "
+        f"{LUNG_IMAGE.name} (seconds: segment() end to end, one run each).\n",
         table(["mode", "Dice fp32", "seconds fp32", "Dice default precision", "seconds default"], rows),
+        "",
+        *agreement(masks),
     ])
+
+
+def agreement(masks: dict[tuple, np.ndarray]) -> list[str]:
+    """Pixel agreement of each mode's fp32 and default-precision masks."""
+    pairs = [(m, lv) for m, lv in MODES if (m, lv, "fp32") in masks and (m, lv, "auto") in masks]
+    return ["Mask agreement, fp32 vs default precision: " + ", ".join(
+        f"{m if lv is None else f'L{lv}'} {100 * np.mean(masks[(m, lv, 'fp32')] == masks[(m, lv, 'auto')]):.3f}%"
+        for m, lv in pairs)] if pairs else []
 
 
 def main() -> None:

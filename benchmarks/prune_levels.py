@@ -9,9 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.models import build_model
+from benchmarks.common import machine, table  # noqa: E402  (first: OpenMP policy)
+
+import torch  # noqa: E402
+
+from pipeline.models import build_model  # noqa: E402
 
 
 def time_forward(model: torch.nn.Module, x: torch.Tensor, repeats: int, bf16: bool = False) -> float:
@@ -34,9 +38,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.size, args.repeats = 128, 1
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.common import machine, table
-
     torch.manual_seed(0)
     model = build_model("unetpp", in_channels=3, classes=1, deep_supervision=True).eval()
     model = model.to(memory_format=torch.channels_last)

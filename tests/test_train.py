@@ -279,15 +279,11 @@ def test_training_on_a_large_image_with_a_mask(slide_pair, tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_train_with_two_cpu_workers(pairs_dir, tmp_path):
+def test_ray_train_with_two_cpu_workers(ray_cluster, pairs_dir, tmp_path):
+    """On the session's Ray (never shut down here: later tests join it by its address)."""
     pytest.importorskip("ray.train.torch")
-    import ray
-
     config = tiny_config(pairs_dir, tmp_path / "ray", epochs=2, steps_per_epoch=2, workers=2)
-    try:
-        path = train(config)
-    finally:
-        ray.shutdown()
+    path = train(config)
     _, card = checkpoint.load(path)
     assert card.metrics["epoch"] >= 1
     history = read_state(config)["history"]

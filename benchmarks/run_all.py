@@ -46,18 +46,18 @@ def run(name: str, argv: list[str]) -> tuple[str, float, bool]:
     if not script.exists():
         return f"## {name}\n\nNot measured: benchmarks/{argv[0]} is not in this tree.\n", 0.0, True
     start = time.perf_counter()
+    # stderr (progress, errors) goes straight to the terminal; stdout is the report.
     proc = subprocess.Popen([sys.executable, str(script), *argv[1:]], cwd=HERE.parent, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE)
     lines = []
     for line in proc.stdout:  # type: ignore[union-attr]
         sys.stdout.write(line)
         sys.stdout.flush()
         lines.append(line)
-    stderr = proc.stderr.read()  # type: ignore[union-attr]
     ok = proc.wait() == 0
     output = "".join(lines)
     if not ok:
-        failure = f"\n**{name} failed** (exit {proc.returncode}):\n```\n{stderr.strip()[-2000:]}\n```\n"
+        failure = f"\n**{name} failed** (exit {proc.returncode}; its error is on stderr, above)\n"
         sys.stdout.write(failure)
         output += failure
     if name == "dispatch" and ok:

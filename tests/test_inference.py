@@ -3,6 +3,11 @@ tissue skipping, precision. Tiny models with fixed random weights and randomised
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import tifffile
@@ -10,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
 
-from pipeline import checkpoint
+from pipeline import checkpoint, hostmem
 from pipeline.checkpoint import ModelCard
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
@@ -242,6 +247,42 @@ def test_flip_tta_averages_flipped_predictions():
     flipped_w = Predictor(model, RunConfig(precision="fp32"))(x[:, :, ::-1].copy())[:, :, ::-1]
     flipped_h = Predictor(model, RunConfig(precision="fp32"))(x[:, ::-1].copy())[:, ::-1]
     np.testing.assert_allclose(tta, (plain + flipped_w + flipped_h) / 3, atol=1e-6)
+
+
+# In a fresh interpreter: is a 100 MB tensor, allocated and freed in a thread started
+# after the setting (as a tile thread is), carved from the reusable heap or a fresh mmap?
+HEAP_PROBE = textwrap.dedent("""
+    import os, sys, threading, torch
+    from pipeline import hostmem
+    applied = hostmem.keep_freed_buffers() if sys.argv[1] == "on" else False
+    found = []
+    def probe():
+        t = torch.ones(100 << 20, dtype=torch.uint8)
+        heap = [line.split()[0] for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
+        lo, hi = (int(v, 16) for v in heap[0].split("-")) if heap else (0, 0)
+        found.append(lo <= t.data_ptr() < hi)
+    thread = threading.Thread(target=probe)
+    thread.start()
+    thread.join()
+    print(applied, found[0])
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
+def test_cpu_inference_keeps_large_freed_buffers_on_the_heap(monkeypatch):
+    def probe(mode: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True,
+                             env=env, check=True)
+        return out.stdout.split()
+
+    assert probe("off") == ["False", "False"]  # glibc's default: a mmap, unmapped on free
+    assert probe("on") == ["True", "True"]
+    # Ray tile workers get the same settings at process start; a user's own are kept.
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert hostmem.worker_env() == {"GLIBC_TUNABLES": hostmem.TUNABLES}
+    monkeypatch.setenv("GLIBC_TUNABLES", "")
+    assert hostmem.worker_env() == {}
 
 
 def test_corrupt_input_is_one_clear_error(tmp_path):

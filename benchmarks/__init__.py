@@ -1,11 +1,7 @@
 """Benchmark scripts (not tests): `make bench` runs them all through run_all.py.
 
-OpenMP threads wait passively here (OMP_WAIT_POLICY=PASSIVE unless set), on every side of
-every comparison: with the default spinning, on a shared 2-core machine, a model called
-from the main thread ran up to 2x slower than from a worker thread, and repeated timings
-swung 4x. Set before torch loads OpenMP, so scripts import this package first.
+segpipe's side of every comparison runs in the environment segpipe's tile workers start
+with (pipeline.process_env.worker_env: glibc allocator settings, passive OpenMP waits;
+`common.in_worker_env`), as a default run's model does; MONAI's side runs in the
+environment the benchmark was started in, as MONAI users run it.
 """
-
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 import torch
 
-from pipeline import checkpoint
+from pipeline import checkpoint, process_env
 from pipeline.checkpoint import ModelCard
 from pipeline.models import build_model
 
@@ -121,8 +121,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads, "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}), load average {load()}")
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"load average {load()}")
 
 
 def load() -> str:
@@ -130,10 +130,19 @@ def load() -> str:
     return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
-def run_one(script: str | Path, args: Sequence[str]) -> dict[str, Any]:
-    """Run `script args` in a fresh Python (its own peak RSS) and return the JSON object it
-    prints last."""
-    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=ROOT)
+def in_worker_env() -> None:
+    """Run this script again, from the start, in the environment segpipe's tile workers
+    start with, unless it already is: those settings count only from a process's start."""
+    missing = process_env.worker_env()
+    if missing:
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **missing})
+
+
+def run_one(script: str | Path, args: Sequence[str], worker_env: bool = False) -> dict[str, Any]:
+    """Run `script args` in a fresh Python (its own peak RSS), in segpipe's worker
+    environment or in this one, and return the JSON object it prints last."""
+    env = {**os.environ, **(process_env.worker_env() if worker_env else {})}
+    out = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, cwd=ROOT, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{script} {' '.join(args)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

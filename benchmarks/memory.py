@@ -56,7 +56,7 @@ def main() -> None:
     sizes = [1024, 4096] if args.quick else args.sizes
     print(f"## Memory: peak RSS of segment() on synthetic slides (tiny U-Net, tile 1024, tissue skipping "
           f"off, one fresh process per size)\n\nMachine: {machine()}\n")
-    rows = [run_one(__file__, ["--one", str(size)]) for size in sizes]
+    rows = [run_one(__file__, ["--one", str(size)], worker_env=True) for size in sizes]
     base = rows[0]["peak_rss_mb"]
     print(table(["size", "Mpx", "seconds", "peak RSS MB", "vs smallest", "MONAI would hold (GB)"], [
         [f"{r['size']}²", f"{r['size'] ** 2 / 1e6:.0f}", f"{r['seconds']:.1f}", f"{r['peak_rss_mb']:.0f}",

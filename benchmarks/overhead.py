@@ -23,11 +23,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cache_dir, goal, load, machine, table  # noqa: E402  (first: OpenMP policy)
+from benchmarks.common import cache_dir, goal, in_worker_env, load, machine, table  # noqa: E402
 from benchmarks.vs_monai import QUICK_FILTERS, prepare  # noqa: E402
 
 import torch  # noqa: E402
-from pipeline import checkpoint, hostmem, stages  # noqa: E402
+from pipeline import checkpoint, stages  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.local import segment  # noqa: E402
 from pipeline.predictor import autocast_dtype  # noqa: E402
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--quick", action="store_true", help="512² image, small UNet++")
     args = parser.parse_args()
-    hostmem.keep_freed_buffers()  # as segment() does, for both sides, before any thread starts
+    in_worker_env()  # both sides: the environment of segpipe's tile workers
     if args.quick:
         args.size, args.tile = 512, 256
     setup, source = prepare(args.size, args.tile, 256, QUICK_FILTERS if args.quick else None)

@@ -24,13 +24,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import REAL_DATA, cache_dir, load, machine, table  # noqa: E402  (first: OpenMP policy)
+from benchmarks.common import REAL_DATA, cache_dir, in_worker_env, load, machine, table  # noqa: E402
 from benchmarks.overhead import tile_batches  # noqa: E402
 from benchmarks.vs_monai import QUICK_FILTERS, prepare  # noqa: E402
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from pipeline import checkpoint, hostmem  # noqa: E402
+from pipeline import checkpoint  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.errors import SegpipeError  # noqa: E402
 from pipeline.local import segment  # noqa: E402
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="small UNet++ on a 512² image, one round")
     args = parser.parse_args()
-    hostmem.keep_freed_buffers()  # the allocator settings a default run uses on CPU
+    in_worker_env()
     if args.quick:
         args.size, args.tile, args.rounds = 512, 256, 1
     print(f"## Precision and pruning\n\nMachine: {machine()}\n")

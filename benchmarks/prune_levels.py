@@ -11,11 +11,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine, table  # noqa: E402  (first: OpenMP policy)
+from benchmarks.common import in_worker_env, machine, table  # noqa: E402
 
 import torch  # noqa: E402
 
-from pipeline import hostmem  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 
 
@@ -37,7 +36,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="128² input, one repeat")
     args = parser.parse_args()
-    hostmem.keep_freed_buffers()  # the allocator settings a default run uses on CPU
+    in_worker_env()
     if args.quick:
         args.size, args.repeats = 128, 1
     torch.manual_seed(0)

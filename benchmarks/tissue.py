@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cache_dir, load, machine, synthetic_slide, table  # noqa: E402
+from benchmarks.common import cache_dir, in_worker_env, load, machine, synthetic_slide, table  # noqa: E402
 from benchmarks.vs_monai import QUICK_FILTERS, prepare  # noqa: E402
 from pipeline.local import segment  # noqa: E402
 from pipeline.store import OutputStore  # noqa: E402
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="small UNet++, 1024² synthetic slide only, tile 256")
     args = parser.parse_args()
+    in_worker_env()
     if args.quick:
         args.synthetic_size, args.tile = 1024, 256
     if importlib.util.find_spec("pipeline.tissue") is None:

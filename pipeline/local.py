@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline import checkpoint, hostmem, stages
+from pipeline import checkpoint, process_env, stages
 from pipeline.config import RunConfig
 
 log = logging.getLogger(__name__)
@@ -16,7 +16,7 @@ def segment(input: str | Path, model: str | Path, out: str | Path, **config: Any
     """Segment one image with a checkpoint path or shipped model name; returns the output
     store's path. Config names are RunConfig's (tile, halo, blend, mode, prune_level,
     precision, tissue, ...)."""
-    hostmem.keep_freed_buffers()  # first: before this run starts any thread
+    process_env.keep_freed_buffers()  # first: before this run starts any thread
     run = RunConfig().with_(**config)
     model_path = str(checkpoint.resolve(model))
     job = stages.ingest(str(input), model_path, run, str(out))

@@ -13,7 +13,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from pipeline import hostmem
+from pipeline import process_env
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
 from pipeline.models import SegmentationModel
@@ -59,7 +59,7 @@ class Predictor:
         self.tta = config.tta
         self.batch_size = config.batch_size
         if self.device.type == "cpu":
-            hostmem.keep_freed_buffers()
+            process_env.keep_freed_buffers()
         model = model.eval().to(self.device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)

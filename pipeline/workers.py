@@ -44,7 +44,7 @@ import ray.exceptions as rx
 import torch
 
 import pipeline
-from pipeline import hostmem, stages
+from pipeline import process_env, stages
 from pipeline.config import RunConfig
 from pipeline.errors import CheckpointError, ConfigError, SegpipeError
 from pipeline.inference import ImageJob, TileRunner
@@ -235,7 +235,7 @@ class RayBackend:
         log.info("starting %d tile workers (%s CPU, %s GPU, %s threads each)",
                  shape.count, shape.num_cpus, shape.num_gpus, shape.threads)  # fmt: skip
         options = RemoteTileWorker.options(num_cpus=shape.num_cpus, num_gpus=shape.num_gpus,
-                                           runtime_env={"env_vars": hostmem.worker_env()})
+                                           runtime_env={"env_vars": process_env.worker_env()})
         return cls([options.remote(model_path, config, shape.threads, runner) for _ in range(shape.count)])
 
     @property

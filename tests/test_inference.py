@@ -252,7 +252,7 @@ def test_flip_tta_averages_flipped_predictions():
 # In a fresh interpreter: is a 100 MB tensor, allocated and freed in a thread started
 # after the setting (as a tile thread is), carved from the reusable heap or a fresh mmap?
 HEAP_PROBE = textwrap.dedent("""
-    import os, sys, threading, torch
+    import sys, threading, torch
     from pipeline import process_env
     applied = process_env.keep_freed_buffers() if sys.argv[1] == "on" else False
     found = []
@@ -270,7 +270,7 @@ HEAP_PROBE = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator settings")
 def test_cpu_inference_keeps_large_freed_buffers_on_the_heap(monkeypatch):
-    def probe(mode: str) -> str:
+    def probe(mode: str) -> list[str]:
         env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
         out = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True,
                              env=env, check=True)

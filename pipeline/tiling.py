@@ -190,13 +190,14 @@ def crop_windows(
 ) -> list[Window]:
     """The windows that compute `tile` exactly as whole-image inference would.
 
-    The model pads bottom/right to `multiple` itself. Per axis: every input starts on the
-    `multiple` grid and reaches at least `halo` (rounded up) beyond its keep, clipped to the
-    image. When the image is longer than the nominal input (tile + 2*halo), a window near
-    the end is shifted inward to the nominal length; every input is at most nominal, so all
-    windows pad to one shape. A nominal input longer than `max_window` splits the tile
-    into sub-keeps that partition it; an image shorter than the nominal input gets one
-    input covering that whole axis.
+    Per axis: every input is its keep grown by the halo (rounded up to the grid), starting
+    on the `multiple` grid and clipped to the image, and no larger: a border tile reads
+    only what it needs, not a window shifted inward to the interior tiles' size (at 2048²
+    with tile 1024 and halo 64 that is 11% fewer pixels; for an image barely larger than
+    one tile, 3x fewer). The model pads bottom/right to `multiple` itself; an input that
+    ends at the image edge has the image's length modulo `multiple`, so it is padded with
+    the same rows as the whole image. An input longer than `max_window` splits the tile
+    into sub-keeps that partition it.
     """
     if multiple < 1:
         raise ConfigError(f"multiple must be >= 1, got {multiple=}")
@@ -225,19 +226,19 @@ def _axis_windows(
         cuts = range(_align_down(a, multiple) + span, b, span)
         edges = [a, *cuts, b]
         parts = list(zip(edges[:-1], edges[1:], strict=True))
-    nominal = span + 2 * halo
-    out = []
-    for ka, kb in parts:
-        if length <= nominal:
-            start, end = 0, length
-        else:
-            own = max(0, _align_down(ka - halo, multiple))
-            start = min(own, _align_up(length - nominal, multiple))
-            end = min(length, start + nominal)
-        if start > max(0, ka - halo) or end < min(length, kb + halo):
-            raise SegpipeError(f"keep [{ka}, {kb}) lost its halo {halo} in input [{start}, {end})")
-        out.append((ka, kb, start, end))
-    return out
+    return [(ka, kb, *_input_span(ka, kb, length, halo, multiple)) for ka, kb in parts]
+
+
+def _input_span(ka: int, kb: int, length: int, halo: int, multiple: int) -> tuple[int, int]:
+    """Input [start, end) for keep [ka, kb): grown by the halo, on the grid, clipped."""
+    start = max(0, _align_down(ka - halo, multiple))
+    end = min(length, _align_up(kb + halo, multiple))
+    # Only with halo 0 can an input at the image edge be narrower than the model's padding
+    # there; reflect padding needs more rows than it adds (else pad_to_multiple replicates,
+    # unlike the whole image), so such a sliver reads one grid step further back.
+    if end - start < multiple:
+        start = max(0, start - multiple)
+    return start, end
 
 
 def _split_span(span: int, halo: int, multiple: int, max_window: int) -> int:

@@ -161,30 +161,41 @@ def test_crop_windows_geometry(shape, tile, halo, multiple, max_window):
             assert w.input.y0 <= max(0, w.keep.y0 - h) and w.input.x0 <= max(0, w.keep.x0 - h)
             assert w.input.y1 >= min(shape[0], w.keep.y1 + h)
             assert w.input.x1 >= min(shape[1], w.keep.x1 + h)
+            # and no more than the halo, up to the grid step the alignment adds
+            assert w.input.y0 > w.keep.y0 - h - multiple and w.input.x0 > w.keep.x0 - h - multiple
+            assert w.input.y1 < w.keep.y1 + h + multiple and w.input.x1 < w.keep.x1 + h + multiple
             assert max(w.input.shape) <= max_window
 
 
-def test_border_windows_shift_inward_to_one_padded_shape():
+def test_border_windows_read_only_their_halo_inside_the_image():
     shape, tile, halo, multiple = (300, 270), 64, 16, 16
-    nominal = tile + 2 * halo
-    shapes = set()
-    for t in plan_tiles(shape, tile):
-        (w,) = crop_windows(t, shape, halo, multiple, max_window=512)
-        shapes.add(tuple(-(-s // multiple) * multiple for s in w.input.shape))
-        assert max(w.input.shape) <= nominal
-    assert shapes == {(nominal, nominal)}
-    # the bottom-right tile owns only 300-256 rows, yet reads a nominal-sized input
-    last = plan_tiles(shape, tile)[-1]
-    (w,) = crop_windows(last, shape, halo, multiple, max_window=512)
-    assert (w.input.y1, w.input.x1) == shape
-    assert w.input.y0 == 208 and w.input.h == 92  # aligned start 300-96 rounded up to 16
+    tiles = {t.index: t for t in plan_tiles(shape, tile)}
+    inputs = {i: crop_windows(t, shape, halo, multiple, max_window=512)[0].input for i, t in tiles.items()}
+    assert inputs[(2, 2)] == Box(112, 112, 208, 208)  # interior: tile + 2 halo
+    assert inputs[(0, 0)] == Box(0, 0, 80, 80)  # nothing read beyond the top-left edge
+    # the bottom-right tile owns rows 256..300 and columns 256..270: it reads one halo
+    # before them, not a window the interior tiles' size
+    assert inputs[(4, 4)] == Box(240, 240, 300, 270)
 
 
-def test_small_image_gets_one_window_covering_it():
-    shape = (40, 30)
-    for t in plan_tiles(shape, 16):
-        windows = crop_windows(t, shape, halo=16, multiple=16, max_window=256)
-        assert [w.input for w in windows] == [Box(0, 0, 40, 30)]
+def test_image_barely_larger_than_a_tile_reads_each_pixel_about_once():
+    shape = (1100, 1100)
+    read = sum(w.input.h * w.input.w for t in plan_tiles(shape, 1024)
+               for w in crop_windows(t, shape, halo=64, multiple=16, max_window=2048))
+    assert read < 1.3 * shape[0] * shape[1]  # 4 tiles each reading the whole image: 4x
+
+
+def test_image_smaller_than_a_tile_is_one_window_covering_it():
+    (t,) = plan_tiles((40, 30), 64)
+    windows = crop_windows(t, (40, 30), halo=16, multiple=16, max_window=256)
+    assert [w.input for w in windows] == [Box(0, 0, 40, 30)]
+
+
+def test_zero_halo_sliver_at_the_edge_reads_a_grid_step_more():
+    # a 6-pixel last tile would pad 10 rows: more than reflect can take from 6
+    (_, last) = plan_tiles((16, 1030), 1024)
+    (w,) = crop_windows(last, (16, 1030), halo=0, multiple=16, max_window=2048)
+    assert w.input == Box(0, 1008, 16, 1030)
 
 
 def test_max_window_splits_into_equal_aligned_subkeeps():

@@ -20,7 +20,7 @@ import torch
 
 from pipeline import checkpoint, process_env
 from pipeline.checkpoint import ModelCard
-from pipeline.models import build_model
+from pipeline.models import build_model, fold_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("SEGPIPE_REAL_DATA", ROOT.parent / "shared/data/real"))
@@ -63,6 +63,11 @@ def synthetic_slide(path: Path, size: int, tile: int = 512, tissue_every: int = 
     tifffile.imwrite(path, tiles(), shape=(size, size, 3), dtype=np.uint8, tile=(tile, tile),
                      photometric="rgb", compression="zlib", bigtiff=True)
     return path
+
+
+def as_segpipe_runs(model: torch.nn.Module) -> torch.nn.Module:
+    """The model as segpipe's predictor runs it on CPU: BatchNorm folded, channels_last."""
+    return fold_batchnorm(model).to(memory_format=torch.channels_last)
 
 
 def cache_dir() -> Path:

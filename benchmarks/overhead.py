@@ -1,7 +1,8 @@
 """segpipe's overhead over the bare model: `segment()` end to end (read the image, normalise,
 infer, stitch, write zarr, build the pyramid) against the model's forward alone over exactly
 the same windows (tiling.crop_windows of every tile, batched per tile as segpipe batches
-them), with the same precision and memory format, on tensors already in memory.
+them), with the same precision, memory format and folded BatchNorm, on tensors already in
+memory.
 
 The model's kernels are warmed up on one window, then the two are timed alternately; the best
 of the rounds counts. With --stages a last run calls the stages one by one, as segment()
@@ -23,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cache_dir, goal, in_worker_env, load, machine, table  # noqa: E402
+from benchmarks.common import as_segpipe_runs, cache_dir, goal, in_worker_env, load, machine, table  # noqa: E402
 from benchmarks.vs_monai import QUICK_FILTERS, prepare  # noqa: E402
 
 import torch  # noqa: E402
@@ -100,7 +101,7 @@ def main() -> None:
 
     pixels = np.asarray(Image.open(setup.image).convert("RGB"))
     model, _ = checkpoint.load(setup.model)
-    model = model.eval().to(memory_format=torch.channels_last)
+    model = as_segpipe_runs(model)
     dtype = autocast_dtype(run.precision, torch.device("cpu"))
     batches = tile_batches(pixels, run, model.multiple)
     out = cache_dir() / "overhead-run"

@@ -24,7 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import REAL_DATA, cache_dir, in_worker_env, load, machine, table  # noqa: E402
+from benchmarks.common import REAL_DATA, as_segpipe_runs, cache_dir, in_worker_env, load, machine, table  # noqa: E402
 from benchmarks.overhead import tile_batches  # noqa: E402
 from benchmarks.vs_monai import QUICK_FILTERS, prepare  # noqa: E402
 
@@ -54,7 +54,7 @@ def fp32_vs_bf16(size: int, tile: int, rounds: int, filters: tuple[int, ...] | N
     setup, source = prepare(size, tile, 256, filters)
     pixels = np.asarray(Image.open(setup.image).convert("RGB"))
     model, _ = checkpoint.load(setup.model)
-    model = model.to(memory_format=torch.channels_last)
+    model = as_segpipe_runs(model)
     x = tile_batches(pixels, RunConfig().with_(tile=tile), model.multiple)[0]
     forward(model, x, bf16=True)  # oneDNN builds its bf16 kernels on the first call
     times: dict[bool, list[float]] = {False: [], True: []}

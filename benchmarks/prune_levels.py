@@ -1,6 +1,8 @@
 """UNet++ pruning trade-off: forward time of prune levels L1..L4 relative to L4 (same
-process, same weights, same input), at fp32 and bf16 autocast, channels_last as segpipe runs
-it. Usage: python benchmarks/prune_levels.py [--size 512] [--repeats 3] [--quick]"""
+process, same weights, same input), at fp32 and bf16 autocast, with BatchNorm folded and
+channels_last as segpipe runs it.
+
+Usage: python benchmarks/prune_levels.py [--size 512] [--repeats 3] [--quick]"""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import in_worker_env, machine, table  # noqa: E402
+from benchmarks.common import as_segpipe_runs, in_worker_env, machine, table  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -40,8 +42,7 @@ def main() -> None:
     if args.quick:
         args.size, args.repeats = 128, 1
     torch.manual_seed(0)
-    model = build_model("unetpp", in_channels=3, classes=1, deep_supervision=True).eval()
-    model = model.to(memory_format=torch.channels_last)
+    model = as_segpipe_runs(build_model("unetpp", in_channels=3, classes=1, deep_supervision=True))
     x = torch.randn(1, 3, args.size, args.size).to(memory_format=torch.channels_last)
     rows = {}
     for level in (1, 2, 3, 4):

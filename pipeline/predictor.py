@@ -16,7 +16,7 @@ import torch
 from pipeline import process_env
 from pipeline.config import RunConfig
 from pipeline.errors import ConfigError
-from pipeline.models import SegmentationModel
+from pipeline.models import SegmentationModel, fold_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 class Predictor:
-    """Wraps a model for inference: device, autocast, channels_last, optional compile and
-    flip test-time augmentation. Call with (N, H, W, C) float32 windows of one shape."""
+    """Wraps a copy of a model for inference: BatchNorm folded into the convs, device,
+    autocast, channels_last, optional compile and flip test-time augmentation. Call with
+    (N, H, W, C) float32 windows of one shape."""
 
     def __init__(self, model: SegmentationModel, config: RunConfig, device: torch.device | None = None):
         self.device = device or choose_device()
@@ -60,7 +61,7 @@ class Predictor:
         self.batch_size = config.batch_size
         if self.device.type == "cpu":
             process_env.keep_freed_buffers()
-        model = model.eval().to(self.device)
+        model = fold_batchnorm(model).to(self.device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = torch.compile(model) if config.compile else model

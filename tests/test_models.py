@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.errors import ConfigError
-from pipeline.models import build_model
+from pipeline.models import build_model, fold_batchnorm
 from tests.reference_nets import randomise_bn
 
 TINY = [4, 8, 16, 32, 64]
@@ -121,3 +121,21 @@ def test_translation_equivariance_of_upsampling(arch):
         a = model(x[..., :80, :80])
         b = model(x[..., 16:96, 16:96])
     torch.testing.assert_close(a[..., 40:56, 40:56], b[..., 24:40, 24:40], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("arch", "config"), [("unet", {}), ("unet", {"bilinear": True}),
+                                              ("unetpp", {"deep_supervision": True, "mode": "accurate"})])
+def test_folded_batchnorm_gives_the_same_outputs_and_leaves_the_model_alone(arch, config):
+    torch.manual_seed(0)
+    model = randomise_bn(build_model(arch, in_channels=3, classes=2, filters=TINY, **config)).eval()
+    folded = fold_batchnorm(model)
+    x = torch.randn(2, 3, 45, 70)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) > 0
+    if arch == "unetpp":  # a folded UNet++ still switches modes
+        folded.set_mode("fast", prune_level=2)
+        model.set_mode("fast", prune_level=2)
+        with torch.no_grad():
+            torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-5)

@@ -7,6 +7,7 @@ from typing import Any
 
 from pipeline.errors import ConfigError
 from pipeline.models.base import SegmentationModel
+from pipeline.models.folding import fold_batchnorm
 from pipeline.models.unet import UNet
 from pipeline.models.unetpp import UNetPlusPlus
 
@@ -27,4 +28,4 @@ def build_model(arch: str, **config: Any) -> SegmentationModel:
     return cls(**config)
 
 
-__all__ = ["REGISTRY", "SegmentationModel", "UNet", "UNetPlusPlus", "build_model"]
+__all__ = ["REGISTRY", "SegmentationModel", "UNet", "UNetPlusPlus", "build_model", "fold_batchnorm"]

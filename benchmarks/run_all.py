@@ -32,6 +32,7 @@ def parts(args: argparse.Namespace) -> dict[str, list[str]]:
     return {
         "vs_monai": ["vs_monai.py", *quick, *size],
         "overhead": ["overhead.py", *quick, *size],
+        "exactness": ["exactness.py", *quick],
         "memory": ["memory.py", *quick, *([] if args.quick else ["--sizes", *map(str, args.slide_sizes)])],
         "tissue": ["tissue.py", *quick],
         "dispatch": ["dispatch.py", "--tiles", str(500 if args.quick else args.tiles)],

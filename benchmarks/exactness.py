@@ -1,0 +1,98 @@
+"""Exact tiling: max |Δprob| of `segment()` (crop blend) against whole-image inference of the
+same model, by halo, and the pixels the tiles' windows compute per image pixel.
+
+Tiny depth-4 U-Net and UNet++ with fixed random weights and randomised BatchNorm (so BN is
+not the identity), fp32, tile 256, probabilities stored as float32, on the centre of the
+real TCGA H&E slide (a synthetic image when it is absent). Halo 0 shows the seams plain
+tiling leaves; the align_corners=True row shows why the models upsample with
+align_corners=False (it is not translation-equivariant, so no halo makes it exact).
+
+Usage: python benchmarks/exactness.py [--shape 1000 1300] [--tile 256] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import bench_image, cache_dir, in_worker_env, machine, table  # noqa: E402
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from pipeline import checkpoint  # noqa: E402
+from pipeline.checkpoint import ModelCard  # noqa: E402
+from pipeline.local import segment  # noqa: E402
+from pipeline.models import build_model  # noqa: E402
+from pipeline.store import OutputStore  # noqa: E402
+from pipeline.tiling import crop_windows, effective_halo, plan_tiles  # noqa: E402
+from tests.reference_nets import randomise_bn  # noqa: E402  (the tests' BN randomiser, shared)
+
+FILTERS = [4, 8, 16, 32, 64]
+HALOS = (0, 16, 32, 64, 128)
+MODELS = {
+    "U-Net": ("unet", {}),
+    "UNet++": ("unetpp", {}),
+    "U-Net, align_corners=True (reference weights)": ("unet", {"bilinear": True, "align_corners": True}),
+}
+
+
+def max_delta(arch: str, config: dict, halo: int, png: Path, tile: int, workdir: Path) -> float:
+    """Largest |tiled - whole image| probability over the image, fp32."""
+    torch.manual_seed(0)
+    model = randomise_bn(build_model(arch, in_channels=3, classes=1, filters=FILTERS, **config))
+    model_path = workdir / "model.safetensors"
+    checkpoint.save(model, ModelCard(arch="", config={}, name="exactness"), model_path)
+    pixels = np.asarray(Image.open(png).convert("RGB"))
+    x = torch.from_numpy(pixels.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        whole = torch.sigmoid(model(x))[0, 0].numpy()
+    out = workdir / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    path = segment(png, model_path, out, tile=tile, halo=halo, precision="fp32", prob_dtype="float32",
+                   exports=())
+    return float(np.abs(OutputStore.open(path).read_prob()[..., 0] - whole).max())
+
+
+def window_pixels(shape: tuple[int, int], tile: int, halo: int, multiple: int = 16) -> float:
+    """Pixels the crop windows of every tile compute, per image pixel."""
+    h = effective_halo(halo, multiple)
+    total = sum(w.input.h * w.input.w for t in plan_tiles(shape, tile)
+                for w in crop_windows(t, shape, h, multiple, max_window=2048))
+    return total / (shape[0] * shape[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", type=int, nargs=2, default=(1000, 1300))
+    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--quick", action="store_true", help="400x520 image, tile 128")
+    args = parser.parse_args()
+    in_worker_env()
+    if args.quick:
+        args.shape, args.tile = (400, 520), 128
+    shape = tuple(args.shape)
+    pixels, source = bench_image(max(shape))
+    workdir = cache_dir() / "exactness"
+    workdir.mkdir(exist_ok=True)
+    png = workdir / f"image-{shape[0]}x{shape[1]}.png"
+    Image.fromarray(pixels[: shape[0], : shape[1]]).save(png)
+    print(f"## Exact tiling: max abs Δprob against whole-image inference, {source} cut to "
+          f"{shape[0]}x{shape[1]}, tile {args.tile}, fp32\n\nMachine: {machine()}\n")
+    rows = [[name, *(f"{max_delta(arch, config, halo, png, args.tile, workdir):.1e}" for halo in HALOS)]
+            for name, (arch, config) in MODELS.items()]
+    rows.append(["window pixels per image pixel",
+                 *(f"{window_pixels(shape, args.tile, halo):.2f}" for halo in HALOS)])
+    print(table(["halo", *map(str, HALOS)], rows))
+    print("\nTiny depth-4 models (filters 4..64), seed 0, randomised BatchNorm; the last row counts the "
+          "pixels every tile's windows compute (the halo's cost).")
+
+
+if __name__ == "__main__":
+    main()

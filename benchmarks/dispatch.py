@@ -3,7 +3,7 @@ tiles cost nothing (no-op runner: no read, no model, no write), beside Ray's own
 rate; then one image with a tiny U-Net on 1 vs 2 CPU actors. Every figure is measured in
 this process, on a local Ray of --cpus CPUs.
 
-Usage: python benchmarks/dispatch.py [--tiles 5000] [--cpus 2]
+Usage: python benchmarks/dispatch.py [--tiles 5000] [--cpus 2] [--quick]
 """
 
 from __future__ import annotations
@@ -123,26 +123,31 @@ def main() -> None:
     )
     parser.add_argument("--tiles", type=int, default=5000)
     parser.add_argument("--cpus", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="500 no-op tiles, no tiny-model image")
     args = parser.parse_args()
+    if args.quick:
+        args.tiles = 500
     ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
     with tempfile.TemporaryDirectory(prefix="segpipe-dispatch-") as tmp:
         root = Path(tmp)
         raw = ray_call_rate(args.tiles, 2)
         noop = {n: noop_dispatch(root / f"noop{n}", args.tiles, n) for n in (1, 2)}
-        model, image = model_image(root)
-        one = image_seconds(root, model, image, actors=1, threads=1)
-        two = image_seconds(root, model, image, actors=2, threads=1)
-        wide = image_seconds(root, model, image, actors=1, threads=2)
+        if not args.quick:
+            model, image = model_image(root)
+            scaling = {(actors, threads): image_seconds(root, model, image, actors, threads)
+                       for actors, threads in ((1, 1), (2, 1), (1, 2))}
     n_tiles = len(plan_tiles(IMAGE_HW, IMAGE_TILE))
     print(f"Ray {ray.__version__}, local cluster of {args.cpus} CPUs, {args.tiles} no-op tiles")
     print("dispatch (no-op runner)                      tiles/s")
     print(f"  Ray alone, 1 tile per call, 2 actors     {raw:8.0f}")
     for n, rate in noop.items():
         print(f"  run_tiles + RayBackend, {n} actor(s)        {rate:8.0f}   ({rate / raw:.2f}x Ray alone)")
-    print(f"tiny U-Net [4,8,16], {IMAGE_HW[0]}x{IMAGE_HW[1]} image, {n_tiles} tiles of {IMAGE_TILE}, fp32")
-    print(f"actors x threads   seconds  tiles/s  speed-up vs 1x1   (best of {REPEATS}, warm actors)")
-    for label, seconds in (("1 x 1", one), ("2 x 1", two), ("1 x 2", wide)):
-        print(f"  {label:15s} {seconds:8.2f} {n_tiles / seconds:8.1f}  {one / seconds:6.2f}x")
+    if not args.quick:
+        print(f"tiny U-Net [4,8,16], {IMAGE_HW[0]}x{IMAGE_HW[1]} image, {n_tiles} tiles of {IMAGE_TILE}, fp32")
+        print(f"actors x threads   seconds  tiles/s  speed-up vs 1x1   (best of {REPEATS}, warm actors)")
+        one = scaling[(1, 1)]
+        for (actors, threads), seconds in scaling.items():
+            print(f"  {f'{actors} x {threads}':15s} {seconds:8.2f} {n_tiles / seconds:8.1f}  {one / seconds:6.2f}x")
     ray.shutdown()
 
 

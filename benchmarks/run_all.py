@@ -35,7 +35,7 @@ def parts(args: argparse.Namespace) -> dict[str, list[str]]:
         "exactness": ["exactness.py", *quick],
         "memory": ["memory.py", *quick, *([] if args.quick else ["--sizes", *map(str, args.slide_sizes)])],
         "tissue": ["tissue.py", *quick],
-        "dispatch": ["dispatch.py", "--tiles", str(500 if args.quick else args.tiles)],
+        "dispatch": ["dispatch.py", *(quick or ["--tiles", str(args.tiles)])],
         "precision": ["precision.py", *quick, *size],
         "prune_levels": ["prune_levels.py", *quick],
     }

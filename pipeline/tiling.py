@@ -102,7 +102,8 @@ class Tile:
     """One unit of work: the output pixels `region` (chunk-aligned) it owns and writes.
 
     `size` is the grid's tile size; border tiles have smaller regions, and the window
-    planner needs the nominal size to give every tile's windows the same shape.
+    planner splits every tile too large for one window by that nominal size, so all
+    tiles' sub-windows have the same shape (but at the image's edge).
     """
 
     index: tuple[int, int]

@@ -103,7 +103,7 @@ class Tile:
 
     `size` is the grid's tile size; border tiles have smaller regions, and the window
     planner splits every tile too large for one window by that nominal size, so all
-    tiles' sub-windows have the same shape (but at the image's edge).
+    tiles' sub-windows have the same shape, except at the image's edge.
     """
 
     index: tuple[int, int]

@@ -20,7 +20,9 @@ import torch
 
 from pipeline import checkpoint, process_env
 from pipeline.checkpoint import ModelCard
-from pipeline.models import build_model, fold_batchnorm
+from pipeline.config import RunConfig
+from pipeline.models import build_model
+from pipeline.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("SEGPIPE_REAL_DATA", ROOT.parent / "shared/data/real"))
@@ -66,8 +68,8 @@ def synthetic_slide(path: Path, size: int, tile: int = 512, tissue_every: int = 
 
 
 def as_segpipe_runs(model: torch.nn.Module) -> torch.nn.Module:
-    """The model as segpipe's predictor runs it on CPU: BatchNorm folded, channels_last."""
-    return fold_batchnorm(model).to(memory_format=torch.channels_last)
+    """The very module segpipe's predictor runs on CPU (BatchNorm folded, channels_last)."""
+    return Predictor(model, RunConfig(), torch.device("cpu")).model
 
 
 def cache_dir() -> Path:

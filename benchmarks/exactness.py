@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import bench_image, cache_dir, in_worker_env, machine, table  # noqa: E402
+from benchmarks.vs_monai import image_tensor  # noqa: E402
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -31,7 +32,7 @@ from pipeline.checkpoint import ModelCard  # noqa: E402
 from pipeline.local import segment  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 from pipeline.store import OutputStore  # noqa: E402
-from pipeline.tiling import crop_windows, effective_halo, plan_tiles  # noqa: E402
+from pipeline.tiling import crop_windows, plan_tiles  # noqa: E402
 from tests.reference_nets import randomise_bn  # noqa: E402  (the tests' BN randomiser, shared)
 
 FILTERS = [4, 8, 16, 32, 64]
@@ -43,28 +44,27 @@ MODELS = {
 }
 
 
-def max_delta(arch: str, config: dict, halo: int, png: Path, tile: int, workdir: Path) -> float:
-    """Largest |tiled - whole image| probability over the image, fp32."""
+def deltas(arch: str, config: dict, halos: tuple[int, ...], png: Path, tile: int, workdir: Path) -> list[float]:
+    """Largest |tiled - whole image| probability over the image, fp32, for each halo."""
     torch.manual_seed(0)
     model = randomise_bn(build_model(arch, in_channels=3, classes=1, filters=FILTERS, **config))
     model_path = workdir / "model.safetensors"
     checkpoint.save(model, ModelCard(arch="", config={}, name="exactness"), model_path)
-    pixels = np.asarray(Image.open(png).convert("RGB"))
-    x = torch.from_numpy(pixels.astype(np.float32) / 255).permute(2, 0, 1)[None]
     with torch.inference_mode():
-        whole = torch.sigmoid(model(x))[0, 0].numpy()
-    out = workdir / "out"
-    shutil.rmtree(out, ignore_errors=True)
-    path = segment(png, model_path, out, tile=tile, halo=halo, precision="fp32", prob_dtype="float32",
-                   exports=())
-    return float(np.abs(OutputStore.open(path).read_prob()[..., 0] - whole).max())
+        whole = torch.sigmoid(model(image_tensor(str(png))))[0, 0].numpy()
+    out = []
+    for halo in halos:
+        shutil.rmtree(workdir / "out", ignore_errors=True)
+        path = segment(png, model_path, workdir / "out", tile=tile, halo=halo, precision="fp32",
+                       prob_dtype="float32", exports=())
+        out.append(float(np.abs(OutputStore.open(path).read_prob()[..., 0] - whole).max()))
+    return out
 
 
 def window_pixels(shape: tuple[int, int], tile: int, halo: int, multiple: int = 16) -> float:
     """Pixels the crop windows of every tile compute, per image pixel."""
-    h = effective_halo(halo, multiple)
     total = sum(w.input.h * w.input.w for t in plan_tiles(shape, tile)
-                for w in crop_windows(t, shape, h, multiple, max_window=2048))
+                for w in crop_windows(t, shape, halo, multiple, max_window=2048))
     return total / (shape[0] * shape[1])
 
 
@@ -86,7 +86,7 @@ def main() -> None:
     Image.fromarray(pixels[: shape[0], : shape[1]]).save(png)
     print(f"## Exact tiling: max abs Δprob against whole-image inference, {source} cut to "
           f"{shape[0]}x{shape[1]}, tile {args.tile}, fp32\n\nMachine: {machine()}\n")
-    rows = [[name, *(f"{max_delta(arch, config, halo, png, args.tile, workdir):.1e}" for halo in halos)]
+    rows = [[name, *(f"{d:.1e}" for d in deltas(arch, config, halos, png, args.tile, workdir))]
             for name, (arch, config) in MODELS.items()]
     rows.append(["window pixels per image pixel",
                  *(f"{window_pixels(shape, args.tile, halo):.2f}" for halo in halos)])

@@ -18,11 +18,11 @@ import numpy as np
 import tifffile
 import torch
 
-from pipeline import checkpoint, process_env
-from pipeline.checkpoint import ModelCard
+from pipeline.cards import ModelCard
 from pipeline.config import RunConfig
-from pipeline.models import build_model
-from pipeline.predictor import Predictor
+from pipeline.engine import process_env
+from pipeline.engine.predictor import Predictor
+from pipeline.models import build_model, checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = Path(os.environ.get("SEGPIPE_REAL_DATA", ROOT.parent / "shared/data/real"))

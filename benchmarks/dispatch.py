@@ -18,14 +18,14 @@ import ray
 import torch
 from PIL import Image as PILImage
 
-from pipeline import checkpoint, stages
-from pipeline.checkpoint import ModelCard
+from pipeline import stages
+from pipeline.cards import ModelCard
 from pipeline.config import RunConfig
-from pipeline.inference import ImageJob
-from pipeline.models import build_model
-from pipeline.scheduler import run_tiles
-from pipeline.store import OutputStore, TileReport
-from pipeline.tiling import Tile, TileStatus, plan_tiles
+from pipeline.engine.scheduler import run_tiles
+from pipeline.engine.tiling import Tile, plan_tiles
+from pipeline.job import ImageJob, TileReport, TileStatus
+from pipeline.models import build_model, checkpoint
+from pipeline.store import OutputStore
 from pipeline.workers import RayBackend, RemoteTileWorker
 
 NOOP_TILE = 16  # tile side of the no-op image: only the grid's size matters

@@ -22,17 +22,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import bench_image, cache_dir, in_worker_env, machine, table  # noqa: E402
-from benchmarks.vs_monai import image_tensor  # noqa: E402
-
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from pipeline import checkpoint  # noqa: E402
-from pipeline.checkpoint import ModelCard  # noqa: E402
+
+from benchmarks.common import bench_image, cache_dir, in_worker_env, machine, table  # noqa: E402
+from benchmarks.vs_monai import image_tensor  # noqa: E402
+from pipeline.cards import ModelCard  # noqa: E402
+from pipeline.engine.tiling import crop_windows, plan_tiles  # noqa: E402
 from pipeline.local import segment  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
+from pipeline.models import (
+    build_model,  # noqa: E402
+    checkpoint,  # noqa: E402
+)
 from pipeline.store import OutputStore  # noqa: E402
-from pipeline.tiling import crop_windows, plan_tiles  # noqa: E402
 from tests.reference_nets import randomise_bn  # noqa: E402  (the tests' BN randomiser, shared)
 
 FILTERS = [4, 8, 16, 32, 64]

@@ -24,15 +24,24 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import as_segpipe_runs, cache_dir, goal, in_worker_env, load, machine, table  # noqa: E402
-from benchmarks.vs_monai import QUICK_FILTERS, prepare  # noqa: E402
-
 import torch  # noqa: E402
-from pipeline import checkpoint, stages  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    as_segpipe_runs,
+    cache_dir,
+    goal,
+    in_worker_env,
+    load,
+    machine,
+    table,
+)
+from benchmarks.vs_monai import QUICK_FILTERS, prepare  # noqa: E402
+from pipeline import stages  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
+from pipeline.engine.predictor import autocast_dtype  # noqa: E402
+from pipeline.engine.tiling import crop_windows, effective_halo, plan_tiles  # noqa: E402
 from pipeline.local import segment  # noqa: E402
-from pipeline.predictor import autocast_dtype  # noqa: E402
-from pipeline.tiling import crop_windows, effective_halo, plan_tiles  # noqa: E402
+from pipeline.models import checkpoint  # noqa: E402
 
 DEFAULT_HALO = 64
 

@@ -24,16 +24,25 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import REAL_DATA, as_segpipe_runs, cache_dir, in_worker_env, load, machine, table  # noqa: E402
-from benchmarks.overhead import tile_batches  # noqa: E402
-from benchmarks.vs_monai import QUICK_FILTERS, prepare  # noqa: E402
-
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from pipeline import checkpoint  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    REAL_DATA,
+    as_segpipe_runs,
+    cache_dir,
+    in_worker_env,
+    load,
+    machine,
+    table,
+)
+from benchmarks.overhead import tile_batches  # noqa: E402
+from benchmarks.vs_monai import QUICK_FILTERS, prepare  # noqa: E402
+from pipeline import cards  # noqa: E402
 from pipeline.config import RunConfig  # noqa: E402
 from pipeline.errors import SegpipeError  # noqa: E402
 from pipeline.local import segment  # noqa: E402
+from pipeline.models import checkpoint  # noqa: E402
 from pipeline.store import OutputStore  # noqa: E402
 
 LUNG_MODEL = ROOT / "pipeline/weights/lung-xray.safetensors"
@@ -91,7 +100,7 @@ def lung_model_table() -> str:
         return title + f"\nNot measured: {LUNG_MODEL.relative_to(ROOT)} is not in this tree yet."
     if not (LUNG_IMAGE.is_file() and LUNG_MASK.is_file()):
         return title + f"\nNot measured: {LUNG_IMAGE} or its mask is absent (SEGPIPE_REAL_DATA)."
-    card = checkpoint.read_card(LUNG_MODEL)
+    card = cards.read_card(LUNG_MODEL)
     truth = np.asarray(Image.open(LUNG_MASK).convert("L")) > 127
     out = cache_dir() / "lung-runs"
     rows, seconds, masks = [], {}, {}

@@ -13,10 +13,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import as_segpipe_runs, in_worker_env, machine, table  # noqa: E402
-
 import torch  # noqa: E402
 
+from benchmarks.common import as_segpipe_runs, in_worker_env, machine, table  # noqa: E402
 from pipeline.models import build_model  # noqa: E402
 
 

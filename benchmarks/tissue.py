@@ -22,7 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import cache_dir, in_worker_env, load, machine, synthetic_slide, table  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    cache_dir,
+    in_worker_env,
+    load,
+    machine,
+    synthetic_slide,
+    table,
+)
 from benchmarks.vs_monai import QUICK_FILTERS, prepare  # noqa: E402
 from pipeline.local import segment  # noqa: E402
 from pipeline.store import OutputStore  # noqa: E402
@@ -67,8 +74,8 @@ def main() -> None:
     in_worker_env()
     if args.quick:
         args.synthetic_size, args.tile = 1024, 256
-    if importlib.util.find_spec("pipeline.tissue") is None:
-        print("## Tissue skipping\n\nNot measured: pipeline.tissue (tissue detection) is not in this tree.")
+    if importlib.util.find_spec("pipeline.engine.tissue") is None:
+        print("## Tissue skipping\n\nNot measured: pipeline.engine.tissue (tissue detection) is not in this tree.")
         return
     filters = QUICK_FILTERS if args.quick else None
     setup, _ = prepare(512 if args.quick else 2048, args.tile, 256, filters)

@@ -11,7 +11,7 @@ Precisions: fp32 (MONAI as usually run, NCHW; also channels_last), and each side
 bf16 autocast + channels_last (MONAI wrapped in torch.autocast here; segpipe's default
 precision "auto" picks bf16 on a CPU with AMX / AVX512-BF16, else fp32).
 Environments: MONAI runs in the one this script was started in, with the model as loaded,
-as its users run it; segpipe in the one its Ray tile workers start with (pipeline.process_env:
+as its users run it; segpipe in the one its Ray tile workers start with (pipeline.engine.process_env:
 glibc keeps freed buffers, OpenMP waits passively), with BatchNorm folded into the convs as
 its predictor does, so `segment()` here computes as a default run's workers do, without
 Ray's start-up. One more row gives MONAI both of those too.
@@ -73,7 +73,7 @@ class Config:
     blend: str = "crop"  # segpipe
     decides: bool = False  # a goal rests on it: timed in every round
     # MONAI given what segpipe gives its own model: the worker environment
-    # (pipeline.process_env) and BatchNorm folded into the convs (pipeline.models.folding)
+    # (pipeline.engine.process_env) and BatchNorm folded into the convs (pipeline.models.folding)
     segpipe_settings: bool = False
 
 
@@ -122,8 +122,7 @@ def run_monai(config: Config, setup: Setup, workdir: Path) -> tuple[float, np.nd
     import torch
     from monai.inferers import sliding_window_inference
 
-    from pipeline import checkpoint
-    from pipeline.models import fold_batchnorm
+    from pipeline.models import checkpoint, fold_batchnorm
 
     model, _ = checkpoint.load(setup.model)
     if config.segpipe_settings:
@@ -143,11 +142,11 @@ def run_monai(config: Config, setup: Setup, workdir: Path) -> tuple[float, np.nd
 
 
 def run_segpipe(config: Config, setup: Setup, workdir: Path) -> tuple[float, np.ndarray, str]:
-    from pipeline.local import segment
-    from pipeline.predictor import autocast_dtype
-    from pipeline.store import OutputStore
-
     import torch
+
+    from pipeline.engine.predictor import autocast_dtype
+    from pipeline.local import segment
+    from pipeline.store import OutputStore
 
     out = workdir / f"out-{config.blend}-{config.precision}"
     shutil.rmtree(out, ignore_errors=True)
@@ -174,7 +173,7 @@ def reference(setup: Setup) -> dict:
     """Whole-image fp32 inference (the exact answer), saved to setup.reference."""
     import torch
 
-    from pipeline import checkpoint
+    from pipeline.models import checkpoint
 
     model, _ = checkpoint.load(setup.model)
     x = image_tensor(setup.image)
@@ -194,7 +193,7 @@ def prepare(size: int, tile: int, window: int, filters: tuple[int, ...] | None) 
     """Image, checkpoint and exact answer in the cache directory (made once)."""
     from PIL import Image
 
-    from pipeline.checkpoint import read_card
+    from pipeline.cards import read_card
 
     tag = f"{size}-" + ("full" if filters is None else "-".join(map(str, filters)))
     cache = cache_dir()

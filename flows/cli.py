@@ -279,10 +279,10 @@ def serve(
 """)
 def models(as_json: Annotated[bool, typer.Option("--json", help="Print the model cards as JSON.")] = False) -> None:
     """The models shipped with segpipe (use the name with --model)."""
-    from pipeline import checkpoint
+    from pipeline import cards
 
-    cards = {name: checkpoint.read_card(path) for name, path in checkpoint.shipped_models().items()}
-    sizes = {name: path.stat().st_size for name, path in checkpoint.shipped_models().items()}
+    cards = {name: cards.read_card(path) for name, path in cards.shipped_models().items()}
+    sizes = {name: path.stat().st_size for name, path in cards.shipped_models().items()}
     if as_json:
         out_console.print_json(json.dumps({n: c.to_dict() for n, c in cards.items()}))
         return
@@ -323,7 +323,7 @@ def demo(
 
 
 def _train(build_config: Any) -> None:
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     config = _usage_checked(build_config)
     path = train(config)
@@ -378,10 +378,10 @@ def _check_run(inputs: list[str], model: str, out: str) -> str:
 
 
 def _check_model(model: str) -> str:
-    from pipeline import checkpoint
+    from pipeline import cards
 
-    path = checkpoint.resolve(model)
-    checkpoint.read_card(path)
+    path = cards.resolve(model)
+    cards.read_card(path)
     return str(path)
 
 

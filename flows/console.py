@@ -21,8 +21,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from flows import progress
-from flows import report
+from flows import progress, report
 from flows.report import ImageResult, format_fractions
 
 STATE_STYLE = {"complete": "green", "partial": "yellow", "failed": "red", "reused": "cyan",

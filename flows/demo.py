@@ -29,12 +29,13 @@ from rich.markup import escape
 from skimage.color import rgb2hsv
 from skimage.transform import downscale_local_mean
 
-from pipeline import checkpoint
+from pipeline import cards
 from pipeline.config import RunConfig
+from pipeline.engine.tiling import plan_tiles
 from pipeline.errors import SegpipeError
 from pipeline.io import open_image
+from pipeline.job import TileStatus
 from pipeline.store import OutputStore
-from pipeline.tiling import TileStatus, plan_tiles
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def run_demo(out: Path, concurrency: int) -> list[Any]:
     from flows.cli import err_console, out_console, run_collection
 
     files = demo_files(err_console)
-    shipped = checkpoint.shipped_models()
+    shipped = cards.shipped_models()
     zooms: list[Path] = []
     slide = build_slide(files[HE[0]], out / "data" / "cmu-patches-20k.tif", err_console,
                         _model_mpp(shipped.get("nuclei-he")))  # fmt: skip
@@ -188,7 +189,7 @@ def build_slide(source: Path, path: Path, console: Console, model_mpp: float | N
 def _model_mpp(checkpoint_path: Path | None) -> float | None:
     if checkpoint_path is None:
         return None
-    scale = checkpoint.read_card(checkpoint_path).scale or {}
+    scale = cards.read_card(checkpoint_path).scale or {}
     return float(scale["mpp"]) if "mpp" in scale else None
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.errors import InputError
-from pipeline.inference import ImageJob
+from pipeline.job import ImageJob
 from pipeline.store import OutputStore, StoreError
 
 

@@ -22,10 +22,9 @@ from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pipeline.inference import ImageJob
-from pipeline.scheduler import Backend
-from pipeline.store import TileReport
-from pipeline.tiling import Tile
+from pipeline.engine.scheduler import Backend
+from pipeline.engine.tiling import Tile
+from pipeline.job import ImageJob, TileReport
 
 POLL_S = 0.02  # how long one view holds the pool's lock while waiting for results
 

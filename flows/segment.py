@@ -32,9 +32,16 @@ from flows.tasks import (
     input_sha256,
     plan_task,
 )
-from pipeline import checkpoint
+from pipeline import cards
 from pipeline.config import RunConfig
-from pipeline.store import OutputStore, StoreError, safe_image_id, same_output, store_path
+from pipeline.io import location
+from pipeline.store import (
+    OutputStore,
+    StoreError,
+    safe_image_id,
+    same_output,
+    store_path,
+)
 
 DEFAULT_CONCURRENCY = 2
 TABLE_KEY = "segpipe-run"
@@ -54,7 +61,7 @@ def segment_image(source: str, model: str, out: str, config: RunConfig | None = 
     run = config or RunConfig()
     logger = get_run_logger()
     start = time.perf_counter()
-    model_path = str(checkpoint.resolve(model))
+    model_path = str(cards.resolve(model))
     item = Source(source, image_id or safe_image_id(source))
     job = ingest_task(item, model_path, run, out)
     plan_task(job, run)
@@ -82,10 +89,10 @@ def segment_collection(inputs: list[str], model: str, out: str, config: RunConfi
     on one pool of Ray workers; a failed image is reported and the others go on."""
     run = config or RunConfig()
     logger = get_run_logger()
-    model_path = str(checkpoint.resolve(model))
+    model_path = str(cards.resolve(model))
     sources = discover_task(inputs, out)
     progress.emit(progress.Event("discovered", total=len(sources)))
-    wanted = {"model": {"sha256": checkpoint.file_sha256(model_path)}, "run": run.to_dict()}
+    wanted = {"model": {"sha256": location.sha256(model_path)}, "run": run.to_dict()}
     reused = _reusable(sources, out, wanted)
     todo = [s for s in sources if s.uri not in reused]
     logger.info("%d images: %d already complete, %d to run", len(sources), len(reused), len(todo))

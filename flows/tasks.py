@@ -14,7 +14,6 @@ decides what is left to do: caching them would skip work after an output was del
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 import time
@@ -22,7 +21,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import fsspec
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE
@@ -34,9 +32,9 @@ from flows.pool import lookup
 from pipeline import stages
 from pipeline.config import RunConfig
 from pipeline.errors import SegpipeError
-from pipeline.inference import ImageJob
-from pipeline.store import OutputStore, TileReport
-from pipeline.tiling import TileStatus
+from pipeline.io import location
+from pipeline.job import ImageJob, TileReport, TileStatus
+from pipeline.store import OutputStore
 
 IO_RETRIES = 2
 IO_BACKOFF = exponential_backoff(backoff_factor=2)  # 2 s, then 4 s
@@ -68,13 +66,7 @@ def discover_task(inputs: list[str], out: str) -> list[Source]:
 def input_sha256(uri: str, size: int, marker: str) -> str:
     """The content hash provenance records for an input (size and marker are the cache key:
     a changed file gets a new key, so a stale hash is never reused)."""
-    if "://" not in uri or uri.startswith("file://"):
-        return stages.content_hash(uri.removeprefix("file://"))
-    digest = hashlib.sha256()
-    with fsspec.open(uri, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return location.content_hash(uri)
 
 
 @task(name="ingest", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF,

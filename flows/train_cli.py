@@ -40,7 +40,7 @@ HELP = {
 def train_command(run: Callable[[Callable[[], Any]], None]) -> Callable[..., None]:
     """The `train` command function: calls `run` with a function that builds the
     TrainConfig from the command's options (so `run` decides how its errors exit)."""
-    from pipeline.train import TrainConfig
+    from pipeline.train.loop import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
     fields = [f for f in dataclasses.fields(TrainConfig) if f.name not in POSITIONAL]
@@ -76,7 +76,7 @@ def train_command(run: Callable[[Callable[[], Any]], None]) -> Callable[..., Non
 def train_config(options: dict[str, Any], hints: dict[str, Any]) -> Any:
     """A TrainConfig from a recipe or the defaults, with the options that were given."""
     from pipeline import recipes
-    from pipeline.train import TrainConfig
+    from pipeline.train.loop import TrainConfig
 
     recipe, data = options.pop("recipe"), options.pop("recipe_data")
     given = {k: parse(v, hints.get(k), k) for k, v in options.items() if v is not None}

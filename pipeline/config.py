@@ -1,14 +1,27 @@
-"""The one typed settings object that flows from the CLI / Prefect flow to every worker."""
+"""The one typed settings object that flows from the CLI / Prefect flow to every worker.
+
+Every field of `RunConfig` carries, in its metadata, what the rest of the system needs to
+know about it, so that no list of settings is written out anywhere else:
+
+    help      one line for `segpipe run/serve --help` (options are generated from fields)
+    panel     the --help panel it is listed in
+    pixels    whether it changes output pixels: provenance and the skip logic compare only
+              these (`PIXEL_SETTINGS`), so a resume may change the others freely
+    cli       False for settings that are not options (test-only fault injection)
+    envvar    an environment variable the option also reads
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Literal
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any, Literal, get_args
 
 from pipeline.errors import ConfigError
 
 Blend = Literal["crop", "gaussian"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Mode = Literal["accurate", "fast"]
+ProbDtype = Literal["uint8", "float16", "float32"]
 
 # 2^30 pixels: larger than any single slide level we expect (~100k x 100k is 10^10, so
 # whole-slide readers check per level lazily; this guards decoded-in-memory formats).
@@ -16,6 +29,17 @@ DEFAULT_MAX_PIXELS = 1 << 30
 # Tile-addressable slides are never decoded whole: their level 0 is checked against this
 # generous bound (2^36, ~262k x 262k) and each decoded tile/region against max_pixels.
 DEFAULT_MAX_SLIDE_PIXELS = 1 << 36
+
+TILING, MODEL, TISSUE, OUTPUT, EXECUTION = "Tiling", "Model", "Tissue", "Output", "Execution"
+
+
+def setting(default: Any = MISSING, *, help: str, panel: str, pixels: bool = True,
+            cli: bool = True, envvar: str | None = None, factory: Any = MISSING) -> Any:
+    """A RunConfig field with its metadata (see the module docstring)."""
+    meta = {"help": help, "panel": panel, "pixels": pixels, "cli": cli, "envvar": envvar}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
@@ -35,47 +59,66 @@ class FaultInjection:
 class RunConfig:
     """Settings of one run: one model, one set of tiling/blending/precision choices."""
 
-    tile: int = 1024
-    halo: int | None = None  # None: the model card's halo, else 64
-    blend: Blend = "crop"
-    window: int = 512  # gaussian blend: the sliding window's side
-    overlap: float = 0.25  # gaussian blend: fraction of a window shared with its neighbour
-    max_window: int = 2048  # crop blend: a tile+halo larger than this is split into windows
-    batch_size: int = 4  # windows per forward pass
-    mode: str | None = None  # UNet++: "accurate" | "fast"; None: the model card's default
-    prune_level: int | None = None
-    precision: Precision = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    tta: bool = False  # average over horizontal/vertical flips
-    tissue: bool | None = None  # None: on for slides, off for X-rays
-    tissue_threshold: float = 0.02  # tiles with less tissue than this fraction are skipped
-    tissue_mask: str | None = None  # a user-supplied mask image instead of detection
-    threshold: float | None = None  # binary models; None: the model card's threshold
-    prob_dtype: str = "uint8"  # stored probabilities: uint8 (p*255) | float16 | float32
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_slide_pixels: int = DEFAULT_MAX_SLIDE_PIXELS
-    exports: tuple[str, ...] = ("overlay",)
-    workers: int | None = None  # None: one per GPU, else per CPU slot
-    ray_address: str | None = None
-    retries: int = 3
-    faults: FaultInjection = field(default_factory=FaultInjection)
+    # -- tiling and blending
+    tile: int = setting(1024, panel=TILING, help="Tile side in working-level pixels, a multiple of 16.")
+    halo: int | None = setting(None, panel=TILING, help="Context around each tile (default: the model card's, else 64).")
+    blend: Blend = setting("crop", panel=TILING, help="crop: exact, each pixel computed once; gaussian: a global sliding window.")
+    window: int = setting(512, panel=TILING, help="gaussian blend: the sliding window's side.")
+    overlap: float = setting(0.25, panel=TILING, help="gaussian blend: fraction of a window shared with its neighbour, in [0, 1).")
+    max_window: int = setting(2048, panel=TILING, help="crop blend: a tile + halo larger than this is split into windows.")
+    # -- model
+    mode: Mode | None = setting(None, panel=MODEL, help="UNet++: accurate (mean of heads) or fast (one pruned head) (default: the card's).")
+    prune_level: int | None = setting(None, panel=MODEL, help="UNet++ fast mode: prune level, 1 to the model's depth.")
+    precision: Precision = setting("auto", panel=MODEL, help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.")
+    tta: bool = setting(False, panel=MODEL, help="Average over horizontal and vertical flips (4x the compute).")
+    threshold: float | None = setting(None, panel=MODEL, help="Probability threshold of binary models, in (0, 1) (default: the card's).")
+    # -- tissue
+    tissue: bool | None = setting(None, panel=TISSUE, help="Skip background tiles (default: on for slides, off for X-rays).")
+    tissue_threshold: float = setting(0.02, panel=TISSUE, help="Tiles with less tissue than this fraction are skipped.")
+    tissue_mask: str | None = setting(None, panel=TISSUE, help="A mask image to use instead of tissue detection.")
+    # -- output
+    prob_dtype: ProbDtype = setting("uint8", panel=OUTPUT, help="Stored probabilities: uint8 (p*255), float16 or float32.")
+    exports: tuple[str, ...] = setting(("overlay",), panel=OUTPUT, pixels=False, help="Exports after a complete image.")
+    # -- execution: how a run executes, never what it computes
+    batch_size: int = setting(4, panel=EXECUTION, pixels=False, help="Windows per forward pass.")
+    channels_last: bool = setting(True, panel=EXECUTION, pixels=False, help="channels_last memory format on GPU.")
+    compile: bool = setting(False, panel=EXECUTION, pixels=False, help="torch.compile the model.")
+    max_pixels: int = setting(DEFAULT_MAX_PIXELS, panel=EXECUTION, pixels=False, help="Refuse images decoded whole with more pixels than this (decompression bombs).")
+    max_slide_pixels: int = setting(DEFAULT_MAX_SLIDE_PIXELS, panel=EXECUTION, pixels=False, help="Refuse slides whose level 0 has more pixels than this.")
+    workers: int | None = setting(None, panel=EXECUTION, pixels=False, help="Tile workers (default: one per GPU, else one per 4 CPUs).")
+    ray_address: str | None = setting(None, panel=EXECUTION, pixels=False, envvar="RAY_ADDRESS", help="Ray cluster to join (default: a local one).")
+    retries: int = setting(3, panel=EXECUTION, pixels=False, help="Attempts per failed tile after the first.")
+    faults: FaultInjection = setting(panel=EXECUTION, pixels=False, cli=False, factory=FaultInjection, help="Test-only fault injection.")
 
     def __post_init__(self) -> None:
-        if self.tile <= 0 or self.tile % 16:
+        for f in fields(self):
+            choices = _choices(f.type)
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+        positive = {"tile": self.tile, "window": self.window, "max_window": self.max_window,
+                    "batch_size": self.batch_size, "max_pixels": self.max_pixels,
+                    "max_slide_pixels": self.max_slide_pixels}  # fmt: skip
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {name}={value}")
+        if self.tile % 16:
             raise ConfigError(f"tile must be a positive multiple of 16, got {self.tile=}")
         if self.halo is not None and self.halo < 0:
             raise ConfigError(f"halo must be >= 0, got {self.halo=}")
-        if self.blend not in ("crop", "gaussian"):
-            raise ConfigError(f"blend must be 'crop' or 'gaussian', got {self.blend=}")
         if not 0.0 <= self.overlap < 1.0:
             raise ConfigError(f"overlap must be in [0, 1), got {self.overlap=}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be auto|fp32|bf16|fp16, got {self.precision=}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size=}")
+        if self.prune_level is not None and self.prune_level < 1:
+            raise ConfigError(f"prune_level must be >= 1, got {self.prune_level=}")
+        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"threshold must be in (0, 1), got {self.threshold=}")
+        if not 0.0 <= self.tissue_threshold <= 1.0:
+            raise ConfigError(f"tissue_threshold must be in [0, 1], got {self.tissue_threshold=}")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers must be >= 1, got {self.workers=}")
         if self.retries < 0:
             raise ConfigError(f"retries must be >= 0, got {self.retries=}")
+        _check_exports(self.exports)
 
     def with_(self, **changes: Any) -> RunConfig:
         """A copy with some settings changed (validated again)."""
@@ -87,3 +130,29 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict, for provenance."""
         return asdict(self)
+
+
+# The settings that change output pixels; provenance identity and resume compare these.
+PIXEL_SETTINGS = frozenset(f.name for f in fields(RunConfig) if f.metadata["pixels"])
+
+
+def pixel_settings(run: dict[str, Any]) -> dict[str, Any]:
+    """The part of a stored or requested run's settings that decides its pixels."""
+    return {k: v for k, v in run.items() if k in PIXEL_SETTINGS}
+
+
+def _choices(annotation: Any) -> tuple[Any, ...]:
+    """The allowed values of a Literal field (annotations are strings here)."""
+    literal = {"Blend": Blend, "Precision": Precision, "Mode": Mode, "ProbDtype": ProbDtype}
+    name = str(annotation).removesuffix(" | None")
+    return get_args(literal[name]) if name in literal else ()
+
+
+def _check_exports(names: tuple[str, ...]) -> None:
+    # Imported here: the export table lives with the writers, which config must not load
+    # at import time (pipeline.io imports this module).
+    from pipeline.io.exports import EXPORTS
+
+    unknown = [n for n in names if n not in EXPORTS]
+    if unknown:
+        raise ConfigError(f"unknown export {unknown}; choose from {', '.join(EXPORTS)}")

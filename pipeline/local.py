@@ -6,8 +6,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline import checkpoint, process_env, stages
+from pipeline import cards, stages
 from pipeline.config import RunConfig
+from pipeline.engine import process_env
 
 log = logging.getLogger(__name__)
 
@@ -18,7 +19,7 @@ def segment(input: str | Path, model: str | Path, out: str | Path, **config: Any
     precision, tissue, ...)."""
     process_env.keep_freed_buffers()  # first: before this run starts any thread
     run = RunConfig().with_(**config)
-    model_path = str(checkpoint.resolve(model))
+    model_path = str(cards.resolve(model))
     job = stages.ingest(str(input), model_path, run, str(out))
     stages.plan(job, run)
     stages.infer_local(job, model_path, run)

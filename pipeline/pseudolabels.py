@@ -1,6 +1,6 @@
 """Labels from classical image analysis, for training where no manual annotation exists.
 
-  tissue   H&E tissue vs glass on a whole-slide preview: pipeline.tissue's detector, the one
+  tissue   H&E tissue vs glass on a whole-slide preview: pipeline.engine.tissue's detector, the one
            runs use to skip background tiles (the tissue-he model learns it).
   nuclei   haematoxylin from colour deconvolution (Ruifrok & Johnston 2001, scikit-image's
            rgb2hed), smoothed, cut at one threshold for the whole slide, cleaned, touching
@@ -23,12 +23,13 @@ from PIL import Image as PILImage
 from scipy import ndimage
 from skimage import color, feature, filters, morphology, segmentation
 
+from pipeline.engine.tissue import tissue_mask
 from pipeline.io import open_image, preview
-from pipeline.tissue import tissue_mask
+
 
 def write_tissue_labels(slide: str | Path, out: str | Path) -> Path:
     """The slide's tissue mask (0/255 PNG) at preview size, by the same classical detector
-    the run uses to skip background tiles (pipeline.tissue, with its safety margin)."""
+    the run uses to skip background tiles (pipeline.engine.tissue, with its safety margin)."""
     with open_image(slide) as image:
         overview = preview(image)
     rgb = np.clip(np.rint(overview[..., :3]), 0, 255).astype(np.uint8)

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
-from pipeline.augment import Augment
 from pipeline.errors import ConfigError
 from pipeline.pseudolabels import (
     haematoxylin_threshold,
     write_nuclei_labels,
     write_tissue_labels,
 )
-from pipeline.train import (
+from pipeline.train.augment import Augment
+from pipeline.train.loop import (
     TrainConfig,
     choose_mode,
     prune_report,
@@ -97,7 +97,7 @@ def tissue_he(data: Path, out: Path) -> TrainConfig:
         normalization={"kind": "scale", "divisor": 255}, augment=H_AND_E_AUGMENT,
         epochs=15, steps_per_epoch=20, batch_size=4, lr=3e-3, ema=0.95, threads=1, tile=512,
         data=f"Training: {TCGA_DATA} Labels: this project's classical tissue detector "
-             "(pipeline.tissue.tissue_mask). Validation: histolab's TissueMask of the same "
+             "(pipeline.engine.tissue.tissue_mask). Validation: histolab's TissueMask of the same "
              "slide (algorithmic, not manual).",
         license="Weights: Apache-2.0 (TCGA open-access image; see NOTICE).",
     )

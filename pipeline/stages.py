@@ -6,7 +6,6 @@ Prefect tasks call them one to one, and `pipeline.segment` chains them in one pr
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -17,25 +16,24 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from pipeline import __version__
-from pipeline import checkpoint
-from pipeline.checkpoint import ModelCard
+from pipeline import __version__, cards
+from pipeline.cards import ModelCard
 from pipeline.config import RunConfig
-from pipeline.errors import InputError
-from pipeline.inference import ImageJob
-from pipeline.io import Image, ingest as ingest_level, open_image, preview, select_level
-from pipeline.normalization import image_stats
-from pipeline.store import OutputStore, TileReport, safe_image_id, store_path
-from pipeline.tiling import (
-    TileStatus,
+from pipeline.engine.normalization import image_stats
+from pipeline.engine.tiling import (
     effective_halo,
     full_res_chunk,
     plan_tiles,
     work_shape_for,
 )
+from pipeline.errors import InputError
+from pipeline.io import Image, location, open_image, preview, select_level
+from pipeline.io import ingest as ingest_level
+from pipeline.job import ImageJob, TileReport, TileStatus
+from pipeline.store import OutputStore, safe_image_id, store_path
 
 if TYPE_CHECKING:
-    from pipeline.scheduler import Backend, Progress
+    from pipeline.engine.scheduler import Backend, Progress
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +44,7 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
            image_id: str | None = None) -> ImageJob:
     """Open the image, fix its geometry, create (or reopen) its output store, bring its
     working level into zarr (or read it in place) and store a preview."""
-    card = checkpoint.read_card(model_path)
+    card = cards.read_card(model_path)
     with _open(input_path, config) as image:
         image_id = image_id or safe_image_id(input_path)
         level, full_hw, work_hw = working_geometry(image, card)
@@ -80,7 +78,7 @@ def plan(job: ImageJob, config: RunConfig) -> dict[str, int]:
     use_tissue = config.tissue if config.tissue is not None else job.kind == "slide"
     if not (use_tissue or config.tissue_mask):
         return store.counts()
-    from pipeline import tissue
+    from pipeline.engine import tissue
 
     if config.tissue_mask:
         with _open(config.tissue_mask, config) as mask_image:
@@ -99,8 +97,8 @@ def plan(job: ImageJob, config: RunConfig) -> dict[str, int]:
 
 def infer_local(job: ImageJob, model_path: str, config: RunConfig, progress=None) -> dict[str, int]:
     """Run the image's pending and failed tiles in this process (two threads)."""
-    from pipeline.inference import TileRunner
-    from pipeline.scheduler import ThreadBackend
+    from pipeline.engine.runner import TileRunner
+    from pipeline.engine.scheduler import ThreadBackend
 
     return infer(job, config, lambda: ThreadBackend(TileRunner(model_path, config)), progress)
 
@@ -111,7 +109,7 @@ def infer(job: ImageJob, config: RunConfig, open_backend: Callable[[], AbstractC
     only when there is work: an image already complete is not touched); returns counts.
     The backend is used as a context manager: a pool kept over many images comes in
     wrapped in contextlib.nullcontext."""
-    from pipeline.scheduler import run_tiles
+    from pipeline.engine.scheduler import run_tiles
 
     store = OutputStore.open(job.store_path, mode="r+")
     if store.state == "complete":
@@ -153,20 +151,6 @@ def working_geometry(image: Image, card: ModelCard) -> tuple[int, tuple[int, int
     return 0, full_hw, full_hw
 
 
-def content_hash(path: str | Path) -> str:
-    """sha256 of a file; for a directory (zarr) of its metadata files, names and sizes."""
-    path = Path(path)
-    if path.is_file():
-        return checkpoint.file_sha256(path)
-    digest = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            digest.update(f"{p.relative_to(path)}|{p.stat().st_size}".encode())
-            if p.suffix == ".json":
-                digest.update(p.read_bytes())
-    return digest.hexdigest()
-
-
 def _open(path: str, config: RunConfig) -> Image:
     return open_image(path, max_pixels=config.max_pixels, max_slide_pixels=config.max_slide_pixels)
 
@@ -205,9 +189,9 @@ def _group_keys(path: str) -> set[str]:
 def _provenance(input_path: str, image: Image, model_path: str, card: ModelCard,
                 config: RunConfig, level: int) -> dict[str, Any]:
     return {
-        "input": {"path": str(input_path), "sha256": content_hash(input_path),
+        "input": {"path": str(input_path), "sha256": location.content_hash(input_path),
                   "image": image.metadata_safe(), "level": level},
-        "model": {"path": str(model_path), "sha256": checkpoint.file_sha256(model_path),
+        "model": {"path": str(model_path), "sha256": location.sha256(model_path),
                   "card": card.to_dict()},
         "run": config.to_dict(),
         "versions": {"segpipe": __version__},

@@ -36,7 +36,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from typing import Any
 
 import fsspec
 import ray
@@ -44,13 +44,14 @@ import ray.exceptions as rx
 import torch
 
 import pipeline
-from pipeline import process_env, stages
+from pipeline import stages
 from pipeline.config import RunConfig
+from pipeline.engine import process_env
+from pipeline.engine.runner import TileRunner
+from pipeline.engine.scheduler import Progress, Runner, WorkerLost
+from pipeline.engine.tiling import Tile
 from pipeline.errors import CheckpointError, ConfigError, SegpipeError
-from pipeline.inference import ImageJob, TileRunner
-from pipeline.scheduler import Progress, WorkerLost
-from pipeline.store import TileReport
-from pipeline.tiling import Tile
+from pipeline.job import ImageJob, TileReport
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,6 @@ LOST_ERRORS: tuple[type[BaseException], ...] = (
     rx.ObjectLostError,
     rx.LocalRayletDiedError,
 )
-
-
-class Runner(Protocol):
-    """What a TileWorker runs tiles with (TileRunner; benchmarks pass a no-op one)."""
-
-    def run(self, job: ImageJob, tile: Tile, attempt: int) -> TileReport: ...
 
 
 RunnerFactory = Callable[[str, RunConfig], Runner]

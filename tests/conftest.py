@@ -52,10 +52,10 @@ def prefect_harness() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny untrained U-Net (3 in, 1 class, filters 4-8-16) saved as a checkpoint."""
-    from pipeline import checkpoint
-    from pipeline.models import build_model
+    from pipeline import cards
+    from pipeline.models import build_model, checkpoint
 
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     model = build_model("unet", in_channels=3, classes=1, filters=[4, 8, 16])
-    checkpoint.save(model, checkpoint.ModelCard(arch="", config={}), path)
+    checkpoint.save(model, cards.ModelCard(arch="", config={}), path)
     return path

@@ -8,10 +8,9 @@ import pickle
 import pytest
 import torch
 
-from pipeline import checkpoint
-from pipeline.checkpoint import ModelCard
+from pipeline.cards import ModelCard
 from pipeline.errors import CheckpointError
-from pipeline.models import build_model
+from pipeline.models import build_model, checkpoint
 from tests.reference_nets import RefNestedUNet, RefUNet, randomise_bn
 
 TINY = [4, 8, 16, 32, 64]
@@ -48,8 +47,8 @@ def test_load_overrides_mode(tmp_path):
 
 
 def test_tampered_weights_are_refused(tmp_path):
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     model = build_model("unet", in_channels=1, classes=1, filters=TINY)
     path = tmp_path / "m.safetensors"

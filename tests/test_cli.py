@@ -132,10 +132,10 @@ def test_export_writes_files_of_complete_images(flows_env: None, tiny_checkpoint
 
 
 def test_models_lists_shipped_cards(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pipeline import checkpoint
+    from pipeline import cards
 
     shutil.copy(tiny_checkpoint, tmp_path / "tiny-demo.safetensors")
-    monkeypatch.setattr(checkpoint, "SHIPPED_DIR", tmp_path)
+    monkeypatch.setattr(cards, "SHIPPED_DIR", tmp_path)
 
     listed = runner.invoke(app, ["models", "--json"])
     table = runner.invoke(app, ["models"])
@@ -178,9 +178,9 @@ def test_train_maps_options_onto_train_config(tmp_path: Path) -> None:
     result = runner.invoke(app, args)
 
     assert result.exit_code == 0, result.output
-    from pipeline import checkpoint
+    from pipeline import cards
 
-    card = checkpoint.read_card(out / "tiny.safetensors")
+    card = cards.read_card(out / "tiny.safetensors")
     assert card.class_names == ["blob"] and card.config["filters"] == [4, 8] and card.scale == {"size": [64, 64]}
 
 
@@ -234,11 +234,11 @@ def test_build_slide_writes_a_tiled_pyramid_of_real_patches(tmp_path: Path, monk
 
 def test_demo_skips_models_that_are_not_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flows import cli
-    from pipeline import checkpoint
+    from pipeline import cards
 
     monkeypatch.setattr(demo, "demo_files", lambda console: {demo.XRAY[0]: tmp_path / "x.dcm", demo.HE[0]: tmp_path / "he.svs"})
     monkeypatch.setattr(demo, "build_slide", lambda source, path, console, mpp=None: path)
-    monkeypatch.setattr(checkpoint, "SHIPPED_DIR", tmp_path)  # nothing shipped
+    monkeypatch.setattr(cards, "SHIPPED_DIR", tmp_path)  # nothing shipped
     ran: list[str] = []
     monkeypatch.setattr(cli, "run_collection", lambda inputs, model, *a, **k: ran.append(model) or [])
 

@@ -20,9 +20,10 @@ from flows import progress, report
 from flows.discover import discover, localize
 from flows.pool import SharedBackend
 from pipeline.config import FaultInjection, RunConfig
+from pipeline.engine.tiling import Tile
 from pipeline.errors import InputError
-from pipeline.store import OutputStore, TileReport
-from pipeline.tiling import Tile, TileStatus
+from pipeline.job import TileReport, TileStatus
+from pipeline.store import OutputStore
 
 REPO = Path(__file__).resolve().parents[1]
 TILE = 32
@@ -152,7 +153,7 @@ class FakeBackend:
 
 
 def test_shared_backend_routes_results_to_their_image() -> None:
-    from pipeline.tiling import Box
+    from pipeline.engine.tiling import Box
 
     shared = SharedBackend(FakeBackend(slots=3))
     a, b = shared.view(), shared.view()

@@ -15,16 +15,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
 
-from pipeline import checkpoint, process_env
-from pipeline.checkpoint import ModelCard
+from pipeline.cards import ModelCard
 from pipeline.config import RunConfig
+from pipeline.engine import process_env
+from pipeline.engine.predictor import Predictor, autocast_dtype, cpu_has_fast_bf16
+from pipeline.engine.tiling import gaussian_importance, gaussian_windows
 from pipeline.errors import InputError
 from pipeline.io import open_image, resize
 from pipeline.local import segment
-from pipeline.models import build_model
-from pipeline.predictor import Predictor, autocast_dtype, cpu_has_fast_bf16
+from pipeline.models import build_model, checkpoint
 from pipeline.store import OutputStore
-from pipeline.tiling import gaussian_importance, gaussian_windows
 from tests.io_fixtures import write_svs_like
 from tests.reference_nets import randomise_bn
 
@@ -253,7 +253,7 @@ def test_flip_tta_averages_flipped_predictions():
 # after the setting (as a tile thread is), carved from the reusable heap or a fresh mmap?
 HEAP_PROBE = textwrap.dedent("""
     import sys, threading, torch
-    from pipeline import process_env
+    from pipeline.engine import process_env
     applied = process_env.keep_freed_buffers() if sys.argv[1] == "on" else False
     found = []
     def probe():

@@ -16,7 +16,12 @@ from pydicom import uid
 
 from pipeline.errors import InputError
 from pipeline.io import open_image
-from tests.io_fixtures import dicom_dataset, write_dicom, write_sparse_giant_tiff, xray_pixels
+from tests.io_fixtures import (
+    dicom_dataset,
+    write_dicom,
+    write_sparse_giant_tiff,
+    xray_pixels,
+)
 
 
 def _refused(path: Path, match: str, **limits: int) -> str:

@@ -11,16 +11,16 @@ import pytest
 import zarr
 
 from pipeline.config import RunConfig
+from pipeline.engine.tiling import Box, Tile, plan_tiles
+from pipeline.job import TileReport, TileStatus
 from pipeline.store import (
     OutputStore,
     StoreError,
-    TileReport,
     check_provenance,
     pyramid_shapes,
     safe_image_id,
     store_path,
 )
-from pipeline.tiling import Box, Tile, TileStatus, plan_tiles
 
 SMALL = dict(full_hw=(120, 100), work_hw=(60, 50), tile=16, full_chunk=32)
 

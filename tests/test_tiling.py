@@ -9,13 +9,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.errors import ConfigError, SegpipeError
-from pipeline.tiling import (
+from pipeline.engine.tiling import (
     DEFAULT_FULL_CHUNK,
     Box,
     Tile,
-    TileStatus,
-    assert_single_owner,
     crop_windows,
     effective_halo,
     full_res_chunk,
@@ -23,14 +20,14 @@ from pipeline.tiling import (
     gaussian_importance,
     gaussian_windows,
     grid_shape,
-    is_complete,
-    new_status_grid,
     plan_tiles,
-    tiles_to_run,
     windows_touching,
     work_box_for_full,
     work_shape_for,
 )
+from pipeline.errors import ConfigError, SegpipeError
+from pipeline.job import TileStatus, is_complete
+from tests.grid_helpers import assert_single_owner, new_status_grid, tiles_to_run
 
 SHAPES_AND_TILES = [
     ((10, 10), 16),  # H < tile

@@ -10,9 +10,9 @@ import pytest
 from skimage.transform import resize
 
 from pipeline.config import RunConfig
+from pipeline.engine.tiling import plan_tiles
+from pipeline.engine.tissue import skipped_tiles, tile_tissue_fraction, tissue_mask
 from pipeline.errors import InputError
-from pipeline.tiling import plan_tiles
-from pipeline.tissue import skipped_tiles, tile_tissue_fraction, tissue_mask
 
 log = logging.getLogger(__name__)
 

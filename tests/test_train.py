@@ -11,13 +11,13 @@ import tifffile
 import torch
 from PIL import Image as PILImage
 
-from pipeline import checkpoint
 from pipeline import train as train_module
-from pipeline.augment import Augment, augment
-from pipeline.datasets import DataSpec, Pair, TileSource, find_pairs, mask_labels
 from pipeline.errors import ConfigError, InputError
-from pipeline.losses import deep_supervision_loss, dice_iou
-from pipeline.train import TrainConfig, learning_rate, train
+from pipeline.models import checkpoint
+from pipeline.train.augment import Augment, augment
+from pipeline.train.data import DataSpec, Pair, TileSource, find_pairs, mask_labels
+from pipeline.train.loop import TrainConfig, learning_rate, train
+from pipeline.train.losses import deep_supervision_loss, dice_iou
 
 TINY = (4, 8, 16)  # depth 2: samples must be multiples of 4
 
@@ -294,7 +294,7 @@ def test_ray_train_with_two_cpu_workers(ray_cluster, pairs_dir, tmp_path):
 
 
 def test_prune_report_and_default_mode(pairs_dir, tmp_path):
-    from pipeline.train import choose_mode, prune_report, set_default_mode, validation_set
+    from pipeline.train.loop import prune_report, set_default_mode, validation_set
 
     config = tiny_config(pairs_dir, tmp_path / "run", epochs=2, steps_per_epoch=2, progress=True)
     path = train(config)
@@ -308,7 +308,7 @@ def test_prune_report_and_default_mode(pairs_dir, tmp_path):
 
 
 def test_choose_mode_takes_the_fastest_within_tolerance():
-    from pipeline.train import choose_mode
+    from pipeline.train.loop import choose_mode
 
     rows = [{"mode": "accurate", "prune_level": None, "dice": 0.90, "ms": 10},
             {"mode": "fast", "prune_level": 1, "dice": 0.80, "ms": 1},

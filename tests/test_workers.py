@@ -18,15 +18,15 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from pipeline import checkpoint, stages
-from pipeline.checkpoint import ModelCard
+from pipeline import stages
+from pipeline.cards import ModelCard
 from pipeline.config import FaultInjection, RunConfig
+from pipeline.engine.scheduler import MAX_LOSSES, WorkerLost, run_tiles
+from pipeline.engine.tiling import plan_tiles
 from pipeline.errors import CheckpointError
-from pipeline.inference import ImageJob
-from pipeline.models import build_model
-from pipeline.scheduler import MAX_LOSSES, WorkerLost, run_tiles
-from pipeline.store import OutputStore, TileReport
-from pipeline.tiling import TileStatus, plan_tiles
+from pipeline.job import ImageJob, TileReport, TileStatus
+from pipeline.models import build_model, checkpoint
+from pipeline.store import OutputStore
 from pipeline.workers import TileWorker, infer_ray, local_checkpoint, worker_shape
 
 SHAPE = (768, 1024)  # 6 x 8 = 48 tiles of 128

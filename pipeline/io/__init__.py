@@ -48,7 +48,9 @@ def open_image(
     check_extension(path, fmt)
     limits = Limits(max_pixels=max_pixels, max_slide_pixels=max_slide_pixels)
     if fmt == "dicom":
-        from pipeline.io.dicom import DicomImage  # pydicom is the optional 'dicom' extra
+        from pipeline.io.dicom import (
+            DicomImage,  # pydicom is the optional 'dicom' extra
+        )
 
         return DicomImage(path, limits)
     if fmt in ("png", "jpeg"):

@@ -30,6 +30,8 @@ EXPORT_TILE = 512
 PNG_MAX_PIXELS = 1 << 28  # 16k x 16k
 OVERLAY_ALPHA = 0.4
 # Class colours (RGB) for labels 1, 2, ...; background is left untinted.
+EXPORTS = ("overlay", "png", "ome-tiff", "dicom-seg")  # the registry of export formats
+
 PALETTE = np.array(
     [
         (230, 25, 75),

@@ -17,7 +17,13 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 from pipeline.models.base import SegmentationModel
-from pipeline.models.blocks import DoubleConv, OutConv, Upsample2x, pad_to_multiple, run_block
+from pipeline.models.blocks import (
+    DoubleConv,
+    OutConv,
+    Upsample2x,
+    pad_to_multiple,
+    run_block,
+)
 
 UNETPP_FILTERS = (32, 64, 128, 256, 512)
 MODES = ("accurate", "fast")

@@ -30,10 +30,13 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from pipeline import checkpoint
-from pipeline.augment import Augment, augment
-from pipeline.checkpoint import ModelCard
-from pipeline.datasets import (
+from pipeline.cards import ModelCard
+from pipeline.engine.predictor import autocast_dtype, choose_device
+from pipeline.errors import CheckpointError, ConfigError
+from pipeline.io import resize
+from pipeline.models import SegmentationModel, build_model, checkpoint
+from pipeline.train.augment import Augment, augment
+from pipeline.train.data import (
     DataSpec,
     Sample,
     build_sources,
@@ -42,11 +45,7 @@ from pipeline.datasets import (
     sample_batch,
     validation_samples,
 )
-from pipeline.errors import CheckpointError, ConfigError
-from pipeline.io import resize
-from pipeline.losses import deep_supervision_loss, overlap_counts, overlap_scores
-from pipeline.models import SegmentationModel, build_model
-from pipeline.predictor import autocast_dtype, choose_device
+from pipeline.train.losses import deep_supervision_loss, overlap_counts, overlap_scores
 
 log = logging.getLogger(__name__)
 
@@ -558,7 +557,13 @@ def _progress(config: TrainConfig, worker: Worker) -> Iterator[Any]:
     if not show or worker.rank != 0:
         yield _NoBar()
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("loss {task.fields[loss]:.4f}  dice {task.fields[dice]:.4f}"),

@@ -15,9 +15,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol
 
-from pipeline.inference import ImageJob, TileRunner
-from pipeline.store import OutputStore, TileReport
-from pipeline.tiling import Tile, TileStatus
+from pipeline.engine.tiling import Tile
+from pipeline.job import ImageJob, TileReport, TileStatus
+from pipeline.store import OutputStore
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,12 @@ MAX_LOSSES = 3
 class WorkerLost(Exception):
     """The process running a tile died; the tile is resubmitted without counting an
     attempt, up to MAX_LOSSES times."""
+
+
+class Runner(Protocol):
+    """Computes and writes one tile (engine.runner.TileRunner; benchmarks pass a no-op)."""
+
+    def run(self, job: ImageJob, tile: Tile, attempt: int) -> TileReport: ...
 
 
 class Backend(Protocol):
@@ -119,7 +125,7 @@ class ThreadBackend:
     """Tiles in this process: two threads share one TileRunner, so one reads and writes
     while the other computes (the runner's lock keeps one model call at a time)."""
 
-    def __init__(self, runner: TileRunner, threads: int = 2):
+    def __init__(self, runner: Runner, threads: int = 2):
         self.runner = runner
         self.slots = threads
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="segpipe-tile")

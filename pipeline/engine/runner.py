@@ -16,23 +16,24 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from pipeline import checkpoint
-from pipeline.checkpoint import ModelCard
+from pipeline.cards import ModelCard
 from pipeline.config import RunConfig
-from pipeline.io import open_image, to_channels
-from pipeline.normalization import normalize
-from pipeline.predictor import Predictor
-from pipeline.stitching import CropCanvas, GaussianCanvas, to_labels, upsample_region
-from pipeline.store import OutputStore, TileReport
-from pipeline.tiling import (
+from pipeline.engine.normalization import normalize
+from pipeline.engine.predictor import Predictor
+from pipeline.engine.stitching import (
+    CropCanvas,
+    GaussianCanvas,
+    to_labels,
+    upsample_region,
+)
+from pipeline.engine.tiling import (
     Box,
     Tile,
-    TileStatus,
     Window,
     bounding_box,
     crop_windows,
@@ -40,31 +41,10 @@ from pipeline.tiling import (
     windows_touching,
     work_box_for_full,
 )
-
-
-@dataclass(frozen=True)
-class ImageJob:
-    """What any worker needs to compute any tile of one image: small, picklable facts."""
-
-    image_id: str
-    input_path: str
-    store_path: str
-    full_hw: tuple[int, int]
-    work_hw: tuple[int, int]
-    tile: int
-    halo: int  # already on the model's grid (tiling.effective_halo)
-    kind: str = "xray"  # "xray" or "slide" (pipeline.io.Image.kind)
-    norm_stats: dict[str, float] = field(default_factory=dict)
-    work_url: str | None = None  # ingested working level (zarr); None: read the source in place
-    source_level: int = 0
-
-    def open_work(self) -> Any:
-        """The working-level (H, W, C) array: the ingested zarr array, or the source level."""
-        if self.work_url is not None:
-            import zarr
-
-            return zarr.open_array(self.work_url, mode="r")
-        return open_image(self.input_path).lazy_level(self.source_level)
+from pipeline.io import to_channels
+from pipeline.job import ImageJob, TileReport, TileStatus
+from pipeline.models import checkpoint
+from pipeline.store import OutputStore
 
 
 @dataclass(frozen=True)

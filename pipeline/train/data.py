@@ -1,6 +1,6 @@
 """Training data: image/mask pairs read through the inference readers, at the model's scale.
 
-Two kinds of source, chosen by the model's scale (pipeline.checkpoint.ModelCard.scale):
+Two kinds of source, chosen by the model's scale (pipeline.cards.ModelCard.scale):
   - {"size": [h, w]} (whole X-rays): each image is read whole, resized to the size and kept
     in memory, as inference's working level would be. Its labels are also kept at full
     resolution, because inference delivers masks there and validation scores them there.
@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.engine.normalization import image_stats, normalize
+from pipeline.engine.tiling import work_shape_for
 from pipeline.errors import ConfigError, InputError
 from pipeline.io import Image, open_image, preview, resize, select_level, to_channels
 from pipeline.io.resample import resize_region
 from pipeline.io.sniff import sniff
-from pipeline.normalization import image_stats, normalize
-from pipeline.tiling import work_shape_for
 
 MASK_SEPARATORS = ("_", "-", ".")
 

@@ -7,13 +7,12 @@ says `full`; every box is half-open. Nothing here reads pixels.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import IntEnum
 
 import numpy as np
 
-from pipeline.errors import ConfigError, SegpipeError
+from pipeline.errors import ConfigError
 
 # Full-resolution chunk when tile*scale is not an integer: ownership (full_res_owned) is
 # correct for any chunk size, so this only sets write granularity (256 KiB of uint8).
@@ -133,33 +132,6 @@ def plan_tiles(shape_hw: tuple[int, int], tile: int) -> list[Tile]:
         for r in range(rows)
         for c in range(cols)
     ]
-
-
-def assert_single_owner(tiles: Sequence[Tile], shape_hw: tuple[int, int], chunk: int) -> None:
-    """Invariant 1: every output chunk is written by exactly one tile, and only whole chunks.
-
-    Raises SegpipeError naming the first chunk with zero or several owners.
-    """
-    owners = np.zeros(grid_shape(shape_hw, chunk), dtype=np.int64)
-    for t in tiles:
-        r = t.region
-        if not _chunk_aligned(r, shape_hw, chunk):
-            raise SegpipeError(f"tile {t.index}: region {r} is not aligned to {chunk=}")
-        owners[r.y0 // chunk : -(-r.y1 // chunk), r.x0 // chunk : -(-r.x1 // chunk)] += 1
-    bad = np.argwhere(owners != 1)
-    if len(bad):
-        idx = tuple(int(i) for i in bad[0])
-        raise SegpipeError(f"chunk {idx} has {owners[idx]} owner tiles, expected 1")
-
-
-def _chunk_aligned(box: Box, shape_hw: tuple[int, int], chunk: int) -> bool:
-    h, w = shape_hw
-    return (
-        box.y0 % chunk == 0
-        and box.x0 % chunk == 0
-        and (box.y1 % chunk == 0 or box.y1 == h)
-        and (box.x1 % chunk == 0 or box.x1 == w)
-    )
 
 
 def _check_tile(tile: int) -> None:
@@ -394,32 +366,3 @@ def _work_axis(f0: int, f1: int, work: int, full: int, margin: int) -> tuple[int
     lo = math.floor((f0 + 0.5) * ratio - 0.5)
     hi = math.floor((f1 - 1 + 0.5) * ratio - 0.5) + 1
     return (max(0, lo - margin), min(work, hi + 1 + margin))
-
-
-# ---------------------------------------------------------------------------------------
-# Tile status grid
-
-
-class TileStatus(IntEnum):
-    """A tile's state in the output's status grid (stored as uint8)."""
-
-    PENDING = 0
-    DONE = 1
-    SKIPPED = 2
-    FAILED = 3
-
-
-def new_status_grid(grid_hw: tuple[int, int]) -> np.ndarray:
-    """Every tile PENDING."""
-    return np.full(grid_hw, TileStatus.PENDING, dtype=np.uint8)
-
-
-def tiles_to_run(status: np.ndarray) -> list[tuple[int, int]]:
-    """Tiles a (re-)run must still compute: PENDING or FAILED, in row-major order."""
-    todo = np.isin(status, (TileStatus.PENDING, TileStatus.FAILED))
-    return [(int(r), int(c)) for r, c in np.argwhere(todo)]
-
-
-def is_complete(status: np.ndarray) -> bool:
-    """Invariant 5: an image is complete only when every tile is DONE or SKIPPED."""
-    return bool(np.isin(status, (TileStatus.DONE, TileStatus.SKIPPED)).all())

@@ -13,8 +13,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from pipeline import process_env
 from pipeline.config import RunConfig
+from pipeline.engine import process_env
 from pipeline.errors import ConfigError
 from pipeline.models import SegmentationModel, fold_batchnorm
 

@@ -10,9 +10,7 @@ renaming their keys; those networks upsample with align_corners=True, so the imp
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,57 +18,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from pipeline.cards import CARD_KEY, ModelCard, read_card
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models import SegmentationModel, build_model
-
-CARD_KEY = "segpipe.card"
-
-
-@dataclass
-class ModelCard:
-    """What a user (and the engine) needs to run a model correctly.
-
-    normalization: {"kind": "scale", "divisor": 255} | {"kind": "percentile", "low": 1,
-        "high": 99} | {"kind": "meanstd", "mean": [...], "std": [...], "divisor": 255}.
-    scale: the scale the model was trained at: {"mpp": 0.5} for slides, {"size": [512, 512]}
-        for whole X-rays resized to a fixed size, or None for "the input's own pixels".
-    """
-
-    arch: str
-    config: dict[str, Any]
-    name: str = ""
-    class_names: list[str] = field(default_factory=lambda: ["foreground"])
-    normalization: dict[str, Any] = field(default_factory=lambda: {"kind": "scale", "divisor": 255})
-    scale: dict[str, Any] | None = None
-    tile: int | None = None
-    halo: int | None = None
-    threshold: float = 0.5
-    data: str = ""
-    license: str = ""
-    metrics: dict[str, Any] = field(default_factory=dict)
-    weights_sha256: str = ""
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.config.get("in_channels", 3))
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str, source: str = "card") -> ModelCard:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{source}: model card is not valid JSON ({exc})") from None
-        known = {f.name for f in fields(cls)}
-        missing = {"arch", "config"} - set(raw)
-        if missing:
-            raise CheckpointError(f"{source}: model card lacks {sorted(missing)}")
-        return cls(**{k: v for k, v in raw.items() if k in known})
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -184,47 +134,3 @@ def _rename_unetpp(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 REFERENCE_RENAMES = {"unet": _rename_unet, "unetpp": _rename_unetpp}
-
-
-SHIPPED_DIR = Path(__file__).parent / "weights"
-
-
-def shipped_models() -> dict[str, Path]:
-    """The models that ship inside the package, by name."""
-    return {p.stem: p for p in sorted(SHIPPED_DIR.glob("*.safetensors"))}
-
-
-def resolve(model: str | Path) -> Path:
-    """A shipped model name or a checkpoint path -> the checkpoint's path."""
-    shipped = shipped_models()
-    if str(model) in shipped:
-        return shipped[str(model)]
-    path = Path(model)
-    if not path.is_file():
-        raise CheckpointError(f"{model}: neither a checkpoint file nor a shipped model {sorted(shipped)}")
-    return path
-
-
-def read_card(path: str | Path) -> ModelCard:
-    """The model card of a checkpoint, without building the model (plain state_dicts get a
-    minimal card and need arch= at load time)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: only safetensors checkpoints carry a model card")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    if CARD_KEY not in metadata:
-        raise CheckpointError(f"{path}: safetensors file has no segpipe model card")
-    return ModelCard.from_json(metadata[CARD_KEY], str(path))
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, streamed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

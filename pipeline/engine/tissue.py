@@ -11,8 +11,8 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from skimage import color, filters, morphology
 
+from pipeline.engine.tiling import Tile
 from pipeline.errors import InputError
-from pipeline.tiling import Tile
 
 # Thresholds are Otsu's, clamped to these bounds. H&E glass has a saturation near 0 and
 # stained tissue mostly above 0.2: Otsu can land higher (0.26 on the TCGA sample, losing

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path, PurePosixPath
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import dask.array as da
 import numpy as np
@@ -46,8 +46,10 @@ import zarr.errors
 from skimage.transform import pyramid_reduce
 from zarr.codecs import ZstdCodec
 
+from pipeline.config import ProbDtype, pixel_settings
+from pipeline.engine.tiling import Box, Tile, full_res_owned, grid_shape
 from pipeline.errors import SegpipeError
-from pipeline.tiling import Box, Tile, TileStatus, full_res_owned, grid_shape, is_complete
+from pipeline.job import TileReport, TileStatus, is_complete
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +61,12 @@ THUMBNAIL_MIN_SIDE = 256
 ERROR_MAX_CHARS = 1000  # error text kept per failed tile; the status attributes stay small
 SUMMARY_MAX_FAILED = 20
 
-ProbDtype = Literal["uint8", "float16", "float32"]
-PROB_DTYPES: tuple[str, ...] = ("uint8", "float16", "float32")
+PROB_DTYPES: tuple[str, ...] = get_args(ProbDtype)
 State = Literal["pending", "running", "partial", "complete"]
 STATES: tuple[str, ...] = ("pending", "running", "partial", "complete")
 
 # A fixed codec, not zarr's configurable default: a rewritten tile gives identical bytes.
 _COMPRESSORS = (ZstdCodec(level=3),)
-# Run settings that change how a run executes but not its pixels: a resume may differ in them.
-_EXECUTION_ONLY = frozenset(
-    {"workers", "ray_address", "retries", "faults", "exports", "batch_size", "compile",
-     "channels_last", "max_pixels", "max_slide_pixels"}
-)
 _PALETTE = (
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
     (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
@@ -79,18 +75,6 @@ _PALETTE = (
 
 class StoreError(SegpipeError, ValueError):
     """An output store does not match the request, or a write would break invariant 1."""
-
-
-@dataclass(frozen=True)
-class TileReport:
-    """What the driver records for one tile; workers return these, never pixels."""
-
-    index: tuple[int, int]
-    status: TileStatus
-    error: str | None = None  # required for FAILED
-    attempts: int | None = None  # FAILED: how often the tile was tried (None: 1)
-    seconds: float | None = None
-    windows: int | None = None  # model inputs the tile ran (DONE)
 
 
 # ---------------------------------------------------------------------------------------
@@ -217,7 +201,7 @@ def _identity(provenance: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "input.sha256": (provenance.get("input") or {}).get("sha256"),
         "model.sha256": (provenance.get("model") or {}).get("sha256"),
-        **{f"run.{k}": v for k, v in run.items() if k not in _EXECUTION_ONLY},
+        **{f"run.{k}": v for k, v in pixel_settings(run).items()},
     }
 
 

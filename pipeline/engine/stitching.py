@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.tiling import Box, gaussian_importance
+from pipeline.engine.tiling import Box, gaussian_importance
 
 
 class CropCanvas:

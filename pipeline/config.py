@@ -71,7 +71,7 @@ class RunConfig:
     prune_level: int | None = setting(None, panel=MODEL, help="UNet++ fast mode: prune level, 1 to the model's depth.")
     precision: Precision = setting("auto", panel=MODEL, help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.")
     tta: bool = setting(False, panel=MODEL, help="Average over horizontal and vertical flips (4x the compute).")
-    threshold: float | None = setting(None, panel=MODEL, help="Probability threshold of binary models, in (0, 1) (default: the card's).")
+    threshold: float | None = setting(None, panel=MODEL, help="Probability threshold of binary models, in [0, 1] (default: the card's).")
     # -- tissue
     tissue: bool | None = setting(None, panel=TISSUE, help="Skip background tiles (default: on for slides, off for X-rays).")
     tissue_threshold: float = setting(0.02, panel=TISSUE, help="Tiles with less tissue than this fraction are skipped.")
@@ -110,8 +110,8 @@ class RunConfig:
             raise ConfigError(f"overlap must be in [0, 1), got {self.overlap=}")
         if self.prune_level is not None and self.prune_level < 1:
             raise ConfigError(f"prune_level must be >= 1, got {self.prune_level=}")
-        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
-            raise ConfigError(f"threshold must be in (0, 1), got {self.threshold=}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ConfigError(f"threshold must be in [0, 1], got {self.threshold=}")
         if not 0.0 <= self.tissue_threshold <= 1.0:
             raise ConfigError(f"tissue_threshold must be in [0, 1], got {self.tissue_threshold=}")
         if self.workers is not None and self.workers < 1:

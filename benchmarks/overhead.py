@@ -18,6 +18,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -84,7 +85,7 @@ def stage_seconds(image: str, model: str, out: Path, run: RunConfig) -> dict[str
     times["ingest (read PNG, zarr work array, preview)"] = time.perf_counter() - start
     for name, step in (("plan", lambda: stages.plan(job, run)),
                        ("infer (tiles: read, normalise, model, stitch, write)",
-                        lambda: stages.infer_local(job, model, run)),
+                        lambda: _infer_local(job, model, run)),
                        ("finalize (status, pyramid)", lambda: stages.finalize(job))):
         start = time.perf_counter()
         step()
@@ -146,3 +147,11 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def _infer_local(job: Any, model: str, run: Any) -> dict[str, int]:
+    """The infer stage in this process, on a pool of its own (the model loaded once)."""
+    from pipeline.engine.pool import local_pool
+
+    with local_pool(model, run) as pool:
+        return stages.infer(job, run, pool)

@@ -9,6 +9,7 @@ export and models answer at once.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -17,15 +18,20 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from flows import options
+from flows.console import (
+    err_console,
+    out_console,
+    run_collection,
+    usage_error,
+)
 from flows.train_cli import train_command
 from pipeline.errors import SegpipeError
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-EXPORTS = ("overlay", "png", "ome-tiff", "dicom-seg")
+EXIT_OK, EXIT_FAILED = 0, 1  # and EXIT_USAGE (2), from flows.console
 
 app = typer.Typer(
     name="segpipe",
@@ -34,51 +40,43 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
-out_console = Console()
-err_console = Console(stderr=True)
 
-# -- engine options, shared by `run` and `serve` ----------------------------------------------
-ENGINE = "Engine"
+# -- options: the run's settings are generated from RunConfig's fields ---------------------------
 Model = Annotated[str, typer.Option("--model", "-m", help="A shipped model name (see `segpipe models`) or a .safetensors checkpoint.")]
 Out = Annotated[str, typer.Option("--out", "-o", help="Output folder (or fsspec URL): one <image>.zarr per image, exports beside it.")]
-Tile = Annotated[Optional[int], typer.Option(help="Tile side in working-level pixels, a multiple of 16 (default: 1024).", rich_help_panel=ENGINE)]
-Halo = Annotated[Optional[int], typer.Option(help="Context around each tile (default: the model card's, else 64).", rich_help_panel=ENGINE)]
-Blend = Annotated[Optional[str], typer.Option(help="crop (exact, default) or gaussian (global sliding window).", rich_help_panel=ENGINE)]
-Mode = Annotated[Optional[str], typer.Option(help="UNet++: accurate (mean of heads) or fast (one pruned head) (default: the card's).", rich_help_panel=ENGINE)]
-PruneLevel = Annotated[Optional[int], typer.Option(help="UNet++ fast mode: prune level 1-4.", rich_help_panel=ENGINE)]
-Precision = Annotated[Optional[str], typer.Option(help="auto, fp32, bf16 or fp16 (default: auto).", rich_help_panel=ENGINE)]
-Tissue = Annotated[Optional[bool], typer.Option("--tissue/--no-tissue", help="Skip background tiles (default: on for slides, off for X-rays).", rich_help_panel=ENGINE, show_default=False)]
-TissueThreshold = Annotated[Optional[float], typer.Option(help="Tiles with less tissue than this fraction are skipped (default: 0.02).", rich_help_panel=ENGINE)]
-TissueMask = Annotated[Optional[str], typer.Option(help="A mask image to use instead of tissue detection.", rich_help_panel=ENGINE)]
-Threshold = Annotated[Optional[float], typer.Option(help="Probability threshold of binary models (default: the card's).", rich_help_panel=ENGINE)]
-Export = Annotated[Optional[list[str]], typer.Option("--export", "-e", help=f"Export after a complete image, repeatable or comma-separated: {', '.join(EXPORTS)}, none (default: overlay).", rich_help_panel=ENGINE)]
-Workers = Annotated[Optional[int], typer.Option(help="Tile workers (default: one per GPU, else one per 4 CPUs).", rich_help_panel=ENGINE)]
-RayAddress = Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", help="Ray cluster to join (default: a local one).", rich_help_panel=ENGINE)]
-Retries = Annotated[Optional[int], typer.Option(help="Attempts per failed tile after the first (default: 3).", rich_help_panel=ENGINE)]
-Concurrency = Annotated[int, typer.Option(help="Images processed at once (all share the Ray workers).", rich_help_panel=ENGINE)]
+Concurrency = Annotated[int, typer.Option(help="Images processed at once (all share the Ray workers).", rich_help_panel="Execution")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's and the pipeline's logs.")]
+Inputs = Annotated[list[str], typer.Argument(help="Images, folders, globs, list files (.txt) or fsspec URLs.", show_default=False)]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")]
+Cron = Annotated[str, typer.Option(help="When to run (cron, server time zone).")]
+Name = Annotated[str, typer.Option(help="Deployment name.")]
 
 
-def run_config(**options: Any) -> Any:
-    """RunConfig from the command line's engine options (None: the default)."""
+def _param(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
+
+
+def export_names() -> list[str]:
+    from pipeline.io.exports import EXPORTS
+
+    return list(EXPORTS)
+
+
+def settings_options() -> list[inspect.Parameter]:
+    """`segpipe run` and `serve` options: one per RunConfig field."""
     from pipeline.config import RunConfig
 
-    exports = options.pop("export")
-    chosen = {k: v for k, v in options.items() if v is not None}
-    if exports is not None:
-        chosen["exports"] = parse_exports(exports)
-    return RunConfig().with_(**chosen)
+    names = ", ".join(export_names())
+    exports = f"Exports written after a complete image: {names}; or none (see `segpipe export`)."
+    return [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            for p in options.generate(RunConfig, help={"exports": exports})]  # fmt: skip
 
 
-def parse_exports(values: list[str]) -> tuple[str, ...]:
-    names = tuple(n.strip() for v in values for n in v.split(",") if n.strip())
-    if names == ("none",):
-        return ()
-    unknown = [n for n in names if n not in EXPORTS]
-    if unknown:
-        raise typer.BadParameter(f"unknown export {unknown}; choose from {', '.join(EXPORTS)}, none",
-                                 param_hint="--export")
-    return names
+def run_config(**given: Any) -> Any:
+    """RunConfig from the command line's settings options (None: the default)."""
+    from pipeline.config import RunConfig
+
+    return RunConfig().with_(**options.given(RunConfig, given))
 
 
 @app.callback()
@@ -103,25 +101,12 @@ def main(verbose: Verbose = False) -> None:
 
   RAY_ADDRESS=ray://head:10001 segpipe run /nfs/archive -m lung-xray -o /nfs/out --concurrency 8
 """)
-def run(
-    inputs: Annotated[list[str], typer.Argument(help="Images, folders, globs, list files (.txt) or fsspec URLs.", show_default=False)],
-    model: Model,
-    out: Out,
-    tile: Tile = None, halo: Halo = None, blend: Blend = None, mode: Mode = None,
-    prune_level: PruneLevel = None, precision: Precision = None, tissue: Tissue = None,
-    tissue_threshold: TissueThreshold = None, tissue_mask: TissueMask = None,
-    threshold: Threshold = None, export: Export = None, workers: Workers = None,
-    ray_address: RayAddress = None, retries: Retries = None, concurrency: Concurrency = 2,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
-) -> None:
+def run(inputs: list[str], model: str, out: str, concurrency: int = 2, as_json: bool = False,
+        **settings: Any) -> None:
     """Segment images: each gets OUT/<name>.zarr (mask at full resolution, probabilities,
     pyramid, tile status, provenance) and its exports. Images already complete for the same
     model and settings are not run again."""
-    config = _usage_checked(lambda: run_config(
-        tile=tile, halo=halo, blend=blend, mode=mode, prune_level=prune_level, precision=precision,
-        tissue=tissue, tissue_threshold=tissue_threshold, tissue_mask=tissue_mask, threshold=threshold,
-        export=export, workers=workers, ray_address=ray_address, retries=retries,
-    ))  # fmt: skip
+    config = _usage_checked(lambda: run_config(**settings))
     model_path = _usage_checked(lambda: _check_run(inputs, model, out))
     results = run_collection(inputs, model_path, out, config, concurrency, show_table=not as_json)
     if as_json:
@@ -129,23 +114,10 @@ def run(
     raise typer.Exit(exit_code(results))
 
 
-def run_collection(inputs: list[str], model: str, out: str, config: Any, concurrency: int,
-                   show_table: bool = True, title: str = "segpipe run") -> list[Any]:
-    """Run segment_collection with live progress bars; print the summary and problems."""
-    from flows import console, report
-    from flows.segment import segment_collection
-
-    try:
-        with console.live_progress(err_console):
-            results = segment_collection(inputs, model, out, config, concurrency)
-    except (SegpipeError, ValueError, ConnectionError, TimeoutError) as exc:
-        # the run itself could not go on: a setting, the cluster, the server or the storage
-        _usage_error(f"run stopped: {type(exc).__name__}: {' '.join(str(exc).split())}")
-    if show_table:
-        out_console.print(console.results_table(results, title=title))
-        for line in report.problems(results):
-            err_console.print(f"[red]✗[/] {escape(line)}", highlight=False, soft_wrap=True)
-    return results
+options.command(run, [
+    _param("inputs", Inputs), _param("model", Model), _param("out", Out),
+    _param("as_json", AsJson, False), *settings_options(), _param("concurrency", Concurrency, 2),
+])  # fmt: skip
 
 
 def exit_code(results: list[Any]) -> int:
@@ -203,7 +175,7 @@ def status(
 """)
 def export(
     out: Annotated[str, typer.Argument(help="An output folder of `segpipe run`.", show_default=False)],
-    format: Annotated[list[str], typer.Option("--format", "-f", help=f"{', '.join(EXPORTS)}; repeatable or comma-separated.", show_default=False)],
+    format: Annotated[list[str], typer.Option("--format", "-f", help=f"{', '.join(export_names())}; repeatable or comma-separated.", show_default=False)],
     image: Annotated[Optional[list[str]], typer.Option(help="Only these image ids (default: every complete image).")] = None,
 ) -> None:
     """Write exports of finished images: pyramidal OME-TIFF, PNG labels, an overlay, or a
@@ -212,12 +184,12 @@ def export(
     from pipeline import stages
     from pipeline.config import RunConfig
 
-    formats = _usage_checked(lambda: parse_exports(format))
+    config = _usage_checked(lambda: RunConfig(exports=options.parse(format, tuple[str, ...], "format")))
     stores = _usage_checked(lambda: outputs.stores(out))
     chosen = [s for s in stores if not image or s.image_id in image]
     missing = set(image or ()) - {s.image_id for s in stores}
     if missing:
-        _usage_error(f"{out}: no output for image ids {sorted(missing)}")
+        usage_error(f"{out}: no output for image ids {sorted(missing)}")
     code = EXIT_OK
     for store in chosen:
         if store.state != "complete":
@@ -225,7 +197,7 @@ def export(
             code = EXIT_FAILED
             continue
         try:
-            written = stages.export(outputs.job_for(store), RunConfig(), formats)
+            written = stages.export(outputs.job_for(store), config)
         except SegpipeError as exc:
             err_console.print(f"[red]✗[/] {store.image_id}: {escape(str(exc))}", highlight=False)
             code = EXIT_FAILED
@@ -241,34 +213,27 @@ def export(
 
   PREFECT_API_URL=http://prefect:4200/api segpipe serve s3://archive/slides -m nuclei-he -o s3://results/slides
 """)
-def serve(
-    inputs: Annotated[list[str], typer.Argument(help="Folders, globs, list files or fsspec URLs to scan at every run.", show_default=False)],
-    model: Model,
-    out: Out,
-    cron: Annotated[str, typer.Option(help="When to run (cron, server time zone).")] = "0 2 * * *",
-    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
-    tile: Tile = None, halo: Halo = None, blend: Blend = None, mode: Mode = None,
-    prune_level: PruneLevel = None, precision: Precision = None, tissue: Tissue = None,
-    tissue_threshold: TissueThreshold = None, tissue_mask: TissueMask = None,
-    threshold: Threshold = None, export: Export = None, workers: Workers = None,
-    ray_address: RayAddress = None, retries: Retries = None, concurrency: Concurrency = 2,
-) -> None:
+def serve(inputs: list[str], model: str, out: str, cron: str = "0 2 * * *", name: str = "nightly",
+          concurrency: int = 2, **settings: Any) -> None:  # fmt: skip
     """Serve segment-collection on a schedule from this process (Ctrl-C stops it). Each run
     processes only images that are new or changed since the last."""
     from prefect import serve as prefect_serve
 
     from flows.schedule import build_deployment
 
-    config = _usage_checked(lambda: run_config(
-        tile=tile, halo=halo, blend=blend, mode=mode, prune_level=prune_level, precision=precision,
-        tissue=tissue, tissue_threshold=tissue_threshold, tissue_mask=tissue_mask, threshold=threshold,
-        export=export, workers=workers, ray_address=ray_address, retries=retries,
-    ))  # fmt: skip
+    config = _usage_checked(lambda: run_config(**settings))
     model_path = _usage_checked(lambda: _check_model(model))
     deployment = _usage_checked(lambda: build_deployment(
         [_absolute(i) for i in inputs], model_path, _absolute(out), cron, config, name, concurrency))
     err_console.print(f"serving [bold]{deployment.name}[/] of segment-collection, cron {cron!r}")
     prefect_serve(deployment)
+
+
+options.command(serve, [
+    _param("inputs", Annotated[list[str], typer.Argument(help="Folders, globs, list files or fsspec URLs to scan at every run.", show_default=False)]),
+    _param("model", Model), _param("out", Out), _param("cron", Cron, "0 2 * * *"), _param("name", Name, "nightly"),
+    *settings_options(), _param("concurrency", Concurrency, 2),
+])  # fmt: skip
 
 
 @app.command(epilog="""[bold]Examples[/]
@@ -279,10 +244,11 @@ def serve(
 """)
 def models(as_json: Annotated[bool, typer.Option("--json", help="Print the model cards as JSON.")] = False) -> None:
     """The models shipped with segpipe (use the name with --model)."""
-    from pipeline import cards
+    from pipeline.cards import read_card, shipped_models
 
-    cards = {name: cards.read_card(path) for name, path in cards.shipped_models().items()}
-    sizes = {name: path.stat().st_size for name, path in cards.shipped_models().items()}
+    shipped = shipped_models()
+    cards = {name: read_card(path) for name, path in shipped.items()}
+    sizes = {name: path.stat().st_size for name, path in shipped.items()}
     if as_json:
         out_console.print_json(json.dumps({n: c.to_dict() for n, c in cards.items()}))
         return
@@ -323,7 +289,7 @@ def demo(
 
 
 def _train(build_config: Any) -> None:
-    from pipeline.train.loop import train
+    from pipeline.train import train
 
     config = _usage_checked(build_config)
     path = train(config)
@@ -335,8 +301,6 @@ app.command(name="train", epilog="""[bold]Examples[/]
   segpipe train data/images data/masks --out runs/lungs --name my-lungs --size 256x256 --in-channels 1 --class-names lung
 
   segpipe train slide.svs slide-mask.png --out runs/tissue --mpp 8 --patch 256 --epochs 20
-
-  segpipe train --recipe lung-xray --out runs/lung-xray      # the shipped model's settings
 
   segpipe train data/images data/masks --out runs/big --workers 2   # Ray Train, DDP
 """)(train_command(_train))
@@ -390,12 +354,7 @@ def _usage_checked(call: Any) -> Any:
     try:
         return call()
     except (SegpipeError, ValueError) as exc:
-        _usage_error(str(exc))
-
-
-def _usage_error(message: str) -> None:
-    err_console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(EXIT_USAGE)
+        usage_error(str(exc))
 
 
 def _absolute(location: str) -> str:

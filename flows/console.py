@@ -1,4 +1,5 @@
-"""What the CLI shows: live progress bars fed by run events, and the summary tables."""
+"""What the CLI shows: live progress bars fed by run events, the summary tables, and a
+run with both (`run_collection`, shared by `segpipe run` and the demo)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -23,6 +26,11 @@ from rich.text import Text
 
 from flows import progress, report
 from flows.report import ImageResult, format_fractions
+from pipeline.errors import SegpipeError
+
+EXIT_USAGE = 2
+out_console = Console()
+err_console = Console(stderr=True)
 
 STATE_STYLE = {"complete": "green", "partial": "yellow", "failed": "red", "reused": "cyan",
                "pending": "yellow", "running": "yellow"}
@@ -129,3 +137,27 @@ def status_table(summaries: Sequence[Mapping[str, Any]]) -> Table:
                       str(c["total"]), str(c["done"]), str(c["skipped"]), str(c["failed"]),
                       str(c["pending"]), format_fractions(s.get("mask_fraction")))  # fmt: skip
     return table
+
+
+def run_collection(inputs: list[str], model: str, out: str, config: Any, concurrency: int,
+                   show_table: bool = True, title: str = "segpipe run") -> list[Any]:
+    """Run segment_collection with live progress bars; print the summary and problems."""
+    from flows.segment import segment_collection  # Prefect: only for commands that run
+
+    try:
+        with live_progress(err_console):
+            results = segment_collection(inputs, model, out, config, concurrency)
+    except (SegpipeError, ValueError, ConnectionError, TimeoutError) as exc:
+        # the run itself could not go on: a setting, the cluster, the server or the storage
+        usage_error(f"run stopped: {type(exc).__name__}: {' '.join(str(exc).split())}")
+    if show_table:
+        out_console.print(results_table(results, title=title))
+        for line in report.problems(results):
+            err_console.print(f"[red]✗[/] {escape(line)}", highlight=False, soft_wrap=True)
+    return results
+
+
+def usage_error(message: str) -> None:
+    """Say what is wrong on one line and exit with the usage code (2)."""
+    err_console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_USAGE)

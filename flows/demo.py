@@ -29,6 +29,7 @@ from rich.markup import escape
 from skimage.color import rgb2hsv
 from skimage.transform import downscale_local_mean
 
+from flows.console import err_console, out_console, run_collection
 from pipeline import cards
 from pipeline.config import RunConfig
 from pipeline.engine.tiling import plan_tiles
@@ -74,8 +75,6 @@ class Step:
 def run_demo(out: Path, concurrency: int) -> list[Any]:
     """Prepare the images, run every step whose model is shipped, print where to look.
     Returns every image's result (empty when no step could run)."""
-    from flows.cli import err_console, out_console, run_collection
-
     files = demo_files(err_console)
     shipped = cards.shipped_models()
     zooms: list[Path] = []

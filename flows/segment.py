@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import nullcontext
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -21,7 +22,6 @@ from prefect.runtime import flow_run
 
 from flows import progress, report
 from flows.discover import Source, fingerprint
-from flows.pool import run_pool
 from flows.report import ImageResult
 from flows.tasks import (
     discover_task,
@@ -34,6 +34,7 @@ from flows.tasks import (
 )
 from pipeline import cards
 from pipeline.config import RunConfig
+from pipeline.engine.pool import RunPool
 from pipeline.io import location
 from pipeline.store import (
     OutputStore,
@@ -54,10 +55,10 @@ def _image_run_name() -> str:
 
 @flow(name="segment-image", flow_run_name=_image_run_name)
 def segment_image(source: str, model: str, out: str, config: RunConfig | None = None,
-                  image_id: str | None = None, pool: str | None = None) -> ImageResult:
+                  image_id: str | None = None, pool: RunPool | None = None) -> ImageResult:
     """Segment one image (a path or fsspec URL) with a shipped model name or checkpoint
-    path into OUT/<image_id>.zarr, plus its exports. `pool` is set by segment_collection:
-    the key of the run's shared Ray worker pool."""
+    path into OUT/<image_id>.zarr, plus its exports. `pool` is the run's worker pool
+    (segment_collection passes its own); without one, Ray workers start for this image."""
     run = config or RunConfig()
     logger = get_run_logger()
     start = time.perf_counter()
@@ -65,7 +66,8 @@ def segment_image(source: str, model: str, out: str, config: RunConfig | None = 
     item = Source(source, image_id or safe_image_id(source))
     job = ingest_task(item, model_path, run, out)
     plan_task(job, run)
-    infer_task(job, model_path, run, pool)
+    with nullcontext(pool) if pool is not None else _ray_pool(model_path, run) as tiles:
+        infer_task(job, run, tiles)
     summary = finalize_task(job)
     exports: dict[str, str] = {}
     if summary["state"] == "complete":
@@ -98,7 +100,7 @@ def segment_collection(inputs: list[str], model: str, out: str, config: RunConfi
     logger.info("%d images: %d already complete, %d to run", len(sources), len(reused), len(todo))
     if todo:
         _connect(run)  # here, in the flow's thread: Ray starts best from the main thread
-    with run_pool(lambda: _start_pool(model_path, run)) as pool:
+    with _ray_pool(model_path, run) as pool:
         fresh = _run_bounded(todo, model_path, out, run, pool, max(1, concurrency))
     order = {s.uri: i for i, s in enumerate(sources)}
     results = sorted([*reused.values(), *fresh], key=lambda r: order[r.input])
@@ -107,7 +109,7 @@ def segment_collection(inputs: list[str], model: str, out: str, config: RunConfi
 
 
 @task(name="image", cache_policy=NO_CACHE)
-def image_task(source: Source, model_path: str, out: str, config: RunConfig, pool: str) -> ImageResult:
+def image_task(source: Source, model_path: str, out: str, config: RunConfig, pool: RunPool) -> ImageResult:
     """One image's subflow; its failure becomes a failed result instead of an exception,
     so the collection goes on. (A task around the subflow lets images run concurrently.)"""
     start = time.perf_counter()
@@ -159,7 +161,7 @@ def _complete_store(out: str, image_id: str) -> OutputStore | None:
 
 
 def _run_bounded(todo: list[Source], model_path: str, out: str, config: RunConfig,
-                 pool: str, limit: int) -> list[ImageResult]:
+                 pool: RunPool, limit: int) -> list[ImageResult]:
     """Run the images, at most `limit` at a time; results in the order they finish."""
     queue, running, results = deque(todo), set(), []
     while queue or running:
@@ -177,11 +179,11 @@ def _connect(config: RunConfig) -> None:
     connect(config)
 
 
-def _start_pool(model_path: str, config: RunConfig) -> Any:
-    """The run's tile workers (called on first use)."""
-    from pipeline.workers import RayBackend
+def _ray_pool(model_path: str, config: RunConfig) -> RunPool:
+    """The run's tile workers on Ray (they start on the first image with work)."""
+    from pipeline.workers import ray_pool
 
-    return RayBackend.start(model_path, config)
+    return ray_pool(model_path, config)
 
 
 def _report(results: list[ImageResult], out: str) -> None:

@@ -28,9 +28,9 @@ from prefect.tasks import exponential_backoff
 
 from flows import progress
 from flows.discover import Source, discover, localize
-from flows.pool import lookup
 from pipeline import stages
 from pipeline.config import RunConfig
+from pipeline.engine.pool import RunPool
 from pipeline.errors import SegpipeError
 from pipeline.io import location
 from pipeline.job import ImageJob, TileReport, TileStatus
@@ -90,17 +90,10 @@ def plan_task(job: ImageJob, config: RunConfig) -> dict[str, int]:
 
 
 @task(name="infer", cache_policy=NO_CACHE)
-def infer_task(job: ImageJob, model_path: str, config: RunConfig, pool: str | None = None) -> dict[str, int]:
-    """Run the image's pending and failed tiles on Ray and wait: on the run's shared pool
-    when the collection opened one, else on actors started for this image."""
+def infer_task(job: ImageJob, config: RunConfig, pool: RunPool) -> dict[str, int]:
+    """Run the image's pending and failed tiles on the run's worker pool and wait."""
     tracker = TileProgress(job)
-    run_pool = lookup(pool)
-    if run_pool is None:
-        from pipeline.workers import infer_ray
-
-        counts = infer_ray(job, model_path, config, tracker)
-    else:
-        counts = stages.infer(job, config, run_pool.view, tracker)
+    counts = stages.infer(job, config, pool, tracker)
     tracker.close()
     get_run_logger().info("%s: tiles %s", job.image_id, _counts_text(counts))
     return counts
@@ -159,9 +152,9 @@ class TileProgress:
 def _cache_dir(out: str) -> str:
     if os.environ.get(CACHE_ENV):
         return os.environ[CACHE_ENV]
-    if "://" in out and not out.startswith("file://"):
+    if location.is_remote(out):
         return str(Path(tempfile.gettempdir()) / "segpipe-inputs")
-    return str(Path(out.removeprefix("file://")) / ".inputs")
+    return str(location.local_path(out) / ".inputs")
 
 
 def _counts_text(counts: dict[str, int]) -> str:

@@ -9,6 +9,7 @@ know about it, so that no list of settings is written out anywhere else:
               these (`PIXEL_SETTINGS`), so a resume may change the others freely
     cli       False for settings that are not options (test-only fault injection)
     envvar    an environment variable the option also reads
+    aliases   other names of the option (e.g. --export, -e for exports)
 """
 
 from __future__ import annotations
@@ -34,9 +35,11 @@ TILING, MODEL, TISSUE, OUTPUT, EXECUTION = "Tiling", "Model", "Tissue", "Output"
 
 
 def setting(default: Any = MISSING, *, help: str, panel: str, pixels: bool = True,
-            cli: bool = True, envvar: str | None = None, factory: Any = MISSING) -> Any:
+            cli: bool = True, envvar: str | None = None, aliases: tuple[str, ...] = (),
+            factory: Any = MISSING) -> Any:  # fmt: skip
     """A RunConfig field with its metadata (see the module docstring)."""
-    meta = {"help": help, "panel": panel, "pixels": pixels, "cli": cli, "envvar": envvar}
+    meta = {"help": help, "panel": panel, "pixels": pixels, "cli": cli, "envvar": envvar,
+            "aliases": aliases}  # fmt: skip
     if factory is not MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -78,7 +81,7 @@ class RunConfig:
     tissue_mask: str | None = setting(None, panel=TISSUE, help="A mask image to use instead of tissue detection.")
     # -- output
     prob_dtype: ProbDtype = setting("uint8", panel=OUTPUT, help="Stored probabilities: uint8 (p*255), float16 or float32.")
-    exports: tuple[str, ...] = setting(("overlay",), panel=OUTPUT, pixels=False, help="Exports after a complete image.")
+    exports: tuple[str, ...] = setting(("overlay",), panel=OUTPUT, pixels=False, aliases=("--export", "-e"), help="Exports written after a complete image (see `segpipe export`), or none.")
     # -- execution: how a run executes, never what it computes
     batch_size: int = setting(4, panel=EXECUTION, pixels=False, help="Windows per forward pass.")
     channels_last: bool = setting(True, panel=EXECUTION, pixels=False, help="channels_last memory format on GPU.")

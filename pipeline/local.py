@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from pipeline import cards, stages
 from pipeline.config import RunConfig
 from pipeline.engine import process_env
+from pipeline.engine.pool import RunPool, local_pool
 
 log = logging.getLogger(__name__)
 
 
-def segment(input: str | Path, model: str | Path, out: str | Path, **config: Any) -> Path:
+def segment(input: str | Path, model: str | Path, out: str | Path, *,
+            pool: RunPool | None = None, **config: Any) -> Path:  # fmt: skip
     """Segment one image with a checkpoint path or shipped model name; returns the output
     store's path. Config names are RunConfig's (tile, halo, blend, mode, prune_level,
-    precision, tissue, ...)."""
+    precision, tissue, ...). `pool` (`engine.pool.local_pool(model, config)`, closed by the
+    caller) keeps the model loaded over many calls; by default one is opened per call."""
     process_env.keep_freed_buffers()  # first: before this run starts any thread
     run = RunConfig().with_(**config)
     model_path = str(cards.resolve(model))
     job = stages.ingest(str(input), model_path, run, str(out))
     stages.plan(job, run)
-    stages.infer_local(job, model_path, run)
+    with nullcontext(pool) if pool is not None else local_pool(model_path, run) as tiles:
+        stages.infer(job, run, tiles)
     summary = stages.finalize(job)
     stages.export(job, run)
     log.info("%s: %s %s", job.image_id, summary["state"], summary["counts"])

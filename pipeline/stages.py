@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import zarr
 
 from pipeline import __version__, cards
 from pipeline.cards import ModelCard
 from pipeline.config import RunConfig
+from pipeline.display import as_rgb, window_uint8
 from pipeline.engine.normalization import image_stats
 from pipeline.engine.tiling import (
     effective_halo,
@@ -27,13 +25,15 @@ from pipeline.engine.tiling import (
     work_shape_for,
 )
 from pipeline.errors import InputError
-from pipeline.io import Image, location, open_image, preview, select_level
+from pipeline.io import Image, location, open_image, preview
 from pipeline.io import ingest as ingest_level
+from pipeline.io.levels import working_level
 from pipeline.job import ImageJob, TileReport, TileStatus
 from pipeline.store import OutputStore, safe_image_id, store_path
 
 if TYPE_CHECKING:
-    from pipeline.engine.scheduler import Backend, Progress
+    from pipeline.engine.pool import RunPool
+    from pipeline.engine.scheduler import Progress
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,8 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
         work_url = _working_level(image, level, work_hw, path, config.tile)
         overview = preview(image)
         if "preview" not in _group_keys(path):
-            store.write_preview(_display_uint8(overview))
-            store.write_thumbnail(_display_uint8(overview))
+            store.write_preview(window_uint8(overview))
+            store.write_thumbnail(window_uint8(overview))
         multiple = 2 ** (len(card.config["filters"]) - 1)
         halo = config.halo if config.halo is not None else (card.halo or DEFAULT_HALO)
         return ImageJob(
@@ -84,7 +84,7 @@ def plan(job: ImageJob, config: RunConfig) -> dict[str, int]:
         with _open(config.tissue_mask, config) as mask_image:
             mask = preview(mask_image)[..., 0] > 0
     else:
-        mask = tissue.tissue_mask(_rgb(store.preview()))
+        mask = tissue.tissue_mask(as_rgb(store.preview()))
     tiles = plan_tiles(job.work_hw, job.tile)
     fractions = tissue.tile_tissue_fraction(mask, tiles, job.work_hw)
     skipped = tissue.skipped_tiles(fractions, config.tissue_threshold)
@@ -95,20 +95,11 @@ def plan(job: ImageJob, config: RunConfig) -> dict[str, int]:
     return store.counts()
 
 
-def infer_local(job: ImageJob, model_path: str, config: RunConfig, progress=None) -> dict[str, int]:
-    """Run the image's pending and failed tiles in this process (two threads)."""
-    from pipeline.engine.runner import TileRunner
-    from pipeline.engine.scheduler import ThreadBackend
-
-    return infer(job, config, lambda: ThreadBackend(TileRunner(model_path, config)), progress)
-
-
-def infer(job: ImageJob, config: RunConfig, open_backend: Callable[[], AbstractContextManager[Backend]],
+def infer(job: ImageJob, config: RunConfig, pool: RunPool,
           progress: Progress | None = None) -> dict[str, int]:  # fmt: skip
-    """Run the image's pending and failed tiles on the backend `open_backend` gives (called
-    only when there is work: an image already complete is not touched); returns counts.
-    The backend is used as a context manager: a pool kept over many images comes in
-    wrapped in contextlib.nullcontext."""
+    """Run the image's pending and failed tiles on a lease of the run's worker pool and
+    wait; returns the image's tile counts. An image already complete is not touched, and
+    the pool is not leased for it (so a run with nothing to compute starts no worker)."""
     from pipeline.engine.scheduler import run_tiles
 
     store = OutputStore.open(job.store_path, mode="r+")
@@ -119,7 +110,7 @@ def infer(job: ImageJob, config: RunConfig, open_backend: Callable[[], AbstractC
         return store.counts()
     store.mark_state("running")
     start = time.perf_counter()
-    with open_backend() as backend:
+    with pool.lease() as backend:
         counts = run_tiles(job, todo, backend, store, config.retries, progress)
     store.update_provenance("timings", {"infer_s": round(time.perf_counter() - start, 3)})
     return counts
@@ -143,11 +134,8 @@ def working_geometry(image: Image, card: ModelCard) -> tuple[int, tuple[int, int
             log.warning("%s: no pixel size in the file; running at its own scale, not the "
                         "model's %s um/px", image.path, scale["mpp"])
             return 0, full_hw, full_hw
-        level, factor = select_level(image, float(scale["mpp"]))
-        level_hw = tuple(image.levels[level][:2])
-        # Within 2% of the model's scale the level is used as it is: resampling a whole
-        # level for a difference smaller than scanners' own calibration error buys nothing.
-        return level, full_hw, work_shape_for(level_hw, factor) if abs(factor - 1) > 0.02 else level_hw
+        chosen = working_level(image, float(scale["mpp"]))  # the rule training uses too
+        return chosen.level, full_hw, chosen.hw
     return 0, full_hw, full_hw
 
 
@@ -170,18 +158,6 @@ def _working_level(image: Image, level: int, work_hw: tuple[int, int], path: str
     return url
 
 
-def _display_uint8(preview: np.ndarray) -> np.ndarray:
-    """A viewing copy: 8-bit inputs as they are, deeper ones windowed to their 0.5–99.5%."""
-    if preview.max(initial=0) <= 255 and preview.min(initial=0) >= 0:
-        return np.rint(preview).astype(np.uint8)
-    low, high = np.percentile(preview, [0.5, 99.5])
-    return np.rint(np.clip((preview - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
-
-
-def _rgb(preview: np.ndarray) -> np.ndarray:
-    return np.repeat(preview, 3, axis=2) if preview.shape[2] == 1 else preview[..., :3]
-
-
 def _group_keys(path: str) -> set[str]:
     return set(zarr.open_group(path, mode="r").keys())
 
@@ -198,41 +174,28 @@ def _provenance(input_path: str, image: Image, model_path: str, card: ModelCard,
     }
 
 
-EXPORT_FORMATS = ("overlay", "png", "ome-tiff", "dicom-seg")
-
-
 def export(job: ImageJob, config: RunConfig, formats: tuple[str, ...] | None = None) -> dict[str, str]:
     """Write the requested exports beside the store; returns format -> file path.
-    `overlay` is for every image; dicom-seg only for DICOM inputs."""
-    from pipeline.io import exports
+    Each format in pipeline.io.exports.EXPORTS says which inputs it applies to (dicom-seg:
+    DICOM X-rays); it is skipped, with a log line, for the others."""
+    from pipeline.io.exports import EXPORTS, ExportInput
 
     store = OutputStore.open(job.store_path)
     base = Path(job.store_path).with_suffix("")
+    source = ExportInput(
+        mask_levels=[store.mask_level(k) for k in range(len(store.layout.levels))],
+        classes=store.layout.classes, mpp=store.layout.mpp, input_path=job.input_path,
+        kind=job.kind, preview=store.preview,
+    )  # fmt: skip
     written: dict[str, str] = {}
-    for fmt in formats if formats is not None else config.exports:
-        if fmt not in EXPORT_FORMATS:
-            raise InputError(f"{job.image_id}: unknown export {fmt!r}; valid: {EXPORT_FORMATS}")
-        levels = [store.mask_level(k) for k in range(len(store.layout.levels))]
-        if fmt == "overlay":
-            path = f"{base}.overlay.png"
-            exports.export_overlay(store.preview(), np.asarray(levels[-1]), path)
-        elif fmt == "png":
-            path = f"{base}.mask.png"
-            exports.export_png(levels[0], path)
-        elif fmt == "ome-tiff":
-            path = f"{base}.mask.ome.tif"
-            exports.export_ome_tiff(levels, path, store.layout.mpp)
-        else:
-            if job.kind != "xray" or not _is_dicom(job.input_path):
-                log.info("%s: dicom-seg needs a DICOM input; skipped", job.image_id)
-                continue
-            path = f"{base}.seg.dcm"
-            exports.export_dicom_seg(job.input_path, np.asarray(levels[0]), list(store.layout.classes), path)
-        written[fmt] = path
+    for name in formats if formats is not None else config.exports:
+        fmt = EXPORTS.get(name)
+        if fmt is None:
+            raise InputError(f"{job.image_id}: unknown export {name!r}; valid: {tuple(EXPORTS)}")
+        if not fmt.applies(source):
+            log.info("%s: %s needs %s; skipped", job.image_id, name, fmt.requires)
+            continue
+        path = f"{base}{fmt.suffix}"
+        fmt.write(source, Path(path))
+        written[name] = path
     return written
-
-
-def _is_dicom(path: str) -> bool:
-    from pipeline.io.sniff import sniff
-
-    return sniff(Path(path)) == "dicom"

@@ -5,15 +5,14 @@
     TileWorker     the actor: one TileRunner, so the model is loaded once per actor
     RayBackend     scheduler.Backend over a pool of actors: a bounded number of tiles in
                    flight per actor, results by ray.wait, a dead actor's tiles as WorkerLost
-    infer_ray      the infer stage on Ray: stages.infer with a RayBackend
+    ray_pool       the run's pool of actors, started on first use; stages.infer leases it
 
 No pixel data goes through the driver or the object store: a call carries an ImageJob, a
 Tile and the attempt number; the actor reads the tile + halo from the working-level array,
 writes the tile's own chunks and returns a TileReport.
 
 A run over many images keeps one pool, so the model stays loaded between images:
-``with RayBackend.start(model, config) as pool:`` then, per image,
-``stages.infer(job, config, lambda: contextlib.nullcontext(pool))``.
+``with ray_pool(model, config) as pool:`` then, per image, ``stages.infer(job, config, pool)``.
 
 Cluster use: the workers need the same code and the same storage as the driver. `connect`
 ships the ``pipeline`` package to the cluster (runtime_env py_modules) when it joins one;
@@ -41,16 +40,15 @@ from typing import Any
 import fsspec
 import ray
 import ray.exceptions as rx
-import torch
 
 import pipeline
-from pipeline import stages
 from pipeline.config import RunConfig
 from pipeline.engine import process_env
-from pipeline.engine.runner import TileRunner
-from pipeline.engine.scheduler import Progress, Runner, WorkerLost
+from pipeline.engine.pool import RunPool
+from pipeline.engine.scheduler import Runner, WorkerLost
 from pipeline.engine.tiling import Tile
 from pipeline.errors import CheckpointError, ConfigError, SegpipeError
+from pipeline.io import location
 from pipeline.job import ImageJob, TileReport
 
 log = logging.getLogger(__name__)
@@ -75,6 +73,7 @@ LOST_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# What builds a TileWorker's runner (default: engine.runner.TileRunner; benchmarks pass a no-op)
 RunnerFactory = Callable[[str, RunConfig], Runner]
 
 
@@ -137,11 +136,16 @@ class TileWorker:
     """A tile actor's body: loads the model once and runs tiles of any image with it."""
 
     def __init__(self, model_path: str, config: RunConfig, threads: int | None,
-                 runner: RunnerFactory = TileRunner):  # fmt: skip
+                 runner: RunnerFactory | None = None):  # fmt: skip
+        # torch and the model's engine load in the actor, never in the driver
+        import torch
+
+        from pipeline.engine.runner import TileRunner
+
         if threads is not None:
             torch.set_num_threads(threads)
         with local_checkpoint(model_path) as path:
-            self.runner = runner(path, config)
+            self.runner = (runner or TileRunner)(path, config)
 
     def run(self, job: ImageJob, batch: list[tuple[Tile, int]]) -> list[TileReport | BaseException]:
         """Compute and write (tile, attempt) pairs one after another; a tile's exception
@@ -178,8 +182,8 @@ RemoteTileWorker = ray.remote(max_concurrency=ACTOR_THREADS, max_restarts=MAX_RE
 def local_checkpoint(model_path: str) -> Iterator[str]:
     """A local file for a checkpoint path, or for an fsspec URL a temporary copy that
     lives while the model loads (the name is kept: the loader goes by its suffix)."""
-    if "://" not in model_path:
-        yield model_path
+    if not location.is_remote(model_path):
+        yield str(location.local_path(model_path))
         return
     with tempfile.TemporaryDirectory(prefix="segpipe-model-") as tmp:
         local = Path(tmp) / PurePosixPath(model_path.split("://", 1)[1]).name
@@ -223,7 +227,7 @@ class RayBackend:
         self._last_death = ""
 
     @classmethod
-    def start(cls, model_path: str, config: RunConfig, runner: RunnerFactory = TileRunner) -> RayBackend:
+    def start(cls, model_path: str, config: RunConfig, runner: RunnerFactory | None = None) -> RayBackend:
         """Connect (see `connect`) and start the actors `worker_shape` asks for."""
         connect(config)
         shape = worker_shape(ray.cluster_resources(), config.workers)
@@ -339,12 +343,11 @@ def _last_line(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# The stage
+# The run's pool
 
 
-def infer_ray(job: ImageJob, model_path: str, config: RunConfig,
-              progress: Progress | None = None) -> dict[str, int]:  # fmt: skip
-    """The infer stage on Ray: the image's pending and failed tiles on tile actors (an
-    image already complete is not touched, and neither Ray nor an actor starts for it);
-    returns the image's tile counts."""
-    return stages.infer(job, config, lambda: RayBackend.start(model_path, config), progress)
+def ray_pool(model_path: str, config: RunConfig, runner: RunnerFactory | None = None) -> RunPool:
+    """The run's worker pool on Ray: TileWorker actors started on its first lease (so a
+    run with nothing to compute starts none), shared by the run's images, stopped when the
+    pool closes. Pass it to `stages.infer`."""
+    return RunPool(lambda: RayBackend.start(model_path, config, runner))

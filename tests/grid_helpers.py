@@ -4,12 +4,16 @@ says is left. Production code asks the store (OutputStore.tiles_to_run) instead.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.engine.tiling import Box, Tile, grid_shape
 from pipeline.errors import SegpipeError
-from pipeline.job import TileStatus
+from pipeline.job import TileReport, TileStatus
+
+if TYPE_CHECKING:
+    from pipeline.store import OutputStore
 
 
 def assert_single_owner(tiles: Sequence[Tile], shape_hw: tuple[int, int], chunk: int) -> None:
@@ -48,3 +52,16 @@ def tiles_to_run(status: np.ndarray) -> list[tuple[int, int]]:
     """Tiles a (re-)run must still compute: PENDING or FAILED, in row-major order."""
     todo = np.isin(status, (TileStatus.PENDING, TileStatus.FAILED))
     return [(int(r), int(c)) for r, c in np.argwhere(todo)]
+
+
+def set_status(
+    store: OutputStore,
+    index: tuple[int, int],
+    status: TileStatus,
+    *,
+    error: str | None = None,
+    attempts: int | None = None,
+    seconds: float | None = None,
+) -> None:
+    """Record one tile in a store's status grid: a one-report ``OutputStore.set_many``."""
+    store.set_many([TileReport(index, status, error, attempts, seconds)])

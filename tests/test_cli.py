@@ -66,6 +66,7 @@ def test_run_without_images_exits_2(tiny_checkpoint: Path, tmp_path: Path) -> No
     assert result.exit_code == 2 and "no such file" in result.output
 
 
+@pytest.mark.slow  # five images through the whole CLI run
 def test_run_five_images_one_corrupt(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
     for i in range(4):
         write_png(tmp_path / "in" / f"x{i}.png", seed=i)
@@ -162,6 +163,71 @@ def test_serve_builds_the_deployment_with_the_cron(tiny_checkpoint: Path, tmp_pa
     assert deployment.parameters["config"] == {"tile": 512}
 
 
+def _other_value(field: Any, hint: Any) -> tuple[list[str], Any]:
+    """Command-line arguments setting `field` to a valid non-default value, and that value."""
+    import typing
+
+    from flows.options import flag, unoptional
+
+    base, default = unoptional(hint), field.default
+    name = flag(field.name)
+    if base is bool:
+        value = not default
+        return [name if value else f"--no-{name[2:]}"], value
+    if typing.get_origin(base) is typing.Literal:
+        value = next(c for c in typing.get_args(base) if c != default)
+        return [name, value], value
+    if typing.get_origin(base) is tuple:
+        return [name, "png,ome-tiff"], ["png", "ome-tiff"]
+    if base is int:
+        value = default * 2 if default else 32
+        return [name, str(value)], value
+    if base is float:
+        value = default / 2 if default else 0.5
+        return [name, str(value)], value
+    return [name, "somewhere"], "somewhere"
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_every_run_setting_is_an_option(command: str, tiny_checkpoint: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each RunConfig field (but test-only fault injection) is an option of `run` and
+    `serve`, and the value given reaches the run's config."""
+    import dataclasses
+    import typing
+
+    import prefect
+
+    from flows import cli
+
+    hints = typing.get_type_hints(RunConfig)
+    fields = [f for f in dataclasses.fields(RunConfig) if f.name != "faults"]
+    args, expected = [], {}
+    for field in fields:
+        given, value = _other_value(field, hints[field.name])
+        args += given
+        expected[field.name] = value
+    configs: list[Any] = []
+    monkeypatch.setattr(prefect, "serve", lambda *deployments, **kw: configs.append(deployments[0].parameters["config"]))
+    monkeypatch.setattr(cli, "run_collection", lambda inputs, model, out, config, *a, **k: configs.append(
+        {k: v for k, v in config.to_dict().items() if k in expected}) or [])
+
+    result = runner.invoke(app, [command, str(write_png(tmp_path / "x.png")), "-m", str(tiny_checkpoint),
+                                 "-o", str(tmp_path / "out"), *args])  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert json.loads(json.dumps(configs[0])) == expected
+
+
+def test_a_bad_prob_dtype_is_a_usage_error_before_any_image_is_touched(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    image = write_png(tmp_path / "x.png")
+    result = runner.invoke(app, ["run", str(image), "-m", str(tiny_checkpoint), "-o", str(tmp_path / "out"),
+                                 "--prob-dtype", "int8"])  # fmt: skip
+    assert result.exit_code == 2
+    assert "prob-dtype" in result.output and "int8" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_train_maps_options_onto_train_config(tmp_path: Path) -> None:
     for i in range(3):
         write_png(tmp_path / "images" / f"case{i}.png", seed=i)
@@ -190,7 +256,7 @@ def test_train_maps_options_onto_train_config(tmp_path: Path) -> None:
         ([], "IMAGES and MASKS"),
         (["a", "b", "--size", "64x64", "--mpp", "8"], "size or mpp"),
         (["a", "b", "--normalization", "{oops"], "not JSON"),
-        (["--recipe", "no-such"], "unknown recipe"),
+        (["--recipe", "lung-xray"], "No such option"),  # recipes run from a checkout: python -m recipes
     ],
 )
 def test_train_usage_errors_exit_2(args: list[str], message: str) -> None:
@@ -233,14 +299,13 @@ def test_build_slide_writes_a_tiled_pyramid_of_real_patches(tmp_path: Path, monk
 
 
 def test_demo_skips_models_that_are_not_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows import cli
     from pipeline import cards
 
     monkeypatch.setattr(demo, "demo_files", lambda console: {demo.XRAY[0]: tmp_path / "x.dcm", demo.HE[0]: tmp_path / "he.svs"})
     monkeypatch.setattr(demo, "build_slide", lambda source, path, console, mpp=None: path)
     monkeypatch.setattr(cards, "SHIPPED_DIR", tmp_path)  # nothing shipped
     ran: list[str] = []
-    monkeypatch.setattr(cli, "run_collection", lambda inputs, model, *a, **k: ran.append(model) or [])
+    monkeypatch.setattr(demo, "run_collection", lambda inputs, model, *a, **k: ran.append(model) or [])
 
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo")])
 

@@ -18,8 +18,8 @@ import yaml
 
 from flows import progress, report
 from flows.discover import discover, localize
-from flows.pool import SharedBackend
 from pipeline.config import FaultInjection, RunConfig
+from pipeline.engine.pool import SharedBackend
 from pipeline.engine.tiling import Tile
 from pipeline.errors import InputError
 from pipeline.job import TileReport, TileStatus
@@ -195,11 +195,11 @@ def test_segment_image_flow(flows_env: None, tiny_checkpoint: Path, tmp_path: Pa
 @pytest.fixture
 def counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Counts infer stages that ran tiles and worker pools started."""
-    from flows import segment
     from pipeline import stages
+    from pipeline.workers import RayBackend
 
     calls = {"infer": 0, "pools": 0}
-    real_infer, real_start = stages.infer, segment._start_pool
+    real_infer, real_start = stages.infer, RayBackend.start
 
     def infer(*args: Any, **kwargs: Any) -> dict[str, int]:
         calls["infer"] += 1
@@ -210,10 +210,11 @@ def counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         return real_start(*args)
 
     monkeypatch.setattr(stages, "infer", infer)
-    monkeypatch.setattr(segment, "_start_pool", start)
+    monkeypatch.setattr(RayBackend, "start", start)
     return calls
 
 
+@pytest.mark.slow  # three collection runs
 def test_second_collection_run_does_no_inference(flows_env: None, tiny_checkpoint: Path,
                                                   tmp_path: Path, counting: dict[str, int]) -> None:
     from flows.segment import segment_collection

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from pathlib import Path
 
 import highdicom as hd
@@ -11,16 +13,21 @@ import tifffile
 import zarr
 from PIL import Image as PILImage
 
-from pipeline.errors import ConfigError
+from pipeline import stages
+from pipeline.config import RunConfig
+from pipeline.display import PALETTE
+from pipeline.errors import ConfigError, InputError
 from pipeline.io import open_image
 from pipeline.io.exports import (
     EXPORT_TILE,
-    PALETTE,
+    EXPORTS,
     export_dicom_seg,
     export_ome_tiff,
     export_overlay,
     export_png,
 )
+from pipeline.job import ImageJob
+from pipeline.store import OutputStore
 from tests.io_fixtures import dicom_dataset, write_dicom, xray_pixels
 
 
@@ -118,3 +125,52 @@ def test_dicom_seg_refuses_mismatched_mask(tmp_path: Path) -> None:
         export_dicom_seg(source_path, _mask(10, 10), ["lung"], tmp_path / "seg.dcm")
     with pytest.raises(ConfigError, match="label 2 but only 1 class names"):
         export_dicom_seg(source_path, _mask(48, 40), ["lung"], tmp_path / "seg.dcm")
+
+
+# ---------------------------------------------------------------------------------------
+# the registry, as stages.export uses it
+
+
+def _exported_job(tmp_path: Path, input_path: Path, mask: np.ndarray) -> ImageJob:
+    """A store beside ``input_path`` holding ``mask`` and a preview, and its job."""
+    hw = mask.shape
+    store = OutputStore.create_or_open(
+        tmp_path / "out" / "img.zarr", image_id="img", full_hw=hw, work_hw=hw, tile=16,
+        full_chunk=16, classes=["lung", "heart"],
+        provenance={"input": {"sha256": "ab" * 32}, "model": {"sha256": "cd" * 32}, "run": {}},
+    )  # fmt: skip
+    store.mask[...] = mask
+    store.write_preview(np.full((*hw, 1), 90, np.uint8))
+    return ImageJob(image_id="img", input_path=str(input_path), store_path=store.path,
+                    full_hw=hw, work_hw=hw, tile=16, halo=0, kind="xray")  # fmt: skip
+
+
+def test_export_writes_each_format_by_the_registry(tmp_path: Path, caplog) -> None:
+    source = tmp_path / "x.png"
+    PILImage.fromarray(xray_pixels(bits=8)).save(source)
+    job = _exported_job(tmp_path, source, _mask(48, 40))
+    with caplog.at_level(logging.INFO, logger="pipeline.stages"):
+        written = stages.export(job, RunConfig(), tuple(EXPORTS))
+    base = tmp_path / "out" / "img"
+    assert written == {
+        "overlay": f"{base}.overlay.png", "png": f"{base}.mask.png",
+        "ome-tiff": f"{base}.mask.ome.tif",
+    }  # fmt: skip
+    assert "img: dicom-seg needs a DICOM X-ray input; skipped" in caplog.text
+    np.testing.assert_array_equal(np.asarray(PILImage.open(written["png"])), _mask(48, 40))
+    assert np.asarray(PILImage.open(written["overlay"])).shape == (48, 40, 3)
+    np.testing.assert_array_equal(tifffile.imread(written["ome-tiff"]), _mask(48, 40))
+    assert stages.export(job, RunConfig(exports=("png",))) == {"png": f"{base}.mask.png"}
+    with pytest.raises(InputError, match="unknown export 'jpeg'"):
+        stages.export(job, RunConfig(), ("jpeg",))
+
+
+def test_export_writes_dicom_seg_for_a_dicom_xray(tmp_path: Path) -> None:
+    source = write_dicom(tmp_path / "x.dcm", dicom_dataset(xray_pixels(), 12))
+    job = _exported_job(tmp_path, source, _mask(48, 40))
+    written = stages.export(job, RunConfig(), ("dicom-seg",))
+    assert written == {"dicom-seg": str(tmp_path / "out" / "img.seg.dcm")}
+    seg = hd.seg.segread(written["dicom-seg"])
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lung", "heart"]
+    slide = dataclasses.replace(job, kind="slide")  # a DICOM slide has no X-ray to reference
+    assert stages.export(slide, RunConfig(), ("dicom-seg",)) == {}

@@ -11,6 +11,7 @@ import pytest
 import zarr
 
 from pipeline.config import RunConfig
+from pipeline.display import GREY_WEIGHTS
 from pipeline.engine.tiling import Box, Tile, plan_tiles
 from pipeline.job import TileReport, TileStatus
 from pipeline.store import (
@@ -21,6 +22,7 @@ from pipeline.store import (
     safe_image_id,
     store_path,
 )
+from tests.grid_helpers import set_status
 
 SMALL = dict(full_hw=(120, 100), work_hw=(60, 50), tile=16, full_chunk=32)
 
@@ -90,8 +92,8 @@ def test_complete_only_when_every_tile_done_or_skipped(tmp_path):
     with pytest.raises(StoreError, match="cannot mark complete"):
         store.mark_state("complete")
     assert store.finalize() == "partial"  # two tiles never ran
-    store.set_status(tiles[-2].index, TileStatus.SKIPPED)
-    store.set_status(tiles[-1].index, TileStatus.DONE)
+    set_status(store, tiles[-2].index, TileStatus.SKIPPED)
+    set_status(store, tiles[-1].index, TileStatus.DONE)
     assert store.finalize() == "complete"
     assert OutputStore.open(tmp_path / "a.zarr").state == "complete"
 
@@ -100,7 +102,7 @@ def test_failed_tile_is_recorded_and_run_again(tmp_path):
     store = _create(tmp_path / "a.zarr")
     tiles = _all_tiles(store)
     store.set_many(TileReport(t.index, TileStatus.DONE) for t in tiles)
-    store.set_status((1, 2), TileStatus.FAILED, error="RuntimeError: CUDA OOM", attempts=3)
+    set_status(store, (1, 2), TileStatus.FAILED, error="RuntimeError: CUDA OOM", attempts=3)
     assert store.finalize() == "partial"
 
     reopened = OutputStore.open(tmp_path / "a.zarr")
@@ -111,7 +113,7 @@ def test_failed_tile_is_recorded_and_run_again(tmp_path):
     assert summary["failed"] == [{"tile": [1, 2], "error": "RuntimeError: CUDA OOM", "attempts": 3}]
     json.dumps(summary)
 
-    store.set_status((1, 2), TileStatus.DONE, seconds=1.5)  # the retry succeeds
+    set_status(store, (1, 2), TileStatus.DONE, seconds=1.5)  # the retry succeeds
     assert store.failures() == {}
     assert store.finalize() == "complete"
 
@@ -119,16 +121,16 @@ def test_failed_tile_is_recorded_and_run_again(tmp_path):
 def test_failed_without_error_and_unknown_tile_are_refused(tmp_path):
     store = _create(tmp_path / "a.zarr")
     with pytest.raises(StoreError, match="without an error"):
-        store.set_status((0, 0), TileStatus.FAILED)
+        set_status(store, (0, 0), TileStatus.FAILED)
     with pytest.raises(StoreError, match="outside the 4x4 grid"):
-        store.set_status((4, 0), TileStatus.DONE)
+        set_status(store, (4, 0), TileStatus.DONE)
     with pytest.raises(StoreError, match="unknown state"):
         store.mark_state("finished")  # type: ignore[arg-type]
 
 
 def test_seconds_are_kept_per_tile(tmp_path):
     store = _create(tmp_path / "a.zarr")
-    store.set_status((0, 1), TileStatus.DONE, seconds=2.25)
+    set_status(store, (0, 1), TileStatus.DONE, seconds=2.25)
     seconds = OutputStore.open(tmp_path / "a.zarr")._seconds[...]
     assert seconds[0, 1] == 2.25 and np.isnan(seconds[0, 0])
 
@@ -142,7 +144,7 @@ def test_reopen_keeps_pixels_status_and_provenance(tmp_path):
     prob, mask = _expected(store)
     tile = _all_tiles(store)[0]
     _write(store, tile, prob, mask)
-    store.set_status(tile.index, TileStatus.DONE)
+    set_status(store, tile.index, TileStatus.DONE)
     store.update_provenance("timings", {"infer_s": 1.25})
 
     # a resume on another machine: other workers and retries, same pixels
@@ -167,7 +169,7 @@ def test_reopen_keeps_pixels_status_and_provenance(tmp_path):
 )
 def test_mismatched_reopen_is_refused_unless_overwrite(tmp_path, change, key):
     store = _create(tmp_path / "a.zarr")
-    store.set_status((0, 0), TileStatus.DONE)
+    set_status(store, (0, 0), TileStatus.DONE)
     with pytest.raises(StoreError, match=key):
         _create(tmp_path / "a.zarr", **change)
     fresh = _create(tmp_path / "a.zarr", overwrite=True, **change)
@@ -310,7 +312,7 @@ def test_thumbnail_is_the_root_ngff_image(tmp_path):
     assert [d["path"] for d in ms["datasets"]] == ["0", "1", "2"]  # 600 -> 300 -> 150
     assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 1.0]  # 2 px * 0.5
     assert root["0"].shape == (600, 500) and root["2"].shape == (150, 125)
-    assert int(root["0"][300, 250]) == round(200 * 0.7154)
+    assert int(root["0"][300, 250]) == round(200 * GREY_WEIGHTS[1])  # pipeline.display's grey
     store.write_thumbnail(np.zeros((200, 100), np.uint8))  # a smaller one replaces every level
     assert sorted(root.array_keys()) == ["0", "prob", "status", "tile_seconds"]
 

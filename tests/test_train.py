@@ -11,12 +11,13 @@ import tifffile
 import torch
 from PIL import Image as PILImage
 
-from pipeline import train as train_module
 from pipeline.errors import ConfigError, InputError
 from pipeline.models import checkpoint
+from pipeline.train import TrainConfig, train
+from pipeline.train import loop as train_module
 from pipeline.train.augment import Augment, augment
 from pipeline.train.data import DataSpec, Pair, TileSource, find_pairs, mask_labels
-from pipeline.train.loop import TrainConfig, learning_rate, train
+from pipeline.train.loop import learning_rate
 from pipeline.train.losses import deep_supervision_loss, dice_iou
 
 TINY = (4, 8, 16)  # depth 2: samples must be multiples of 4
@@ -275,6 +276,37 @@ def test_training_on_a_large_image_with_a_mask(slide_pair, tmp_path):
     assert 0.0 <= card.metrics["val_dice"] <= 1.0
 
 
+@pytest.mark.parametrize(
+    ("slide_mpp", "model_mpp", "level", "resample"),
+    [
+        (0.499, 0.5, 0, False),  # within 2 %: level 0 as it is, for training and inference alike
+        (0.499, 1.0, 1, False),  # the half-size level at 0.998
+        (0.499, 2.0, 1, True),  # the half-size level, downsampled by 2.004
+        (0.48, 0.5, 0, True),  # 4 % off: resampled
+        (0.2525, 0.5, 1, False),  # the half-size level a hair coarser (0.505): used as it is
+    ],
+)
+def test_training_and_inference_read_the_same_working_level(tmp_path, slide_mpp, model_mpp, level, resample):
+    from pipeline.cards import ModelCard
+    from pipeline.io import open_image
+    from pipeline.io.levels import working_level
+    from pipeline.stages import working_geometry
+    from tests.io_fixtures import write_svs_like
+
+    rgb = np.random.default_rng(0).integers(0, 255, (256, 384, 3), dtype=np.uint8)
+    slide = write_svs_like(tmp_path / "slide.svs", rgb, mpp=slide_mpp)
+    PILImage.fromarray(np.full((64, 96), 255, np.uint8)).save(tmp_path / "slide_mask.png")
+    card = ModelCard(arch="unetpp", config={}, scale={"mpp": model_mpp})
+    with open_image(slide) as image:
+        inference_level, _, inference_hw = working_geometry(image, card)
+        rule = working_level(image, model_mpp)
+        level_hw = image.levels[level][:2]
+    source = TileSource(Pair(slide, tmp_path / "slide_mask.png"), slide_spec(scale={"mpp": model_mpp}, patch=16))
+    assert (source.level, source.work_hw) == (inference_level, inference_hw) == (rule.level, rule.hw)
+    assert (rule.level, rule.resample) == (level, resample)
+    assert (rule.hw == level_hw) != resample
+
+
 # -------------------------------------------------------------------------- Ray Train
 
 
@@ -294,7 +326,8 @@ def test_ray_train_with_two_cpu_workers(ray_cluster, pairs_dir, tmp_path):
 
 
 def test_prune_report_and_default_mode(pairs_dir, tmp_path):
-    from pipeline.train.loop import prune_report, set_default_mode, validation_set
+    from pipeline.train.loop import validation_set
+    from pipeline.train.modes import prune_report, set_default_mode
 
     config = tiny_config(pairs_dir, tmp_path / "run", epochs=2, steps_per_epoch=2, progress=True)
     path = train(config)
@@ -308,7 +341,7 @@ def test_prune_report_and_default_mode(pairs_dir, tmp_path):
 
 
 def test_choose_mode_takes_the_fastest_within_tolerance():
-    from pipeline.train.loop import choose_mode
+    from pipeline.train.modes import choose_mode
 
     rows = [{"mode": "accurate", "prune_level": None, "dice": 0.90, "ms": 10},
             {"mode": "fast", "prune_level": 1, "dice": 0.80, "ms": 1},
@@ -318,7 +351,7 @@ def test_choose_mode_takes_the_fastest_within_tolerance():
 
 
 def test_recipes_build_valid_configs(tmp_path):
-    from pipeline.recipes import recipe
+    from recipes import recipe
 
     config = recipe("lung-xray", tmp_path / "data", tmp_path / "out")
     assert config.size == (256, 256) and config.in_channels == 1 and config.name == "lung-xray"
@@ -326,10 +359,47 @@ def test_recipes_build_valid_configs(tmp_path):
         recipe("spleen", tmp_path, tmp_path)
 
 
+def test_recipes_command_refuses_an_unknown_recipe_and_needs_the_data_folder(tmp_path, capsys):
+    from recipes.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["spleen", "--data", str(tmp_path)])
+    assert exit_info.value.code == 2 and "unknown recipe 'spleen'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["lung-xray"])
+    assert exit_info.value.code == 2 and "--data" in capsys.readouterr().err
+
+
+def test_the_installed_package_neither_holds_nor_imports_the_recipes():
+    import ast
+    import tomllib
+
+    from setuptools import find_packages
+
+    root = Path(__file__).resolve().parents[1]
+    find = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    packages = find_packages(str(root), include=find["include"])
+    assert "pipeline" in packages and not any(p.split(".")[0] == "recipes" for p in packages)
+    for package in {p.split(".")[0] for p in packages}:
+        for path in (root / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                assert not any(n.split(".")[0] == "recipes" for n in names), path
+
+
+def test_the_train_package_gives_its_config_without_loading_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.train; pipeline.train.TrainConfig; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
 def test_touching_nuclei_are_split():
     from scipy import ndimage
 
-    from pipeline.pseudolabels import split_touching
+    from recipes.pseudolabels import split_touching
 
     yy, xx = np.mgrid[:40, :60]
     two = ((yy - 20) ** 2 + (xx - 20) ** 2 < 100) | ((yy - 20) ** 2 + (xx - 36) ** 2 < 100)
@@ -341,7 +411,7 @@ def test_touching_nuclei_are_split():
 
 def test_nuclei_labels_are_written_tile_by_tile(tmp_path):
     from pipeline.io import open_image
-    from pipeline.pseudolabels import nuclei_mask, write_nuclei_labels
+    from recipes.pseudolabels import nuclei_mask, write_nuclei_labels
 
     rgb = np.full((300, 200, 3), (230, 160, 200), np.uint8)  # pink stroma
     yy, xx = np.mgrid[:300, :200]

@@ -27,7 +27,7 @@ from pipeline.errors import CheckpointError
 from pipeline.job import ImageJob, TileReport, TileStatus
 from pipeline.models import build_model, checkpoint
 from pipeline.store import OutputStore
-from pipeline.workers import TileWorker, infer_ray, local_checkpoint, worker_shape
+from pipeline.workers import TileWorker, local_checkpoint, ray_pool, worker_shape
 
 SHAPE = (768, 1024)  # 6 x 8 = 48 tiles of 128
 CONFIG = RunConfig(tile=128, precision="fp32", prob_dtype="float32", exports=(), workers=2)
@@ -35,10 +35,18 @@ CONFIG = RunConfig(tile=128, precision="fp32", prob_dtype="float32", exports=(),
 # A driver in its own process, killed mid-run by the test.
 DRIVER = """
 import pickle, sys
-from pipeline.workers import infer_ray
+from pipeline import stages
+from pipeline.workers import ray_pool
 job, model, config = pickle.loads(open(sys.argv[1], "rb").read())
-infer_ray(job, model, config)
+with ray_pool(model, config) as pool:
+    stages.infer(job, config, pool)
 """
+
+
+def infer_ray(job, model, config, progress=None) -> dict[str, int]:
+    """The infer stage on a Ray pool of its own, as a run of one image has."""
+    with ray_pool(model, config) as pool:
+        return stages.infer(job, config, pool, progress)
 
 
 @pytest.fixture(scope="module")
@@ -191,14 +199,21 @@ def test_worker_shape_one_actor_per_gpu_else_cpu_actors():
 
 
 def test_local_checkpoint_copies_a_url_and_keeps_a_path(model):
+    import fsspec
+
     with local_checkpoint(model) as path:
         assert path == model
-    with local_checkpoint(f"file://{model}") as path:
+    with local_checkpoint(f"file://{model}") as path:  # a local URL is its path, not a copy
+        assert path == model
+    url = "memory://models/tiny.safetensors"  # any fsspec URL (s3://, gs://, ...) is fetched
+    with fsspec.open(url, "wb") as f:
+        f.write(Path(model).read_bytes())
+    with local_checkpoint(url) as path:
         assert path != model and Path(path).name == Path(model).name
         assert Path(path).read_bytes() == Path(model).read_bytes()
     assert not Path(path).exists()
     with pytest.raises(CheckpointError, match="missing.safetensors"):
-        with local_checkpoint(f"file://{model}.missing.safetensors"):
+        with local_checkpoint("memory://models/missing.safetensors"):
             pass
 
 

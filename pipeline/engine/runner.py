@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,11 +53,36 @@ class TileInput:
     """A tile's pixels as read: the windows and the raw box that holds them all."""
 
     tile: Tile
+    full_box: Box  # the full-resolution mask chunks the tile owns (may be empty)
     region: Box  # working-level box whose probabilities the tile needs (>= tile.region)
     windows: list[Window]
     box: Box
     pixels: np.ndarray
     norm_stats: dict[str, float]
+
+
+@dataclass(frozen=True)
+class BlendStrategy:
+    """A blend mode (RunConfig.blend): the windows a tile runs, and the canvas that
+    merges their outputs. Chosen once per runner."""
+
+    windows: Callable[[ImageJob, Tile, RunConfig, int], list[Window]]
+    canvas: Callable[[Box, int], Any]
+
+
+def _crop_windows(job: ImageJob, tile: Tile, config: RunConfig, multiple: int) -> list[Window]:
+    """crop: the tile grown by the halo, split where larger than max_window."""
+    size = max(tile.region.h, tile.region.w, tile.size)
+    return crop_windows(Tile(tile.index, tile.region, size), job.work_hw, job.halo, multiple, config.max_window)
+
+
+def _gaussian_windows(job: ImageJob, tile: Tile, config: RunConfig, multiple: int) -> list[Window]:
+    """gaussian: every window of the image's global sliding-window grid touching the tile."""
+    grid = gaussian_windows(job.work_hw, config.window, config.overlap)
+    return [Window(input=b, keep=b) for b in windows_touching(tile, grid)]
+
+
+BLENDS = {"crop": BlendStrategy(_crop_windows, CropCanvas), "gaussian": BlendStrategy(_gaussian_windows, GaussianCanvas)}
 
 
 class TileRunner:
@@ -69,6 +95,7 @@ class TileRunner:
         self.multiple = model.multiple
         self.predictor = Predictor(model, config)
         self.threshold = config.threshold if config.threshold is not None else card.threshold
+        self.blend = BLENDS[config.blend]
         self._compute = threading.Lock()
         self._open: dict[str, tuple[Any, OutputStore]] = {}
         self._open_lock = threading.Lock()
@@ -89,26 +116,19 @@ class TileRunner:
 
     def read(self, job: ImageJob, tile: Tile, work: Any, store: OutputStore) -> TileInput:
         """Plan the tile's windows and read the raw pixels they cover, once."""
-        region = self._needed_region(job, tile, store)
-        if self.config.blend == "gaussian":
-            grid = gaussian_windows(job.work_hw, self.config.window, self.config.overlap)
-            boxes = windows_touching(Tile(tile.index, region, tile.size), grid)
-            windows = [Window(input=b, keep=b) for b in boxes]
-        else:
-            size = max(region.h, region.w, tile.size)
-            windows = crop_windows(Tile(tile.index, region, size), job.work_hw, job.halo,
-                                   self.multiple, self.config.max_window)
+        _, full_box = store.owned_boxes(tile)
+        region = _needed_region(job, tile, full_box)
+        windows = self.blend.windows(job, Tile(tile.index, region, tile.size), self.config, self.multiple)
         box = bounding_box(w.input for w in windows)
         pixels = np.asarray(work[box.y0 : box.y1, box.x0 : box.x1, :])
-        return TileInput(tile, region, windows, box, pixels, job.norm_stats)
+        return TileInput(tile, full_box, region, windows, box, pixels, job.norm_stats)
 
     def infer(self, data: TileInput) -> np.ndarray:
         """Probabilities (h, w, K) over `data.region`: model outputs blended per the config."""
         card = self.card
         pixels = to_channels(data.pixels, card.in_channels)
         pixels = normalize(pixels, card.normalization, data.norm_stats)
-        canvas_cls = GaussianCanvas if self.config.blend == "gaussian" else CropCanvas
-        canvas = canvas_cls(data.region, self.predictor.classes)
+        canvas = self.blend.canvas(data.region, self.predictor.classes)
         for shape, group in _by_shape(data.windows).items():
             batch = np.stack([pixels[w.input.relative_to(data.box).slices()] for w in group])
             for window, probs in zip(group, self.predictor(batch), strict=True):
@@ -118,21 +138,13 @@ class TileRunner:
     def write(self, job: ImageJob, data: TileInput, probs: np.ndarray, store: OutputStore) -> None:
         """Crop to the tile, deliver the mask at full resolution, write the tile's chunks."""
         tile = data.tile
-        work_box, full_box = store.owned_boxes(tile)
-        own = probs[work_box.relative_to(data.region).slices()]
+        full_box = data.full_box
+        own = probs[tile.region.relative_to(data.region).slices()]
         full = upsample_region(probs, data.region, full_box, job.work_hw, job.full_hw)
         mask = to_labels(full, self.threshold) if not full_box.is_empty else np.zeros((0, 0), np.uint8)
         # Multi-class outputs carry background as channel 0; the store keeps the classes.
         stored = own if own.shape[-1] == 1 else own[..., 1:]
         store.write_tile(tile, stored, mask, full_box)
-
-    def _needed_region(self, job: ImageJob, tile: Tile, store: OutputStore) -> Box:
-        """The tile's region, grown to what bilinear delivery of its full-res chunks reads."""
-        _, full_box = store.owned_boxes(tile)
-        if job.work_hw == job.full_hw or full_box.is_empty:
-            return tile.region
-        extra = work_box_for_full(full_box, job.work_hw, job.full_hw)
-        return bounding_box([tile.region, extra])
 
     def _resources(self, job: ImageJob) -> tuple[Any, OutputStore]:
         with self._open_lock:
@@ -175,3 +187,11 @@ def _by_shape(windows: list[Window]) -> dict[tuple[int, int], list[Window]]:
     for w in windows:
         groups.setdefault(w.input.shape, []).append(w)
     return groups
+
+
+def _needed_region(job: ImageJob, tile: Tile, full_box: Box) -> Box:
+    """The tile's region, grown to what bilinear delivery of its full-res chunks reads."""
+    if job.work_hw == job.full_hw or full_box.is_empty:
+        return tile.region
+    extra = work_box_for_full(full_box, job.work_hw, job.full_hw)
+    return bounding_box([tile.region, extra])

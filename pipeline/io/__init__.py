@@ -7,6 +7,7 @@ zarr_image.py (zarr, OME-Zarr). See ingest.py for which path each format takes t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SLIDE_PIXELS
@@ -47,14 +48,21 @@ def open_image(
     fmt = sniff(path)
     check_extension(path, fmt)
     limits = Limits(max_pixels=max_pixels, max_slide_pixels=max_slide_pixels)
-    if fmt == "dicom":
-        from pipeline.io.dicom import (
-            DicomImage,  # pydicom is the optional 'dicom' extra
-        )
+    return READERS[fmt](path, fmt, limits)
 
-        return DicomImage(path, limits)
-    if fmt in ("png", "jpeg"):
-        return RasterImage(path, fmt, limits)
-    if fmt == "tiff":
-        return TiffImage(path, limits)
-    return ZarrImage(path, limits)
+
+def _dicom(path: Path, fmt: str, limits: Limits) -> Image:
+    from pipeline.io.dicom import DicomImage  # pydicom is the optional 'dicom' extra
+
+    return DicomImage(path, limits)
+
+
+# One reader per sniffed format (pipeline.io.sniff.Format), as tifffile dispatches its
+# series kinds: a new format is one line here and one reader module.
+READERS: dict[str, Callable[[Path, str, Limits], Image]] = {
+    "dicom": _dicom,
+    "png": RasterImage,
+    "jpeg": RasterImage,
+    "tiff": lambda path, fmt, limits: TiffImage(path, limits),
+    "zarr": lambda path, fmt, limits: ZarrImage(path, limits),
+}

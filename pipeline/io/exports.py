@@ -9,11 +9,16 @@
   ``max_size`` on the long side (X-rays and slide thumbnails).
 - ``export_dicom_seg``: a DICOM Segmentation (highdicom, BINARY) referencing the source
   X-ray's study, series and instance.
+
+``EXPORTS`` is the registry: export name -> ``ExportFormat`` (writer, file suffix, which
+inputs it applies to). Its writers take an ``ExportInput``: one image's mask pyramid and
+what describes it. Colours and windowing come from ``pipeline.display``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -23,28 +28,14 @@ import PIL.Image
 import tifffile
 from skimage.segmentation import find_boundaries
 
+from pipeline.display import as_rgb, class_colours, window_uint8
 from pipeline.errors import ConfigError
 from pipeline.io.resample import resize
+from pipeline.io.sniff import sniff
 
 EXPORT_TILE = 512
 PNG_MAX_PIXELS = 1 << 28  # 16k x 16k
 OVERLAY_ALPHA = 0.4
-# Class colours (RGB) for labels 1, 2, ...; background is left untinted.
-EXPORTS = ("overlay", "png", "ome-tiff", "dicom-seg")  # the registry of export formats
-
-PALETTE = np.array(
-    [
-        (230, 25, 75),
-        (60, 180, 75),
-        (0, 130, 200),
-        (255, 225, 25),
-        (245, 130, 48),
-        (145, 30, 180),
-        (70, 240, 240),
-        (240, 50, 230),
-    ],
-    dtype=np.uint8,
-)
 
 
 def export_ome_tiff(mask_levels: Sequence[Any], path: str | Path, mpp: float | None) -> Path:
@@ -113,14 +104,14 @@ def export_overlay(
 ) -> Path:
     """Write the image with the mask tinted and outlined in class colours as an RGB PNG,
     at most ``max_size`` pixels on the long side. The image is (h, w) or (h, w, C) of any
-    dtype (scaled to 8 bits for display); the mask is (h', w') labels at any size."""
+    dtype (windowed to 8 bits by pipeline.display); the mask is (h', w') labels at any size."""
     path = Path(path)
-    rgb = _display_rgb(image_rgb_thumbnail)
+    rgb = window_uint8(as_rgb(image_rgb_thumbnail)).astype(np.float32)
     scale = min(1.0, max_size / max(rgb.shape[:2]))
     shape = (max(1, round(rgb.shape[0] * scale)), max(1, round(rgb.shape[1] * scale)))
     rgb = np.clip(resize(rgb, shape), 0, 255)
     labels = _nearest(np.asarray(mask_thumbnail), shape)
-    colours = PALETTE[(labels.astype(np.int64) - 1) % len(PALETTE)].astype(np.float32)
+    colours = class_colours(labels).astype(np.float32)
     inside = labels > 0
     rgb[inside] = (1 - OVERLAY_ALPHA) * rgb[inside] + OVERLAY_ALPHA * colours[inside]
     # padded with background so that objects touching the image edge are outlined there too
@@ -128,19 +119,6 @@ def export_overlay(
     rgb[edges] = colours[edges]
     PIL.Image.fromarray(np.rint(rgb).astype(np.uint8)).save(path, format="PNG")
     return path
-
-
-def _display_rgb(image: np.ndarray) -> np.ndarray:
-    """(h, w, 3) float32 in 0..255: uint8 as is, other dtypes stretched between their 1st
-    and 99th percentiles (DICOM modality values, 16-bit PNGs), grey repeated, alpha dropped."""
-    pixels = image[..., None] if image.ndim == 2 else image
-    pixels = pixels[..., :3] if pixels.shape[2] == 4 else pixels
-    pixels = np.repeat(pixels, 3, axis=2) if pixels.shape[2] == 1 else pixels
-    if pixels.dtype == np.uint8:
-        return pixels.astype(np.float32)
-    low, high = np.percentile(pixels, [1, 99])
-    stretched = (pixels.astype(np.float32) - low) / max(float(high - low), 1e-6) * 255
-    return np.clip(stretched, 0, 255)
 
 
 def _nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -227,3 +205,64 @@ def _version() -> str:
         return metadata.version("segpipe")
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+# ---------------------------------------------------------------------------------------
+# The registry
+
+
+@dataclass(frozen=True)
+class ExportInput:
+    """What an export reads: one image's mask pyramid and what describes it."""
+
+    mask_levels: Sequence[Any]  # (H, W) uint8 labels, full resolution first, array-like (zarr)
+    classes: tuple[str, ...]
+    mpp: float | None  # µm per pixel of level 0
+    input_path: str
+    kind: str  # "xray" or "slide" (ImageJob.kind)
+    preview: Callable[[], np.ndarray]  # the input's colour thumbnail, read only when needed
+
+
+def _any_input(source: ExportInput) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """One export: its writer, the suffix of the file it writes beside the store, and the
+    inputs it applies to (``requires`` says which, for the log line of a skipped one)."""
+
+    write: Callable[[ExportInput, Path], Path]
+    suffix: str
+    applies: Callable[[ExportInput], bool] = _any_input
+    requires: str = "any input"
+
+
+def _write_overlay(source: ExportInput, path: Path) -> Path:
+    return export_overlay(source.preview(), np.asarray(source.mask_levels[-1]), path)
+
+
+def _write_png(source: ExportInput, path: Path) -> Path:
+    return export_png(source.mask_levels[0], path)
+
+
+def _write_ome_tiff(source: ExportInput, path: Path) -> Path:
+    return export_ome_tiff(source.mask_levels, path, source.mpp)
+
+
+def _write_dicom_seg(source: ExportInput, path: Path) -> Path:
+    mask = np.asarray(source.mask_levels[0])
+    return export_dicom_seg(source.input_path, mask, list(source.classes), path)
+
+
+def _is_dicom_xray(source: ExportInput) -> bool:
+    """DICOM SEG references its source instance: only a DICOM X-ray has one to reference."""
+    return source.kind == "xray" and sniff(Path(source.input_path)) == "dicom"
+
+
+EXPORTS: Mapping[str, ExportFormat] = {
+    "overlay": ExportFormat(_write_overlay, ".overlay.png"),
+    "png": ExportFormat(_write_png, ".mask.png"),
+    "ome-tiff": ExportFormat(_write_ome_tiff, ".mask.ome.tif"),
+    "dicom-seg": ExportFormat(_write_dicom_seg, ".seg.dcm", _is_dicom_xray, "a DICOM X-ray input"),
+}

@@ -12,6 +12,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.config import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SLIDE_PIXELS
+from pipeline.display import to_grey
 from pipeline.errors import InputError
 
 Kind = Literal["xray", "slide"]
@@ -214,9 +215,4 @@ def to_channels(array: np.ndarray, n: int) -> np.ndarray:
         return colour
     if n == 3:
         return np.repeat(colour, 3, axis=2)
-    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    grey = (colour.astype(np.float32) @ weights)[..., None]
-    if np.issubdtype(array.dtype, np.integer):
-        info = np.iinfo(array.dtype)
-        return np.clip(np.rint(grey), info.min, info.max).astype(array.dtype)
-    return grey.astype(array.dtype)
+    return to_grey(colour)[..., None]

@@ -1,12 +1,13 @@
 """Anti-aliased bilinear resampling, the one rescale used by training and inference.
 
-``resize`` runs torch's ``interpolate(mode="bilinear", antialias=True, align_corners=False)``
-on a whole array. ``resize_region`` computes any rectangle of that same result from only the
-source pixels it depends on, so ingest can resample a slide tile by tile. torch offers no
-region API, so the per-axis weights are rebuilt here as torch computes them
+The filter is torch's ``interpolate(mode="bilinear", antialias=True, align_corners=False)``,
+the one the models were trained with. ``resize_region`` computes any rectangle of that
+result from only the source pixels it depends on, so ingest can resample a slide tile by
+tile, and ``resize`` is the whole-array case. torch offers no region API (and the driver
+side must not load torch), so the per-axis weights are rebuilt here as torch computes them
 (``_compute_weights_aa`` in ATen's UpSampleKernel.cpp: a triangle filter widened by the
-scale when downsampling, normalised over the pixels inside the image); a test checks both
-agree to float32 rounding.
+scale when downsampling, normalised over the pixels inside the image); a test checks the
+result against torch's to float32 rounding.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse
-import torch
 
 
 def resize(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -24,11 +24,12 @@ def resize(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     pixels = np.ascontiguousarray(array, dtype=np.float32)
     if pixels.shape[:2] == tuple(shape):
         return pixels.copy() if pixels is array else pixels
-    tensor = torch.from_numpy(pixels).permute(2, 0, 1)[None]
-    out = torch.nn.functional.interpolate(
-        tensor, size=tuple(shape), mode="bilinear", antialias=True, align_corners=False
-    )
-    return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+    h, w = pixels.shape[:2]
+
+    def read(y: int, x: int, rows: int, cols: int) -> np.ndarray:
+        return pixels[y : y + rows, x : x + cols]
+
+    return resize_region(read, (h, w), tuple(shape), (0, shape[0]), (0, shape[1]))
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,19 @@
-"""The output store of one image (a zarr v3 group that viewers open as OME-Zarr): its
-names, layout, NGFF metadata, provenance and status grid. See store.py for the layout."""
+"""The output store of one image (a zarr v3 group that viewers open as OME-Zarr).
 
-from pipeline.store.store import (
-    OutputStore,
-    StoreError,
-    StoreLayout,
-    check_provenance,
-    ngff_image_label,
-    ngff_multiscales,
-    pyramid_shapes,
-    safe_image_id,
-    same_output,
-    store_path,
-)
+    names.py       output names and paths (safe_image_id, store_path)
+    layout.py      the on-disk layout: StoreLayout, pyramid_shapes, creating the arrays
+    ngff.py        OME-NGFF metadata (multiscales, image-label)
+    provenance.py  identifier scrubbing, versions, same_output
+    status.py      the tile status grid
+    store.py       OutputStore: opening, metadata, pixels, finalize, summary
+"""
+
+from pipeline.store.errors import StoreError
+from pipeline.store.layout import StoreLayout, pyramid_shapes
+from pipeline.store.names import safe_image_id, store_path
+from pipeline.store.ngff import ngff_image_label, ngff_multiscales
+from pipeline.store.provenance import check_provenance, same_output
+from pipeline.store.store import OutputStore
 
 __all__ = [
     "OutputStore",

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.engine.normalization import image_stats, normalize
-from pipeline.engine.tiling import work_shape_for
 from pipeline.errors import ConfigError, InputError
-from pipeline.io import Image, open_image, preview, resize, select_level, to_channels
+from pipeline.io import Image, open_image, preview, resize, to_channels
+from pipeline.io.levels import working_level
 from pipeline.io.resample import resize_region
 from pipeline.io.sniff import sniff
 
@@ -243,8 +243,8 @@ class TileSource:
 
 
 def _working_level(image: Image, spec: DataSpec) -> tuple[int, tuple[int, int]]:
-    """The level inference reads for this image (pipeline.stages.working_geometry), and the
-    working (h, w) after resampling to the model's µm/px."""
+    """The level inference reads for this image and the working (h, w) at the model's
+    µm/px: pipeline.io.levels.working_level, the rule pipeline.stages.working_geometry uses."""
     target = (spec.scale or {}).get("mpp")
     if target is None:
         return 0, tuple(image.levels[0][:2])
@@ -253,9 +253,8 @@ def _working_level(image: Image, spec: DataSpec) -> tuple[int, tuple[int, int]]:
             raise ConfigError(f"{image.path}: the file records no µm/px; set image_mpp")
         # the reader is ours alone: record the pixel size the file lacks
         image.mpp = spec.image_mpp
-    level, factor = select_level(image, float(target))
-    level_hw = tuple(image.levels[level][:2])
-    return level, work_shape_for(level_hw, factor) if abs(factor - 1) > 1e-3 else level_hw
+    chosen = working_level(image, float(target))
+    return chosen.level, chosen.hw
 
 
 def resize_labels(labels: np.ndarray, size: tuple[int, int], classes: int) -> np.ndarray:

@@ -9,6 +9,7 @@
 Label images are written as files the training readers open like any mask: the tissue mask
 as a PNG at preview size, the nuclei mask as a tiled TIFF at level 0 written tile by tile, so
 a slide is never decoded whole. Sizes are given in µm and converted with the pixel size.
+Used by the slide recipes (recipes.shipped); the library never imports it.
 """
 
 from __future__ import annotations

@@ -1,15 +1,20 @@
-"""The training settings that made each shipped model, as code: `recipe(name, data, out)`.
+"""The training settings that made each shipped model (pipeline/weights/), as code.
 
-`data` is the folder of real sample images (../shared/data/real by default); nothing from it
-is copied into the repository. Slide recipes first write their classical labels (tissue
-mask, nuclei pseudo-labels) under `out/labels/`. `python -m pipeline.recipes NAME [DATA] [OUT]` reproduces a
-model (docs/training.md lists the commands and the figures they gave).
+    recipe(name, data, out)        the TrainConfig of a shipped model, reading the real-data
+                                   folder `data` (required: nothing from it is copied into
+                                   the repository) and writing to `out`
+    train_and_choose_mode(config)  train, then make the fastest UNet++ mode within 0.005 Dice
+                                   of the best the card's default
+
+Slide recipes first write their classical labels (tissue mask, nuclei pseudo-labels,
+recipes.pseudolabels) under `out/labels/`. `python -m recipes NAME --data DIR --out OUT`
+reproduces a model (docs/training.md lists the commands and the figures they gave). This
+folder is not part of the installed package: run it from a checkout.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,25 +22,17 @@ import numpy as np
 from PIL import Image as PILImage
 
 from pipeline.errors import ConfigError
-from pipeline.pseudolabels import (
+from pipeline.train import TrainConfig, train
+from pipeline.train.augment import Augment
+from pipeline.train.loop import torch_threads, validation_set
+from pipeline.train.modes import choose_mode, prune_report, set_default_mode
+from recipes.pseudolabels import (
     haematoxylin_threshold,
     write_nuclei_labels,
     write_tissue_labels,
 )
-from pipeline.train.augment import Augment
-from pipeline.train.loop import (
-    TrainConfig,
-    choose_mode,
-    prune_report,
-    set_default_mode,
-    torch_threads,
-    train,
-    validation_set,
-)
 
 log = logging.getLogger(__name__)
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 SHENZHEN = ("Training: 10 chest X-rays of the NLM Shenzhen set (CHNCXR_0001_0..0010_0, Jaeger et al. "
             "2014, public) downsampled to 512x512, with lung masks from the Kaggle 'Chest X-ray masks "
@@ -125,7 +122,7 @@ def nuclei_he(data: Path, out: Path) -> TrainConfig:
         tile=1024, halo=32,
         data=f"Pseudo-labels; for demonstration. Training: {TCGA_DATA} Labels: haematoxylin from "
              "colour deconvolution (scikit-image rgb2hed), one Otsu threshold per slide, cleaned, "
-             "touching nuclei split by watershed (pipeline.pseudolabels.nuclei_mask); no manual "
+             "touching nuclei split by watershed (recipes.pseudolabels.nuclei_mask); no manual "
              "annotation. Validated only against those pseudo-labels (in-sample tiles).",
         license="Weights: Apache-2.0 (TCGA open-access image; see NOTICE).",
     )
@@ -136,7 +133,7 @@ RECIPES: dict[str, Callable[[Path, Path], TrainConfig]] = {
 }
 
 
-def recipe(name: str, data: str | Path = DEFAULT_DATA, out: str | Path = "runs/train") -> TrainConfig:
+def recipe(name: str, data: str | Path, out: str | Path = "runs/train") -> TrainConfig:
     """The TrainConfig of a shipped model, reading `data` and writing to `out`."""
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; valid: {sorted(RECIPES)}")
@@ -158,15 +155,3 @@ def train_and_choose_mode(config: TrainConfig) -> Path:
     log.info("%s: default mode %s%s", path, mode, f" L{level}" if level else "")
     set_default_mode(path, mode, level, table)
     return path
-
-
-def main(argv: list[str]) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if not 1 <= len(argv) <= 3:
-        raise SystemExit(f"usage: python -m pipeline.recipes {{{','.join(RECIPES)}}} [DATA] [OUT]")
-    name, data, out = [*argv, None, None][:3]
-    train_and_choose_mode(recipe(name, data or DEFAULT_DATA, out or "runs/train"))
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

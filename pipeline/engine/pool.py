@@ -1,11 +1,12 @@
-"""One pool of tile workers per run, shared by the images in flight.
+"""The run's pool of tile workers: one per run, shared by the images in flight.
 
-`pipeline.workers.infer_ray` starts actors for one image and stops them after it: right
-for one image, wasteful for a collection (every image would start processes and load the
-model again) and, with several images at once, each would wait for the others' actors to
-free the cluster. A collection run therefore opens one `RunPool`; each image's infer stage
-borrows a `SharedBackend` view of it. The pool starts on first use, so a run with nothing
-new to compute starts no worker at all.
+Starting workers per image would be right for one image and wasteful for a collection
+(every image would start processes and load the model again) and, with several images at
+once, each would wait for the others' workers to free the cluster. A run therefore opens
+one `RunPool` and passes it, as an object, to each image's infer stage, which leases a
+`SharedBackend` view of it. The pool starts on first lease, so a run with nothing new to
+compute starts no worker at all. Which backend it starts (threads in this process, or Ray
+actors) is chosen once, by whoever opens the pool: `local_pool` here, `workers.ray_pool`.
 
 `SharedBackend` is the scheduler's Backend protocol over another Backend, for several
 `run_tiles` callers (threads) at once: the underlying backend is driven under one lock,
@@ -17,11 +18,10 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable
 from typing import Any
 
+from pipeline.config import RunConfig
 from pipeline.engine.scheduler import Backend
 from pipeline.engine.tiling import Tile
 from pipeline.job import ImageJob, TileReport
@@ -103,8 +103,8 @@ class _View:
 
 
 class RunPool:
-    """A backend started on first use (`start()` -> a closable Backend) and shared by the
-    images of one run; `close()` stops it if it ever started."""
+    """A backend started on first lease (`start()` -> a closable Backend) and shared by
+    the images of one run; closing the pool stops the backend if it ever started."""
 
     def __init__(self, start: Callable[[], Any]):
         self._start = start
@@ -112,7 +112,8 @@ class RunPool:
         self._backend: Any = None
         self._shared: SharedBackend | None = None
 
-    def view(self) -> _View:
+    def lease(self) -> _View:
+        """One image's Backend over the pool (a context manager that ends only the view)."""
         with self._lock:
             if self._shared is None:
                 self._backend = self._start()
@@ -129,30 +130,21 @@ class RunPool:
                 self._backend.close()
             self._backend, self._shared = None, None
 
+    def __enter__(self) -> RunPool:
+        return self
 
-_pools: dict[str, RunPool] = {}
-_pools_lock = threading.Lock()
-
-
-@contextmanager
-def run_pool(start: Callable[[], Any]) -> Iterator[str]:
-    """Register a RunPool for the block; yields its key, which tasks pass to `lookup`."""
-    key = uuid.uuid4().hex
-    pool = RunPool(start)
-    with _pools_lock:
-        _pools[key] = pool
-    try:
-        yield key
-    finally:
-        with _pools_lock:
-            _pools.pop(key, None)
-        pool.close()
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def lookup(key: str | None) -> RunPool | None:
-    """The pool registered under `key` in this process, or None (no key, or the task runs
-    in another process than the flow that opened it)."""
-    if key is None:
-        return None
-    with _pools_lock:
-        return _pools.get(key)
+def local_pool(model_path: str, config: RunConfig) -> RunPool:
+    """Tiles in this process: two threads over one TileRunner (the model loaded once, on
+    the first lease, and kept for every image of the run)."""
+
+    def start() -> Backend:
+        from pipeline.engine.runner import TileRunner  # torch: only once there is work
+        from pipeline.engine.scheduler import ThreadBackend
+
+        return ThreadBackend(TileRunner(model_path, config))
+
+    return RunPool(start)

@@ -1,0 +1,98 @@
+"""What an output records about how it was made (invariant 6), and what it must never
+record (invariant 8): patient-identifier keys are refused, values are stored as JSON,
+versions are added, and ``same_output`` decides whether a stored output is what a new
+run would write."""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+from collections.abc import Mapping
+from importlib import metadata
+from typing import Any
+
+from pipeline.config import pixel_settings
+from pipeline.store.errors import StoreError
+
+# DICOM attributes that identify a patient, visit or staff member (PS3.15 Annex E, the
+# common ones), as keywords and as tags; compared on lower-case alphanumerics so that
+# "patient_name", "PatientName" and "(0010,0010)" all match.
+_IDENTIFIER_KEYS = frozenset(
+    re.sub(r"[^a-z0-9]", "", k.lower())
+    for k in (
+        "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientAddress",
+        "PatientTelephoneNumbers", "PatientMotherBirthName", "OtherPatientIDs",
+        "OtherPatientIDsSequence", "OtherPatientNames", "IssuerOfPatientID",
+        "MedicalRecordLocator", "AccessionNumber", "StudyID", "StudyInstanceUID",
+        "SeriesInstanceUID", "SOPInstanceUID", "StudyDate", "StudyTime", "AcquisitionDateTime",
+        "InstitutionName", "InstitutionAddress", "ReferringPhysicianName",
+        "PerformingPhysicianName", "PhysiciansOfRecord", "RequestingPhysician",
+        "OperatorsName", "DeviceSerialNumber", "EthnicGroup", "Occupation", "MilitaryRank",
+        "AdmissionID", "(0010,0010)", "(0010,0020)", "(0010,0030)", "(0008,0050)",
+        "(0020,000D)", "(0020,000E)", "(0008,0018)",
+    )
+)  # fmt: skip
+# Every Patient* attribute (age, sex, size, ...) describes the person: none belongs here.
+_IDENTIFIER_PREFIX = "patient"
+_VERSIONED = ("segpipe", "torch", "zarr", "numpy", "dask")
+
+
+def check_provenance(provenance: Mapping[str, Any], where: str) -> None:
+    """Refuse provenance holding a patient-identifier key at any depth (StoreError)."""
+    found = _identifier_keys(provenance)
+    if found:
+        raise StoreError(
+            f"{where}: provenance holds patient identifier keys {sorted(set(found))}; "
+            "pass only safe metadata"
+        )
+
+
+def _identifier_keys(obj: Any) -> list[str]:
+    if isinstance(obj, Mapping):
+        own = [str(k) for k in obj if _is_identifier(str(k))]
+        return own + [k for v in obj.values() for k in _identifier_keys(v)]
+    if isinstance(obj, list | tuple):
+        return [k for v in obj for k in _identifier_keys(v)]
+    return []
+
+
+def _is_identifier(key: str) -> bool:
+    norm = re.sub(r"[^a-z0-9]", "", key.lower())
+    return norm in _IDENTIFIER_KEYS or norm.startswith(_IDENTIFIER_PREFIX)
+
+
+def as_json(value: Any, where: str) -> Any:
+    """A JSON round trip: tuples become lists, so stored and requested values compare equal."""
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{where}: provenance is not JSON-able: {exc}") from exc
+
+
+def versions() -> dict[str, str | None]:
+    """Python's version and the installed versions of segpipe and its main libraries."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for dist in _VERSIONED:
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+def identity(provenance: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes two runs' pixels comparable: input and model hashes, pixel settings."""
+    run = provenance.get("run") or {}
+    return {
+        "input.sha256": (provenance.get("input") or {}).get("sha256"),
+        "model.sha256": (provenance.get("model") or {}).get("sha256"),
+        **{f"run.{k}": v for k, v in pixel_settings(run).items()},
+    }
+
+
+def same_output(stored: Mapping[str, Any], requested: Mapping[str, Any]) -> bool:
+    """Whether an output with provenance ``stored`` is what a run with provenance
+    ``requested`` ({"input": {"sha256"}, "model": {"sha256"}, "run": settings}) would write:
+    same input and model hashes and pixel settings; execution-only settings may differ."""
+    return identity(stored) == identity(as_json(dict(requested), "requested provenance"))

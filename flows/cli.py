@@ -50,6 +50,7 @@ Inputs = Annotated[list[str], typer.Argument(help="Images, folders, globs, list 
 AsJson = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")]
 Cron = Annotated[str, typer.Option(help="When to run (cron, server time zone).")]
 Name = Annotated[str, typer.Option(help="Deployment name.")]
+Interval = Annotated[Optional[float], typer.Option(help="Run every this many seconds instead of on the cron schedule.", show_default=False)]
 
 
 def _param(name: str, annotation: Any, default: Any = inspect.Parameter.empty) -> inspect.Parameter:
@@ -214,25 +215,26 @@ def export(
   PREFECT_API_URL=http://prefect:4200/api segpipe serve s3://archive/slides -m nuclei-he -o s3://results/slides
 """)
 def serve(inputs: list[str], model: str, out: str, cron: str = "0 2 * * *", name: str = "nightly",
-          concurrency: int = 2, **settings: Any) -> None:  # fmt: skip
-    """Serve segment-collection on a schedule from this process (Ctrl-C stops it). Each run
-    processes only images that are new or changed since the last."""
-    from prefect import serve as prefect_serve
-
-    from flows.schedule import build_deployment
+          interval: float | None = None, concurrency: int = 2, **settings: Any) -> None:  # fmt: skip
+    """Serve segment-collection on a schedule from this process (Ctrl-C or SIGTERM stops
+    it). Each run processes only images that are new or changed since the last."""
+    from flows.schedule import build_deployment, serve_until_stopped
 
     config = _usage_checked(lambda: run_config(**settings))
     model_path = _usage_checked(lambda: _check_model(model))
     deployment = _usage_checked(lambda: build_deployment(
-        [_absolute(i) for i in inputs], model_path, _absolute(out), cron, config, name, concurrency))
-    err_console.print(f"serving [bold]{deployment.name}[/] of segment-collection, cron {cron!r}")
-    prefect_serve(deployment)
+        [_absolute(i) for i in inputs], model_path, _absolute(out), cron, config, name, concurrency,
+        interval))  # fmt: skip
+    when = f"every {interval:g} s" if interval else f"cron {cron!r}"
+    err_console.print(f"serving [bold]{deployment.name}[/] of segment-collection, {when}")
+    _usage_checked(lambda: serve_until_stopped(deployment))
+    err_console.print("stopped")
 
 
 options.command(serve, [
     _param("inputs", Annotated[list[str], typer.Argument(help="Folders, globs, list files or fsspec URLs to scan at every run.", show_default=False)]),
     _param("model", Model), _param("out", Out), _param("cron", Cron, "0 2 * * *"), _param("name", Name, "nightly"),
-    *settings_options(), _param("concurrency", Concurrency, 2),
+    _param("interval", Interval, None), *settings_options(), _param("concurrency", Concurrency, 2),
 ])  # fmt: skip
 
 

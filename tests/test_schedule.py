@@ -1,0 +1,143 @@
+"""Schedules that fire, on a real Prefect server with its scheduler on (loopback only).
+
+`segpipe serve` registers the nightly deployment with the server and runs what its
+scheduler schedules. A broken scheduler (Prefect 3.8 with SQLAlchemy 2.1 failed every loop)
+registers fine and then never runs anything: only a test that waits for runs sees it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import PIL.Image
+import pytest
+
+pytestmark = pytest.mark.slow  # a Prefect server, a serving process and two scheduled runs
+
+INTERVAL_S = 20  # between scheduled runs; a run of two tiny images takes ~10 s here
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+    """End a process group we started (never by name), return its exit code."""
+    if process.poll() is None:
+        os.killpg(process.pid, sig)
+        try:
+            return process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            return process.wait()
+    return process.returncode
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """`prefect server start` on 127.0.0.1 with its own database; yields the environment a
+    client needs (PREFECT_API_URL...)."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        # the scheduler looks for new deployments every 5 s; its full loop every 5 s here
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    api = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        _stop(server)
+        pytest.fail(f"Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+    client_home = tmp_path_factory.mktemp("prefect-client")
+    yield {"PREFECT_API_URL": api, "PREFECT_HOME": str(client_home), "SERVER_LOG": str(home / "server.log")}
+    _stop(server)
+    log.close()
+
+
+def _flow_runs(api: str) -> list[dict]:
+    body = {"flows": {"name": {"any_": ["segment-collection"]}}, "sort": "EXPECTED_START_TIME_ASC"}
+    return httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json()
+
+
+def _write_png(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    PIL.Image.fromarray(pixels).save(path)
+
+
+def _wait_for(condition, timeout: float, what: str, serving: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        if serving.poll() is not None:
+            pytest.fail(f"segpipe serve exited ({serving.returncode}): {log.read_text()[-3000:]}")
+        time.sleep(1)
+    pytest.fail(f"{what} within {timeout:.0f} s; serve said: {log.read_text()[-3000:]}")
+
+
+def test_served_schedule_fires_and_each_run_does_only_what_is_new(
+    prefect_server: dict[str, str], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    api = prefect_server["PREFECT_API_URL"]
+    archive, out = tmp_path / "archive", tmp_path / "out"
+    for i in range(2):
+        _write_png(archive / f"x{i}.png", seed=i)
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": prefect_server["PREFECT_HOME"],
+           "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+    log = tmp_path / "serve.log"
+    serving = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "serve", str(archive), "-m", str(tiny_checkpoint), "-o", str(out),
+         "--interval", str(INTERVAL_S), "--tile", "32", "--export", "none"],
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    try:
+        def completed(n: int):
+            runs = [r for r in _flow_runs(api) if r["state_type"] == "COMPLETED"]
+            return runs if len(runs) >= n else None
+
+        first = _wait_for(lambda: completed(1), 180, "no scheduled run completed", serving, log)
+        record = json.loads((out / "segpipe-run.json").read_text())
+        assert sorted(r["state"] for r in record["images"]) == ["complete", "complete"]
+
+        _write_png(archive / "x2.png", seed=2)  # arrives between two runs
+        runs = _wait_for(lambda: completed(len(first) + 1), 180, "no second scheduled run", serving, log)
+        assert len(runs) >= 2
+        record = json.loads((out / "segpipe-run.json").read_text())
+        states = {Path(r["input"]).name: (r["state"], r["reused"]) for r in record["images"]}
+        assert states["x2.png"] == ("complete", False)  # the new file, picked up
+        assert states["x0.png"] == ("complete", True) and states["x1.png"] == ("complete", True)
+    finally:
+        code = _stop(serving, signal.SIGTERM)
+    assert code == 0, log.read_text()[-3000:]  # SIGTERM stops serve cleanly

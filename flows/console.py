@@ -29,8 +29,18 @@ from flows.report import ImageResult, format_fractions
 from pipeline.errors import SegpipeError
 
 EXIT_USAGE = 2
-out_console = Console()
-err_console = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """Off a terminal (a log file, a pipe, CI) rich would assume 80 columns and cut table
+    cells short ("com…"); there a table is read whole, so it gets the width it needs."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=OFF_TERMINAL_WIDTH)
+
+
+OFF_TERMINAL_WIDTH = 400  # rich tables take only the width their cells need
+out_console = _console()
+err_console = _console(stderr=True)
 
 STATE_STYLE = {"complete": "green", "partial": "yellow", "failed": "red", "reused": "cyan",
                "pending": "yellow", "running": "yellow"}
@@ -141,20 +151,31 @@ def status_table(summaries: Sequence[Mapping[str, Any]]) -> Table:
 
 def run_collection(inputs: list[str], model: str, out: str, config: Any, concurrency: int,
                    show_table: bool = True, title: str = "segpipe run") -> list[Any]:
-    """Run segment_collection with live progress bars; print the summary and problems."""
-    from flows.segment import segment_collection  # Prefect: only for commands that run
+    """Run segment_collection with live progress bars; print the summary and problems.
+    The run's flow runs carry this driver's tag, and runs a dead driver left Running are
+    marked Crashed first (flows.runs)."""
+    import httpx
+    from prefect import tags
+
+    from flows import runs
+    from flows.segment import (  # Prefect: only for commands that run
+        results,
+        segment_collection,
+    )
 
     try:
-        with live_progress(err_console):
-            results = segment_collection(inputs, model, out, config, concurrency)
-    except (SegpipeError, ValueError, ConnectionError, TimeoutError) as exc:
+        runs.check_api()
+        with live_progress(err_console), tags("segpipe", runs.driver_tag()):
+            runs.mark_crashed_runs()
+            done = results(segment_collection(inputs, model, out, config, concurrency, return_state=True))
+    except (SegpipeError, ValueError, ConnectionError, TimeoutError, httpx.HTTPError) as exc:
         # the run itself could not go on: a setting, the cluster, the server or the storage
         usage_error(f"run stopped: {type(exc).__name__}: {' '.join(str(exc).split())}")
     if show_table:
-        out_console.print(results_table(results, title=title))
-        for line in report.problems(results):
+        out_console.print(results_table(done, title=title))
+        for line in report.problems(done):
             err_console.print(f"[red]✗[/] {escape(line)}", highlight=False, soft_wrap=True)
-    return results
+    return done
 
 
 def usage_error(message: str) -> None:

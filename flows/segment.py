@@ -8,6 +8,7 @@ when it is set. An image that fails is one line in the report; the others go on.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from contextlib import nullcontext
@@ -19,9 +20,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 
 from flows import progress, report
 from flows.discover import Source, fingerprint
+from flows.outputs import job_for
 from flows.report import ImageResult
 from flows.tasks import (
     discover_task,
@@ -32,10 +35,11 @@ from flows.tasks import (
     input_sha256,
     plan_task,
 )
-from pipeline import cards
+from pipeline import cards, stages
 from pipeline.config import RunConfig
 from pipeline.engine.pool import RunPool
 from pipeline.io import location
+from pipeline.io.exports import export_exists
 from pipeline.store import (
     OutputStore,
     StoreError,
@@ -45,6 +49,12 @@ from pipeline.store import (
 )
 
 DEFAULT_CONCURRENCY = 2
+
+# Prefect gives the loggers of PREFECT_LOGGING_EXTRA_LOGGERS its API handler but no level:
+# they would inherit the root's WARNING, and a run's log in Prefect would miss the
+# pipeline's INFO lines (tiles to run, resumes, retries, skipped exports).
+for _name in ("pipeline", "flows"):
+    logging.getLogger(_name).setLevel(logging.INFO)
 TABLE_KEY = "segpipe-run"
 
 
@@ -55,10 +65,11 @@ def _image_run_name() -> str:
 
 @flow(name="segment-image", flow_run_name=_image_run_name)
 def segment_image(source: str, model: str, out: str, config: RunConfig | None = None,
-                  image_id: str | None = None, pool: RunPool | None = None) -> ImageResult:
+                  image_id: str | None = None, pool: RunPool | None = None) -> ImageResult | State:
     """Segment one image (a path or fsspec URL) with a shipped model name or checkpoint
     path into OUT/<image_id>.zarr, plus its exports. `pool` is the run's worker pool
-    (segment_collection passes its own); without one, Ray workers start for this image."""
+    (segment_collection passes its own); without one, Ray workers start for this image.
+    An image left partial ends the run Failed, its ImageResult as the state's data."""
     run = config or RunConfig()
     logger = get_run_logger()
     start = time.perf_counter()
@@ -79,23 +90,27 @@ def segment_image(source: str, model: str, out: str, config: RunConfig | None = 
     logger.info("%s: %s in %.1f s", job.image_id, result.state, result.seconds)
     if _is_top_level():
         create_table_artifact([result.row()], key=TABLE_KEY, description=f"segment-image {job.image_id}")
+    if not result.ok:  # a partial image is a failed run: automations and the UI must see it
+        return Failed(message=f"{job.image_id}: {result.state}, {summary['failed_total']} tiles failed", data=result)
     return result
 
 
 @flow(name="segment-collection")
 def segment_collection(inputs: list[str], model: str, out: str, config: RunConfig | None = None,
-                       concurrency: int = DEFAULT_CONCURRENCY) -> list[ImageResult]:
+                       concurrency: int = DEFAULT_CONCURRENCY) -> list[ImageResult] | State:
     """Segment every image under `inputs` (folders, globs, list files, fsspec URLs) into
     OUT. Images whose output is already complete for the same input content, model and
     settings are reported and not run again; up to `concurrency` images run at once, all
-    on one pool of Ray workers; a failed image is reported and the others go on."""
+    on one pool of Ray workers; a failed image is reported and the others go on. Any
+    partial or failed image ends the run Failed, the results list as the state's data
+    (`results(state)`)."""
     run = config or RunConfig()
     logger = get_run_logger()
     model_path = str(cards.resolve(model))
     sources = discover_task(inputs, out)
     progress.emit(progress.Event("discovered", total=len(sources)))
     wanted = {"model": {"sha256": location.sha256(model_path)}, "run": run.to_dict()}
-    reused = _reusable(sources, out, wanted)
+    reused = _reusable(sources, out, wanted, run)
     todo = [s for s in sources if s.uri not in reused]
     logger.info("%d images: %d already complete, %d to run", len(sources), len(reused), len(todo))
     if todo:
@@ -105,6 +120,10 @@ def segment_collection(inputs: list[str], model: str, out: str, config: RunConfi
     order = {s.uri: i for i, s in enumerate(sources)}
     results = sorted([*reused.values(), *fresh], key=lambda r: order[r.input])
     _report(results, out)
+    if any(not r.ok for r in results):  # a bad night is a Failed run, with every result as data
+        counts = report.totals(results)
+        problems = ", ".join(f"{counts[k]} {k}" for k in ("partial", "failed") if counts[k])
+        return Failed(message=f"{problems} of {len(results)} images", data=results)
     return results
 
 
@@ -114,21 +133,23 @@ def image_task(source: Source, model_path: str, out: str, config: RunConfig, poo
     so the collection goes on. (A task around the subflow lets images run concurrently.)"""
     start = time.perf_counter()
     state = segment_image(source.uri, model_path, out, config, source.image_id, pool, return_state=True)
-    if state.is_completed():
-        result = state.result()
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, ImageResult):  # complete, or partial (a Failed state carrying it)
+        result = outcome
     else:
-        exc = state.result(raise_on_failure=False)
-        if not isinstance(exc, BaseException):
-            exc = RuntimeError(state.message or state.name)
+        exc = outcome if isinstance(outcome, BaseException) else RuntimeError(state.message or state.name)
         result = report.failed(source.uri, source.image_id, exc, time.perf_counter() - start)
         get_run_logger().error(result.error)
     progress.emit(progress.Event("finished", source.image_id, state=result.state))
     return result
 
 
-def _reusable(sources: list[Source], out: str, wanted: dict[str, Any]) -> dict[str, ImageResult]:
+def _reusable(sources: list[Source], out: str, wanted: dict[str, Any],
+              config: RunConfig) -> dict[str, ImageResult]:  # fmt: skip
     """Sources whose output is complete for this model and these settings and whose
-    content hash (cached across runs by size and modification marker) is the one recorded."""
+    content hash (cached across runs by size and modification marker) is the one recorded.
+    Such an output gets the exports the run asks for that it lacks (no tile runs: only the
+    export task)."""
     candidates: dict[str, tuple[OutputStore, str | None, PrefectFuture]] = {}
     for source in sources:
         store = _complete_store(out, source.image_id)
@@ -141,18 +162,32 @@ def _reusable(sources: list[Source], out: str, wanted: dict[str, Any]) -> dict[s
             continue
         try:
             key = fingerprint(source)
-        except OSError:  # gone since discovery: the image's own run reports it
+        except Exception:  # gone or unreachable since discovery: the image's own run reports it
             continue
         candidates[source.uri] = (store, recorded.get("sha256"), input_sha256.submit(source.uri, *key))
-    reused = {}
+    exporting: dict[str, tuple[OutputStore, dict[str, str], PrefectFuture | None]] = {}
     for uri, (store, recorded_sha, digest) in candidates.items():
-        if digest.result() == recorded_sha:
-            reused[uri] = report.from_summary(uri, store.summary(), 0.0, reused=True)
-            progress.emit(progress.Event("finished", store.image_id, state="reused"))
+        if digest.result(raise_on_failure=False) != recorded_sha:
+            continue
+        job = job_for(store)
+        planned = stages.planned_exports(job, config.exports)
+        missing = tuple(name for name, where in planned.items() if not export_exists(where))
+        exporting[uri] = (store, planned, export_task.submit(job, config, missing) if missing else None)
+    reused = {}
+    for uri, (store, planned, writing) in exporting.items():
+        failure = writing.result(raise_on_failure=False) if writing is not None else None
+        if isinstance(failure, BaseException):
+            reused[uri] = report.failed(uri, store.image_id, failure)
+            get_run_logger().error(reused[uri].error)
+        else:
+            reused[uri] = report.from_summary(uri, store.summary(), 0.0, planned, reused=True)
+        state = "reused" if reused[uri].ok else reused[uri].state
+        progress.emit(progress.Event("finished", store.image_id, state=state))
     return reused
 
 
 def _complete_store(out: str, image_id: str) -> OutputStore | None:
+    """The image's store when it is complete; its exports are checked by `_reusable`."""
     try:
         store = OutputStore.open(store_path(out, image_id))
     except StoreError:
@@ -203,3 +238,14 @@ def _report(results: list[ImageResult], out: str) -> None:
 def _is_top_level() -> bool:
     ctx = FlowRunContext.get()
     return ctx is None or ctx.flow_run is None or ctx.flow_run.parent_task_run_id is None
+
+
+def results(state: State) -> list[ImageResult]:
+    """A collection run's results from its final state, Completed or Failed; a run that
+    could not go on (bad input list, no cluster) raises its error."""
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    if not isinstance(outcome, list):
+        raise RuntimeError(f"segment-collection ended {state.name}: {state.message}")
+    return outcome

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import zarr
@@ -41,21 +41,26 @@ DEFAULT_HALO = 64
 
 
 def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
-           image_id: str | None = None) -> ImageJob:
+           image_id: str | None = None, fetched_from: str | None = None) -> ImageJob:
     """Open the image, fix its geometry, create (or reopen) its output store, bring its
-    working level into zarr (or read it in place) and store a preview."""
+    working level into zarr (or read it in place) and store a preview.
+
+    `fetched_from`: the remote URL that `input_path` is this machine's copy of. Provenance
+    records the URL, and the working level always goes into the store (`<store>/work`):
+    tile workers on other nodes cannot read this machine's copy in place."""
     card = cards.read_card(model_path)
     with _open(input_path, config) as image:
-        image_id = image_id or safe_image_id(input_path)
+        image_id = image_id or safe_image_id(fetched_from or input_path)
         level, full_hw, work_hw = working_geometry(image, card)
         path = store_path(out_root, image_id)
         store = OutputStore.create_or_open(
             path, image_id=image_id, full_hw=full_hw, work_hw=work_hw, tile=config.tile,
             full_chunk=full_res_chunk(config.tile, (full_hw[0] / work_hw[0], full_hw[1] / work_hw[1])),
             classes=card.class_names, prob_dtype=config.prob_dtype, mpp=image.mpp,
-            provenance=_provenance(input_path, image, model_path, card, config, level),
+            provenance=_provenance(input_path, image, model_path, card, config, level, fetched_from),
         )  # fmt: skip
-        work_url = _working_level(image, level, work_hw, path, config.tile)
+        in_place = fetched_from is None
+        work_url = _working_level(image, level, work_hw, path, config.tile, in_place)
         overview = preview(image)
         if "preview" not in _group_keys(path):
             store.write_preview(window_uint8(overview))
@@ -109,6 +114,7 @@ def infer(job: ImageJob, config: RunConfig, pool: RunPool,
     if not todo:
         return store.counts()
     store.mark_state("running")
+    log.info("%s: %d of %d tiles to run", job.image_id, len(todo), store.counts()["total"])
     start = time.perf_counter()
     with pool.lease() as backend:
         counts = run_tiles(job, todo, backend, store, config.retries, progress)
@@ -143,9 +149,11 @@ def _open(path: str, config: RunConfig) -> Image:
     return open_image(path, max_pixels=config.max_pixels, max_slide_pixels=config.max_slide_pixels)
 
 
-def _working_level(image: Image, level: int, work_hw: tuple[int, int], path: str, chunk: int) -> str | None:
-    """None when the source level is read in place; else the ingested zarr array's URL."""
-    if tuple(image.levels[level][:2]) == work_hw and image.lazy_level(level) is not None:
+def _working_level(image: Image, level: int, work_hw: tuple[int, int], path: str, chunk: int,
+                   in_place: bool = True) -> str | None:  # fmt: skip
+    """None when the source level is read in place (allowed by `in_place`, possible for a
+    tile-addressable level at the model's scale); else the ingested zarr array's URL."""
+    if in_place and tuple(image.levels[level][:2]) == work_hw and image.lazy_level(level) is not None:
         return None
     url = f"{path}/work"
     try:
@@ -163,9 +171,9 @@ def _group_keys(path: str) -> set[str]:
 
 
 def _provenance(input_path: str, image: Image, model_path: str, card: ModelCard,
-                config: RunConfig, level: int) -> dict[str, Any]:
+                config: RunConfig, level: int, fetched_from: str | None) -> dict[str, Any]:
     return {
-        "input": {"path": str(input_path), "sha256": location.content_hash(input_path),
+        "input": {"path": fetched_from or str(input_path), "sha256": location.content_hash(input_path),
                   "image": image.metadata_safe(), "level": level},
         "model": {"path": str(model_path), "sha256": location.sha256(model_path),
                   "card": card.to_dict()},
@@ -175,27 +183,67 @@ def _provenance(input_path: str, image: Image, model_path: str, card: ModelCard,
 
 
 def export(job: ImageJob, config: RunConfig, formats: tuple[str, ...] | None = None) -> dict[str, str]:
-    """Write the requested exports beside the store; returns format -> file path.
-    Each format in pipeline.io.exports.EXPORTS says which inputs it applies to (dicom-seg:
-    DICOM X-rays); it is skipped, with a log line, for the others."""
-    from pipeline.io.exports import EXPORTS, ExportInput
+    """Write the requested exports beside the store (a local folder or any fsspec URL);
+    returns format -> file location. Each format in pipeline.io.exports.EXPORTS says which
+    inputs it applies to (dicom-seg: DICOM X-rays); it is skipped, with a log line, for the
+    others."""
+    from pipeline.io.exports import EXPORTS
 
     store = OutputStore.open(job.store_path)
-    base = Path(job.store_path).with_suffix("")
-    source = ExportInput(
-        mask_levels=[store.mask_level(k) for k in range(len(store.layout.levels))],
-        classes=store.layout.classes, mpp=store.layout.mpp, input_path=job.input_path,
-        kind=job.kind, preview=store.preview,
-    )  # fmt: skip
-    written: dict[str, str] = {}
-    for name in formats if formats is not None else config.exports:
+    source = _export_input(job, store)
+    planned = _export_locations(job, source, formats if formats is not None else config.exports)
+    for name, where in planned.items():
+        EXPORTS[name].write(source, where)
+    return planned
+
+
+def planned_exports(job: ImageJob, formats: tuple[str, ...]) -> dict[str, str]:
+    """Where `export` would write each of `formats` that applies to this image (format ->
+    file location); reads only the store's metadata, no pixels. A re-run compares it with
+    what exists (pipeline.io.exports.export_exists) to write only what is missing."""
+    store = OutputStore.open(job.store_path)
+    return _export_locations(job, _export_input(job, store), formats)
+
+
+def _export_locations(job: ImageJob, source: Any, formats: tuple[str, ...]) -> dict[str, str]:
+    from pipeline.io.exports import EXPORTS, export_location
+
+    planned: dict[str, str] = {}
+    for name in formats:
         fmt = EXPORTS.get(name)
         if fmt is None:
             raise InputError(f"{job.image_id}: unknown export {name!r}; valid: {tuple(EXPORTS)}")
         if not fmt.applies(source):
             log.info("%s: %s needs %s; skipped", job.image_id, name, fmt.requires)
             continue
-        path = f"{base}{fmt.suffix}"
-        fmt.write(source, Path(path))
-        written[name] = path
-    return written
+        planned[name] = export_location(job.store_path, fmt.suffix)
+    return planned
+
+
+def _export_input(job: ImageJob, store: OutputStore) -> Any:
+    """The exports' view of a finished store (pipeline.io.exports.ExportInput); its mask
+    levels open when a writer first reads them."""
+    from pipeline.io.exports import ExportInput
+
+    recorded = store.provenance.get("input", {}).get("image") or {}
+    return ExportInput(
+        mask_levels=_MaskLevels(store), classes=store.layout.classes, mpp=store.layout.mpp,
+        input_path=job.input_path, kind=job.kind, preview=store.preview,
+        input_format=recorded.get("format"),
+    )  # fmt: skip
+
+
+class _MaskLevels(Sequence[Any]):
+    """A store's mask pyramid, level 0 first, each level's array opened on first use:
+    deciding which exports apply (and where they go) opens none."""
+
+    def __init__(self, store: OutputStore) -> None:
+        self._store = store
+
+    def __len__(self) -> int:
+        return len(self._store.layout.levels)
+
+    def __getitem__(self, k: Any) -> Any:
+        if isinstance(k, slice):
+            return [self[i] for i in range(len(self))[k]]
+        return self._store.mask_level(range(len(self))[k])

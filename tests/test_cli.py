@@ -94,7 +94,8 @@ def test_status_reports_a_partial_image_failed_tiles(flows_env: None, tiny_check
     write_png(tmp_path / "in" / "x.png")
     out = tmp_path / "out"
     config = RunConfig(tile=int(TILE), retries=0, faults=FaultInjection(fail_tiles=((1, 0),)))
-    segment_collection([str(tmp_path / "in")], str(tiny_checkpoint), str(out), config)
+    assert segment_collection([str(tmp_path / "in")], str(tiny_checkpoint), str(out), config,
+                              return_state=True).is_failed()
 
     as_json = runner.invoke(app, ["status", str(out), "--json"])
     assert as_json.exit_code == 1

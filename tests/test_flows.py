@@ -6,6 +6,8 @@ tiny untrained U-Net (its masks mean nothing; states, counts and files do)."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -238,12 +240,16 @@ def test_second_collection_run_does_no_inference(flows_env: None, tiny_checkpoin
 
 
 def test_collection_isolates_a_corrupt_image(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from flows.segment import results as run_results
     from flows.segment import segment_collection
 
     write_png(tmp_path / "in" / "good.png")
     (tmp_path / "in" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
-    results = segment_collection([str(tmp_path / "in")], str(tiny_checkpoint), str(tmp_path / "out"),
-                                 RunConfig(tile=TILE))  # fmt: skip
+    state = segment_collection([str(tmp_path / "in")], str(tiny_checkpoint), str(tmp_path / "out"),
+                               RunConfig(tile=TILE), return_state=True)  # fmt: skip
+    results = run_results(state)
+
+    assert state.is_failed() and "1 failed of 2 images" in state.message  # a bad night is a Failed run
 
     states = {Path(r.input).name: r.state for r in results}
     assert states == {"bad.png": "failed", "good.png": "complete"}
@@ -253,11 +259,22 @@ def test_collection_isolates_a_corrupt_image(flows_env: None, tiny_checkpoint: P
 
 
 def test_failed_tiles_leave_a_partial_image(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    from flows.segment import segment_collection
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    from flows.segment import results, segment_collection
 
     write_png(tmp_path / "in" / "x.png")
     config = RunConfig(tile=TILE, retries=1, faults=FaultInjection(fail_tiles=((0, 1),)))
-    [result] = segment_collection([str(tmp_path / "in")], str(tiny_checkpoint), str(tmp_path / "out"), config)
+    state = segment_collection([str(tmp_path / "in")], str(tiny_checkpoint), str(tmp_path / "out"), config,
+                               return_state=True)  # fmt: skip
+    [result] = results(state)
+
+    # Prefect tells the truth: the partial image's run and the collection's run are Failed
+    assert state.is_failed() and "1 partial" in state.message
+    with get_client(sync_client=True) as client:
+        [image_run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[result.image_id])))
+    assert image_run.state.is_failed()
 
     assert result.state == "partial" and result.counts["failed"] == 1 and result.counts["done"] == 3
     assert result.failed_tiles[0]["tile"] == [0, 1] and result.failed_tiles[0]["attempts"] == 2
@@ -367,3 +384,75 @@ def test_dicom_output_names_come_from_the_file_name(tmp_path: Path) -> None:
     path = write_scan(tmp_path / "IM0001")
     [source] = discover([str(path)])
     assert source.image_id.startswith("IM0001-")
+
+
+def test_an_unreachable_prefect_api_is_one_line_and_exit_2(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    write_png(tmp_path / "in" / "x.png")
+    api = "http://127.0.0.1:9/api"  # nothing listens on the discard port
+    env = {**os.environ, "PREFECT_API_URL": api}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(tmp_path / "in"), "-m", str(tiny_checkpoint),
+                           "-o", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) <= 3 and api in " ".join(lines) and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow  # a driver process started and killed
+def test_runs_of_a_killed_driver_are_marked_crashed(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.settings import PREFECT_API_URL
+
+    from flows import runs
+
+    for i in range(3):
+        write_png(tmp_path / "in" / f"x{i}.png", seed=i)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    driver = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(tmp_path / "in"), "-m", str(tiny_checkpoint),
+                               "-o", str(tmp_path / "out"), "--tile", "32"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    tag = f"{runs.TAG_PREFIX}{socket.gethostname()}:{driver.pid}"
+    query = FlowRunFilter(tags=FlowRunFilterTags(all_=[tag]))
+    with get_client(sync_client=True) as client:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(r.state.is_running() for r in client.read_flow_runs(flow_run_filter=query)):
+            assert driver.poll() is None, "the driver ended before its run started"
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGKILL)  # ours, by PID: it cannot tell Prefect anything now
+        driver.wait()
+        assert any(r.state.is_running() for r in client.read_flow_runs(flow_run_filter=query))
+
+        assert runs.mark_crashed_runs() >= 1  # what the next driver on this host does first
+
+        left = client.read_flow_runs(flow_run_filter=query)
+    assert left and not any(r.state.is_running() for r in left)
+    assert any(r.state.is_crashed() and str(driver.pid) in (r.state.message or "") for r in left)
+
+
+def test_pipeline_info_logs_reach_the_run_log(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A `segpipe run` driver sends the pipeline's INFO lines to Prefect with its own."""
+    import subprocess
+    import sys
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    write_png(tmp_path / "in" / "x.png")
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env.pop("PREFECT_LOGGING_EXTRA_LOGGERS", None)  # the CLI's own default, as a user has it
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(tmp_path / "in"), "-m", str(tiny_checkpoint),
+                           "-o", str(tmp_path / "out"), "--tile", "32"], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs()
+    assert any(entry.name == "pipeline.stages" and entry.level == logging.INFO and "tiles to run" in entry.message
+               for entry in logs)  # fmt: skip

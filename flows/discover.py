@@ -11,8 +11,10 @@ taken as inputs.
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import fsspec
 
+from flows.outputs import check_reachable, storage_error
 from pipeline.errors import InputError
 from pipeline.io.sniff import sniff
 from pipeline.store import safe_image_id
@@ -31,6 +34,10 @@ LIST_SUFFIXES = frozenset({".txt", ".list", ".lst"})
 _ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 _SKIP_NAMES = frozenset({"DICOMDIR"})  # a DICOM index, not an image
 _GLOB_CHARS = frozenset("*?[")
+_VERSION_CHARS = 12  # hex digits of a cached copy's version (localize)
+# fetch errors that happen again on a retry: the object is gone or forbidden, a bad URL,
+# a missing fsspec backend (the 's3' extra)
+_DETERMINISTIC = (FileNotFoundError, PermissionError, ValueError, ImportError)
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,8 @@ def discover(inputs: Iterable[str], out_root: str | None = None) -> list[Source]
     An input is a folder, a glob, a list file (.txt/.list/.lst, one input per line, '#'
     comments, paths relative to the list), an image file, or an fsspec URL of any of these.
     """
+    if out_root is not None:
+        check_reachable(out_root)  # here, so a run stops before any image when it cannot write
     exclude = _local_root(out_root)
     found: dict[str, str | None] = {}  # location -> the root its output name is relative to
     for item in inputs:
@@ -126,16 +135,24 @@ def _read_list(path: Path, exclude: Path | None) -> Iterator[tuple[str, str | No
 def _expand_url(url: str) -> Iterator[tuple[str, str | None]]:
     """Files behind an fsspec URL: one object (taken whatever its name), or the image
     files under a prefix or matching a glob (by extension: sniffing would fetch each)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if _GLOB_CHARS & set(path):
-        names = [n for n in fs.glob(path) if not fs.isdir(n)]
-    elif fs.isdir(path):
-        names = fs.find(path)
-    elif fs.exists(path):
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.invalidate_cache()  # a served flow lists again each run: objects come and go
+        if _GLOB_CHARS & set(path):
+            names: list[str] | None = [n for n in fs.glob(path) if not fs.isdir(n)]
+        elif fs.isdir(path):
+            names = fs.find(path)
+        elif fs.exists(path):
+            names = None  # one object
+        else:
+            raise InputError(f"{url}: no such object or prefix")
+    except InputError:
+        raise
+    except Exception as exc:  # botocore and other backends raise their own types
+        raise storage_error(url, exc) from exc
+    if names is None:
         yield fs.unstrip_protocol(path), None
         return
-    else:
-        raise InputError(f"{url}: no such object or prefix")
     for name in sorted(names):
         if Path(name).suffix.lower() in IMAGE_SUFFIXES:
             yield fs.unstrip_protocol(name), None
@@ -198,28 +215,55 @@ def _named(found: dict[str, str | None]) -> list[Source]:
 
 
 def localize(source: Source, cache_dir: str | Path) -> str:
-    """A local path for the source: local ones as they are; remote objects fetched once
-    into `cache_dir` under their output name (the readers decode local files).
+    """A local path for the source (the readers decode local files): a local one as it
+    is; a remote object fetched once into `cache_dir` as `<image_id>.<version><suffix>`,
+    its version a digest of its size and modification marker (`fingerprint`), so a changed
+    object is fetched again, never read stale; the copy of an older version is removed.
 
-    Limit: tile workers on other nodes read tiled slides in place, so `cache_dir` must be
-    on storage they share (the output root is, by default).
+    The copy is read by this process only (ingest copies a fetched input's working level
+    into the output store): `cache_dir` need not be shared with the tile workers.
     """
     if not source.is_remote:
         return source.uri.removeprefix("file://")
     suffix = Path(source.name).suffix.lower()
-    local = Path(cache_dir) / f"{source.image_id}{suffix}"
-    if local.is_file():
-        return str(local)
+    try:
+        key = fingerprint(source)
+    except Exception as exc:
+        raise _fetch_error(source.uri, exc) from exc
+    version = hashlib.sha256("|".join(map(str, key)).encode()).hexdigest()
+    local = Path(cache_dir) / f"{source.image_id}.{version[:_VERSION_CHARS]}{suffix}"
+    if not local.is_file():
+        _fetch(source.uri, local)
+        _drop_older_copies(local, source.image_id, suffix)
+    return str(local)
+
+
+def _fetch(uri: str, local: Path) -> None:
+    """Copy the object at `uri` to `local` (through `<local>.part`: a copy is whole or absent)."""
     local.parent.mkdir(parents=True, exist_ok=True)
     partial = local.with_name(local.name + ".part")
     try:
-        fs, path = fsspec.core.url_to_fs(source.uri)
+        fs, path = fsspec.core.url_to_fs(uri)
         fs.get_file(path, str(partial))
-    except (OSError, ValueError, ImportError) as exc:
+    except Exception as exc:
         partial.unlink(missing_ok=True)
-        raise InputError(f"{source.uri}: cannot fetch ({type(exc).__name__}: {exc})") from exc
+        raise _fetch_error(uri, exc) from exc
     partial.rename(local)
-    return str(local)
+
+
+def _fetch_error(uri: str, exc: Exception) -> Exception:
+    """One line naming the object: an InputError when a retry would fail the same way,
+    else an OSError, which the ingest task retries (botocore's errors are not OSErrors)."""
+    message = f"{uri}: cannot fetch ({type(exc).__name__}: {' '.join(str(exc).split())})"
+    return InputError(message) if isinstance(exc, _DETERMINISTIC) else OSError(message)
+
+
+def _drop_older_copies(current: Path, image_id: str, suffix: str) -> None:
+    """Remove the cached copies of other versions of the same image."""
+    name = re.compile(rf"{re.escape(image_id)}\.[0-9a-f]{{{_VERSION_CHARS}}}{re.escape(suffix)}")
+    for old in current.parent.glob(f"{image_id}.*{suffix}"):
+        if old != current and name.fullmatch(old.name):
+            old.unlink(missing_ok=True)
 
 
 def fingerprint(source: Source) -> tuple[int, str]:

@@ -13,7 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import fsspec
+
 from pipeline.errors import SegpipeError
+from pipeline.io.location import is_remote, local_path
+from pipeline.store import StoreError
 
 State = Literal["complete", "partial", "failed"]
 ERROR_MAX_CHARS = 300
@@ -23,7 +27,7 @@ RUN_RECORD = "segpipe-run.json"  # the last run's results, beside the outputs
 @dataclass(frozen=True)
 class ImageResult:
     """The outcome of one image in a run. `reused`: the output was already complete for
-    this input, model and settings, so nothing ran."""
+    this input, model and settings, so no tile ran (exports it lacked were written)."""
 
     input: str
     image_id: str
@@ -127,22 +131,35 @@ def problems(results: Iterable[ImageResult]) -> list[str]:
     return lines
 
 
-def write_record(out_root: str, results: Sequence[ImageResult]) -> Path | None:
-    """Write the run's results to OUT/segpipe-run.json (local output roots only), so
-    `segpipe status` can list images that failed before their output existed."""
-    if "://" in out_root and not out_root.startswith("file://"):
-        return None
-    path = Path(out_root.removeprefix("file://")) / RUN_RECORD
-    path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"totals": totals(results), "images": [asdict(r) for r in results]}
-    path.write_text(json.dumps(record, indent=1))
-    return path
+def write_record(out_root: str, results: Sequence[ImageResult]) -> str:
+    """Write the run's results to OUT/segpipe-run.json (a local folder or any fsspec URL),
+    so `segpipe status` can list images that failed before their output existed. Storage
+    that refuses the write stops the run on one line naming the record's URL."""
+    where = record_location(out_root)
+    text = json.dumps({"totals": totals(results), "images": [asdict(r) for r in results]}, indent=1)
+    try:
+        if not is_remote(where):
+            local_path(where).parent.mkdir(parents=True, exist_ok=True)
+        with fsspec.open(where, "w") as f:
+            f.write(text)
+    except Exception as exc:  # botocore and other backends raise their own types
+        raise StoreError(f"{where}: cannot write the run record ({type(exc).__name__}: {exc})") from exc
+    return where
 
 
 def read_record(out_root: str | Path) -> list[ImageResult]:
     """The last run's results written by `write_record` (empty when there is none)."""
-    path = Path(out_root) / RUN_RECORD
-    if not path.is_file():
+    where = record_location(out_root)
+    try:
+        with fsspec.open(where, "r") as f:
+            raw = json.load(f)
+    except FileNotFoundError:
         return []
-    raw = json.loads(path.read_text())
     return [ImageResult(**{**r, "size": tuple(r["size"]) if r["size"] else None}) for r in raw["images"]]
+
+
+def record_location(out_root: str | Path) -> str:
+    """Where the run record lies: OUT/segpipe-run.json (a URL stays a URL)."""
+    if is_remote(out_root):
+        return f"{str(out_root).rstrip('/')}/{RUN_RECORD}"
+    return str(local_path(out_root) / RUN_RECORD)

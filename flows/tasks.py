@@ -41,7 +41,7 @@ IO_BACKOFF = exponential_backoff(backoff_factor=2)  # 2 s, then 4 s
 IO_JITTER = 0.5
 HASH_CACHE_DAYS = 90
 ARTIFACT_EVERY_S = 2.0  # the progress artifact is updated at most this often
-CACHE_ENV = "SEGPIPE_CACHE"  # where fetched remote inputs go; default <out>/.inputs
+CACHE_ENV = "SEGPIPE_CACHE"  # where remote inputs are fetched to (see _cache_dir)
 
 
 def transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -72,9 +72,12 @@ def input_sha256(uri: str, size: int, marker: str) -> str:
 @task(name="ingest", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF,
       retry_jitter_factor=IO_JITTER, retry_condition_fn=transient, cache_policy=NO_CACHE)
 def ingest_task(source: Source, model_path: str, config: RunConfig, out: str) -> ImageJob:
-    """Open the image, create (or reopen) its output store, bring its working level to zarr."""
+    """Open the image, create (or reopen) its output store, bring its working level to zarr.
+    A remote input is read from this machine's copy (`localize`); its working level then
+    always goes into the store, so the tile workers read only the output store."""
     local = localize(source, _cache_dir(out))
-    job = stages.ingest(local, model_path, config, out, image_id=source.image_id)
+    fetched_from = source.uri if source.is_remote else None
+    job = stages.ingest(local, model_path, config, out, source.image_id, fetched_from)
     get_run_logger().info("%s: ingested, working level %sx%s, tile %d", job.image_id,
                           *job.work_hw, job.tile)  # fmt: skip
     return job
@@ -150,6 +153,10 @@ class TileProgress:
 
 
 def _cache_dir(out: str) -> str:
+    """Where remote inputs are fetched to: $SEGPIPE_CACHE, else <out>/.inputs beside local
+    outputs, else (a remote `out`) <temp dir>/segpipe-inputs. Only this process (the
+    driver) reads the copies: ingest brings a fetched input's working level into the output
+    store, and DICOM SEG reads its source URL, so the cache need not be shared storage."""
     if os.environ.get(CACHE_ENV):
         return os.environ[CACHE_ENV]
     if location.is_remote(out):

@@ -34,6 +34,7 @@ from pipeline.store import OutputStore, safe_image_id, store_path
 if TYPE_CHECKING:
     from pipeline.engine.pool import RunPool
     from pipeline.engine.scheduler import Progress
+    from pipeline.io.exports import ExportInput
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,11 @@ def export(job: ImageJob, config: RunConfig, formats: tuple[str, ...] | None = N
 
     store = OutputStore.open(job.store_path)
     source = _export_input(job, store)
-    planned = _export_locations(job, source, formats if formats is not None else config.exports)
+    requested = formats if formats is not None else config.exports
+    planned = _export_locations(job, source, requested)
+    for name in requested:
+        if name not in planned:
+            log.info("%s: %s needs %s; skipped", job.image_id, name, EXPORTS[name].requires)
     for name, where in planned.items():
         EXPORTS[name].write(source, where)
     return planned
@@ -205,7 +210,8 @@ def planned_exports(job: ImageJob, formats: tuple[str, ...]) -> dict[str, str]:
     return _export_locations(job, _export_input(job, store), formats)
 
 
-def _export_locations(job: ImageJob, source: Any, formats: tuple[str, ...]) -> dict[str, str]:
+def _export_locations(job: ImageJob, source: ExportInput, formats: tuple[str, ...]) -> dict[str, str]:
+    """format -> file location of each of `formats` that applies to the image."""
     from pipeline.io.exports import EXPORTS, export_location
 
     planned: dict[str, str] = {}
@@ -213,14 +219,12 @@ def _export_locations(job: ImageJob, source: Any, formats: tuple[str, ...]) -> d
         fmt = EXPORTS.get(name)
         if fmt is None:
             raise InputError(f"{job.image_id}: unknown export {name!r}; valid: {tuple(EXPORTS)}")
-        if not fmt.applies(source):
-            log.info("%s: %s needs %s; skipped", job.image_id, name, fmt.requires)
-            continue
-        planned[name] = export_location(job.store_path, fmt.suffix)
+        if fmt.applies(source):
+            planned[name] = export_location(job.store_path, fmt.suffix)
     return planned
 
 
-def _export_input(job: ImageJob, store: OutputStore) -> Any:
+def _export_input(job: ImageJob, store: OutputStore) -> ExportInput:
     """The exports' view of a finished store (pipeline.io.exports.ExportInput); its mask
     levels open when a writer first reads them."""
     from pipeline.io.exports import ExportInput

@@ -59,3 +59,39 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = build_model("unet", in_channels=3, classes=1, filters=[4, 8, 16])
     checkpoint.save(model, cards.ModelCard(arch="", config={}), path)
     return path
+
+
+# -- object storage: a real S3 server (moto) on loopback -----------------------------------------
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# The address is fixed at import, before any fixture starts Ray: Ray's local workers keep the
+# environment of the moment Ray started, and they write their tiles to the S3 outputs too.
+# botocore (under s3fs) reads these variables, so the product code takes no test parameter;
+# dummy credentials keep every test away from a real account.
+S3_ENDPOINT = f"http://127.0.0.1:{_free_loopback_port()}"
+os.environ.pop("AWS_PROFILE", None)
+os.environ.update(
+    AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ENDPOINT_URL_S3=S3_ENDPOINT, AWS_ACCESS_KEY_ID="segpipe-test",
+    AWS_SECRET_ACCESS_KEY="segpipe-test", AWS_DEFAULT_REGION="us-east-1",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """moto's S3 server on S3_ENDPOINT (127.0.0.1 only) for the session: real HTTP through
+    s3fs and botocore, not a mocked client. Yields the endpoint URL."""
+    server_module = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    port = int(S3_ENDPOINT.rsplit(":", 1)[1])
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield S3_ENDPOINT
+    server.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -94,7 +95,16 @@ def _write_png(path: Path, seed: int) -> None:
     PIL.Image.fromarray(pixels).save(path)
 
 
-def _wait_for(condition, timeout: float, what: str, serving: subprocess.Popen, log: Path):
+def _run_logs(api: str) -> str:
+    """The runs' own log lines from the server, for a failure message."""
+    try:
+        logs = httpx.post(f"{api}/logs/filter", json={"sort": "TIMESTAMP_ASC"}, timeout=10).json()
+        return "\n".join(f"{entry['name']}: {entry['message']}"[:400] for entry in logs[-40:])
+    except httpx.HTTPError as exc:
+        return f"(no run logs: {exc})"
+
+
+def _wait_for(condition, timeout: float, what: str, serving: subprocess.Popen, log: Path, api: str = ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = condition()
@@ -103,7 +113,8 @@ def _wait_for(condition, timeout: float, what: str, serving: subprocess.Popen, l
         if serving.poll() is not None:
             pytest.fail(f"segpipe serve exited ({serving.returncode}): {log.read_text()[-3000:]}")
         time.sleep(1)
-    pytest.fail(f"{what} within {timeout:.0f} s; serve said: {log.read_text()[-3000:]}")
+    pytest.fail(f"{what} within {timeout:.0f} s; the process said: {log.read_text()[-3000:]}\n"
+                f"the runs logged: {_run_logs(api) if api else ''}")
 
 
 def test_served_schedule_fires_and_each_run_does_only_what_is_new(
@@ -141,3 +152,54 @@ def test_served_schedule_fires_and_each_run_does_only_what_is_new(
     finally:
         code = _stop(serving, signal.SIGTERM)
     assert code == 0, log.read_text()[-3000:]  # SIGTERM stops serve cleanly
+
+
+def test_prefect_yaml_deploys_and_a_worker_runs_it(prefect_server: dict[str, str], tiny_checkpoint: Path,
+                                                   tmp_path: Path) -> None:
+    """deploy/prefect.yaml as its comments say to use it: a process work pool, `prefect
+    deploy` from the repository root, a worker where the project is installed
+    (SEGPIPE_HOME: here this checkout), and a run of the deployment with this test's
+    archive, model and output in place of the production paths."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PREFECT_API_URL": prefect_server["PREFECT_API_URL"],
+           "PREFECT_HOME": prefect_server["PREFECT_HOME"], "SEGPIPE_HOME": str(repo),
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}  # fmt: skip
+
+    def prefect(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=repo, capture_output=True,
+                              text=True, timeout=180)  # fmt: skip
+        assert done.returncode == 0, f"prefect {' '.join(args)}: {done.stdout[-1500:]} {done.stderr[-1500:]}"
+        return done
+
+    prefect("work-pool", "create", "segpipe", "--type", "process")
+    prefect("--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--all")
+    api = prefect_server["PREFECT_API_URL"]
+    [deployment] = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
+    assert deployment["name"] == "nightly" and deployment["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    assert deployment["global_concurrency_limit"]["limit"] == 1  # the same as `segpipe serve` gives its runs
+
+    archive, out = tmp_path / "archive", tmp_path / "out"
+    _write_png(archive / "x0.png", seed=0)
+    params = {"inputs": [str(archive)], "model": str(tiny_checkpoint), "out": str(out),
+              "config": {"tile": 32, "exports": ["overlay"]}}  # fmt: skip
+    # the production Ray address of prefect.yaml replaced by a local Ray, as the run's job variable
+    local_ray = json.dumps({"RAY_ADDRESS": "", "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline,flows"})
+    started = prefect("deployment", "run", "segment-collection/nightly", "--params", json.dumps(params),
+                      "--job-variable", f"env={local_ray}")
+    run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", started.stdout).group(1)
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "segpipe"], env=env,
+                              cwd=tmp_path, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)  # fmt: skip
+    try:
+        def finished():
+            state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()["state_type"]
+            return state if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+        state = _wait_for(finished, 240, "the deployment's run did not finish", worker, log, api)
+        assert state == "COMPLETED", log.read_text()[-3000:]
+        record = json.loads((out / "segpipe-run.json").read_text())
+        assert [r["state"] for r in record["images"]] == ["complete"]
+        assert list(out.glob("*.overlay.png"))
+    finally:
+        _stop(worker, signal.SIGTERM)

@@ -13,16 +13,26 @@
 ``EXPORTS`` is the registry: export name -> ``ExportFormat`` (writer, file suffix, which
 inputs it applies to). Its writers take an ``ExportInput``: one image's mask pyramid and
 what describes it. Colours and windowing come from ``pipeline.display``.
+
+Every writer takes a local path or any fsspec URL (s3://..., memory://...): the file is
+written to a local temporary file and then renamed into place, or uploaded, so a
+half-written export never lies under its name (a re-run decides what is missing by what
+exists, ``export_exists``). Limit: a remote export needs local temporary space of its
+size (``TMPDIR``). ``export_location`` is the one rule for where an export lies.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import fsspec
 import numpy as np
 import PIL.Image
 import tifffile
@@ -30,6 +40,7 @@ from skimage.segmentation import find_boundaries
 
 from pipeline.display import as_rgb, class_colours, window_uint8
 from pipeline.errors import ConfigError
+from pipeline.io.location import is_remote, local_path
 from pipeline.io.resample import resize
 from pipeline.io.sniff import sniff
 
@@ -38,18 +49,18 @@ PNG_MAX_PIXELS = 1 << 28  # 16k x 16k
 OVERLAY_ALPHA = 0.4
 
 
-def export_ome_tiff(mask_levels: Sequence[Any], path: str | Path, mpp: float | None) -> Path:
+def export_ome_tiff(mask_levels: Sequence[Any], path: str | Path, mpp: float | None) -> str:
     """Write a pyramid of (H, W) uint8 masks (level 0 first, each array-like and sliceable,
     e.g. zarr) as a tiled, zlib-compressed OME-TIFF with sub-IFD levels; PhysicalSizeX/Y and
     the resolution tags carry ``mpp`` (µm per pixel of level 0) when known."""
-    path = Path(path)
     width0 = mask_levels[0].shape[1]
-    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+    # tifffile seeks back to patch offsets: it writes a local file, uploaded after
+    with _writing(path) as local, tifffile.TiffWriter(local, bigtiff=True, ome=True) as tif:
         for index, level in enumerate(mask_levels):
             level_mpp = None if mpp is None else mpp * width0 / level.shape[1]
             options = _level_options(index, len(mask_levels), level_mpp)
             tif.write(_tiles(level), shape=level.shape, dtype=np.uint8, **options)
-    return path
+    return str(path)
 
 
 def _level_options(index: int, n_levels: int, mpp: float | None) -> dict[str, Any]:
@@ -83,17 +94,17 @@ def _tiles(level: Any) -> Iterator[np.ndarray]:
             yield tile
 
 
-def export_png(mask: Any, path: str | Path) -> Path:
+def export_png(mask: Any, path: str | Path) -> str:
     """Write the (H, W) uint8 labels as they are (values 0..C) to a greyscale PNG."""
-    path = Path(path)
     height, width = mask.shape
     if height * width > PNG_MAX_PIXELS:
         raise ConfigError(
             f"{path}: a {height}x{width} PNG exceeds {PNG_MAX_PIXELS} pixels; "
             "export a pyramid level or use the OME-TIFF export"
         )
-    PIL.Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(path, format="PNG")
-    return path
+    with _writing(path) as local:
+        PIL.Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(local, format="PNG")
+    return str(path)
 
 
 def export_overlay(
@@ -101,11 +112,10 @@ def export_overlay(
     mask_thumbnail: np.ndarray,
     path: str | Path,
     max_size: int = 2048,
-) -> Path:
+) -> str:
     """Write the image with the mask tinted and outlined in class colours as an RGB PNG,
     at most ``max_size`` pixels on the long side. The image is (h, w) or (h, w, C) of any
     dtype (windowed to 8 bits by pipeline.display); the mask is (h', w') labels at any size."""
-    path = Path(path)
     rgb = window_uint8(as_rgb(image_rgb_thumbnail)).astype(np.float32)
     scale = min(1.0, max_size / max(rgb.shape[:2]))
     shape = (max(1, round(rgb.shape[0] * scale)), max(1, round(rgb.shape[1] * scale)))
@@ -117,8 +127,9 @@ def export_overlay(
     # padded with background so that objects touching the image edge are outlined there too
     edges = find_boundaries(np.pad(labels, 1), mode="inner")[1:-1, 1:-1] & inside
     rgb[edges] = colours[edges]
-    PIL.Image.fromarray(np.rint(rgb).astype(np.uint8)).save(path, format="PNG")
-    return path
+    with _writing(path) as local:
+        PIL.Image.fromarray(np.rint(rgb).astype(np.uint8)).save(local, format="PNG")
+    return str(path)
 
 
 def _nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -133,15 +144,14 @@ def export_dicom_seg(
     mask: np.ndarray,
     class_names: Sequence[str],
     path: str | Path,
-) -> Path:
+) -> str:
     """Write a BINARY DICOM Segmentation of ``mask`` ((H, W) labels, label k is
-    class_names[k - 1]) that references the source image's study, series and instance."""
+    class_names[k - 1]) that references the source image's study, series and instance
+    (the source is a local path or an fsspec URL)."""
     import highdicom as hd  # the optional 'dicom' extra
-    import pydicom
     from pydicom.sr.codedict import codes
 
-    path = Path(path)
-    source = pydicom.dcmread(source_dataset_path)
+    source = _read_dicom(source_dataset_path)
     labels = np.asarray(mask, dtype=np.uint8)
     if labels.shape != (source.Rows, source.Columns):
         raise ConfigError(
@@ -180,8 +190,19 @@ def export_dicom_seg(
         software_versions=_version(),
         device_serial_number="0",
     )
-    seg.save_as(path)
-    return path
+    with _writing(path) as local:
+        seg.save_as(local)
+    return str(path)
+
+
+def _read_dicom(location: str | Path) -> Any:
+    """The source dataset, from a local path or through fsspec (pydicom reads a file object)."""
+    import pydicom
+
+    if not is_remote(location):
+        return pydicom.dcmread(local_path(location))
+    with fsspec.open(str(location), "rb") as f:
+        return pydicom.dcmread(f)
 
 
 def _property_type(name: str) -> Any:
@@ -208,6 +229,61 @@ def _version() -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# Where an export lies, and writing it there
+
+
+def export_location(store_path: str | Path, suffix: str) -> str:
+    """The file an export of the store at ``store_path`` is written to: beside the store,
+    ``<out>/<image_id><suffix>`` (a URL stays a URL: no local path join on it)."""
+    text = str(store_path).rstrip("/")
+    if is_remote(text):
+        return f"{text.removesuffix('.zarr')}{suffix}"
+    return f"{local_path(text).with_suffix('')}{suffix}"
+
+
+def export_exists(location: str | Path) -> bool:
+    """True when the export file is there (a local path or any fsspec URL). Listings are
+    read afresh: a long-running process (``segpipe serve``) must see files deleted or
+    written by others since it last looked."""
+    if not is_remote(location):
+        return local_path(location).is_file()
+    fs, path = fsspec.core.url_to_fs(str(location))
+    fs.invalidate_cache(path)
+    return bool(fs.isfile(path))
+
+
+@contextmanager
+def _writing(location: str | Path) -> Iterator[Path]:
+    """A local file for a writer to fill; when the writer is done it becomes ``location``:
+    renamed into place (local) or uploaded (a URL). On an error nothing is left under the
+    export's name, so an existing export is always a whole one."""
+    if not is_remote(location):
+        final = local_path(location)
+        partial = final.with_name(f".{final.name}.part")  # hidden: discovery skips it
+        try:
+            yield partial
+            os.replace(partial, final)
+        finally:
+            partial.unlink(missing_ok=True)
+        return
+    url = str(location)
+    with tempfile.TemporaryDirectory(prefix="segpipe-export-") as folder:
+        local = Path(folder) / PurePosixPath(url).name
+        yield local
+        _upload(local, url)
+
+
+def _upload(local: Path, url: str) -> None:
+    """Put a finished local file at ``url``; a failure names the URL (an OSError, so the
+    export task retries it: storage hiccups pass)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.put_file(str(local), path)
+    except Exception as exc:  # botocore, gcsfs, ... raise their own types, not OSError
+        raise OSError(f"{url}: cannot write the export ({type(exc).__name__}: {exc})") from exc
+
+
+# ---------------------------------------------------------------------------------------
 # The registry
 
 
@@ -218,9 +294,10 @@ class ExportInput:
     mask_levels: Sequence[Any]  # (H, W) uint8 labels, full resolution first, array-like (zarr)
     classes: tuple[str, ...]
     mpp: float | None  # µm per pixel of level 0
-    input_path: str
+    input_path: str  # a local path or an fsspec URL
     kind: str  # "xray" or "slide" (ImageJob.kind)
     preview: Callable[[], np.ndarray]  # the input's colour thumbnail, read only when needed
+    input_format: str | None = None  # as provenance records it (pipeline.io.sniff's names)
 
 
 def _any_input(source: ExportInput) -> bool:
@@ -229,35 +306,42 @@ def _any_input(source: ExportInput) -> bool:
 
 @dataclass(frozen=True)
 class ExportFormat:
-    """One export: its writer, the suffix of the file it writes beside the store, and the
-    inputs it applies to (``requires`` says which, for the log line of a skipped one)."""
+    """One export: its writer (to a local path or an fsspec URL), the suffix of the file
+    it writes beside the store, and the inputs it applies to (``requires`` says which, for
+    the log line of a skipped one)."""
 
-    write: Callable[[ExportInput, Path], Path]
+    write: Callable[[ExportInput, str], str]
     suffix: str
     applies: Callable[[ExportInput], bool] = _any_input
     requires: str = "any input"
 
 
-def _write_overlay(source: ExportInput, path: Path) -> Path:
+def _write_overlay(source: ExportInput, path: str) -> str:
     return export_overlay(source.preview(), np.asarray(source.mask_levels[-1]), path)
 
 
-def _write_png(source: ExportInput, path: Path) -> Path:
+def _write_png(source: ExportInput, path: str) -> str:
     return export_png(source.mask_levels[0], path)
 
 
-def _write_ome_tiff(source: ExportInput, path: Path) -> Path:
+def _write_ome_tiff(source: ExportInput, path: str) -> str:
     return export_ome_tiff(source.mask_levels, path, source.mpp)
 
 
-def _write_dicom_seg(source: ExportInput, path: Path) -> Path:
+def _write_dicom_seg(source: ExportInput, path: str) -> str:
     mask = np.asarray(source.mask_levels[0])
     return export_dicom_seg(source.input_path, mask, list(source.classes), path)
 
 
 def _is_dicom_xray(source: ExportInput) -> bool:
-    """DICOM SEG references its source instance: only a DICOM X-ray has one to reference."""
-    return source.kind == "xray" and sniff(Path(source.input_path)) == "dicom"
+    """DICOM SEG references its source instance: only a DICOM X-ray has one to reference.
+    The format is the one provenance recorded; a local input without that record (a store
+    written before formats were recorded) is sniffed."""
+    if source.kind != "xray":
+        return False
+    if source.input_format is not None:
+        return source.input_format == "dicom"
+    return not is_remote(source.input_path) and sniff(local_path(source.input_path)) == "dicom"
 
 
 EXPORTS: Mapping[str, ExportFormat] = {

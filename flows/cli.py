@@ -218,6 +218,7 @@ def serve(inputs: list[str], model: str, out: str, cron: str = "0 2 * * *", name
           interval: float | None = None, concurrency: int = 2, **settings: Any) -> None:  # fmt: skip
     """Serve segment-collection on a schedule from this process (Ctrl-C or SIGTERM stops
     it). Each run processes only images that are new or changed since the last."""
+    from flows import reaper
     from flows.schedule import build_deployment, serve_until_stopped
 
     config = _usage_checked(lambda: run_config(**settings))
@@ -227,6 +228,7 @@ def serve(inputs: list[str], model: str, out: str, cron: str = "0 2 * * *", name
         interval))  # fmt: skip
     when = f"every {interval:g} s" if interval else f"cron {cron!r}"
     err_console.print(f"serving [bold]{deployment.name}[/] of segment-collection, {when}")
+    reaper.start()  # what serving starts (flow runs, their Ray) ends with it, even on kill -9
     _usage_checked(lambda: serve_until_stopped(deployment))
     err_console.print("stopped")
 

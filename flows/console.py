@@ -157,12 +157,13 @@ def run_collection(inputs: list[str], model: str, out: str, config: Any, concurr
     import httpx
     from prefect import tags
 
-    from flows import runs
+    from flows import reaper, runs
     from flows.segment import (  # Prefect: only for commands that run
         results,
         segment_collection,
     )
 
+    reaper.start()  # the Prefect server and local Ray this run starts end with it, even on kill -9
     try:
         runs.check_api()
         with live_progress(err_console), tags("segpipe", runs.driver_tag()):

@@ -456,3 +456,37 @@ def test_pipeline_info_logs_reach_the_run_log(flows_env: None, tiny_checkpoint: 
         logs = client.read_logs()
     assert any(entry.name == "pipeline.stages" and entry.level == logging.INFO and "tiles to run" in entry.message
                for entry in logs)  # fmt: skip
+
+
+@pytest.mark.slow  # a driver process started and killed
+def test_a_killed_driver_takes_its_prefect_server_and_ray_with_it(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    for i in range(3):
+        write_png(tmp_path / "in" / f"x{i}.png", seed=i)
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "RAY_ADDRESS")}
+    driver = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(tmp_path / "in"), "-m", str(tiny_checkpoint),
+                               "-o", str(tmp_path / "out"), "--tile", "32"], env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    parent = psutil.Process(driver.pid)
+
+    def started() -> list[psutil.Process]:
+        kids = parent.children(recursive=True)
+        names = " ".join(" ".join(k.cmdline()) for k in kids if k.is_running())
+        return kids if "uvicorn" in names and "raylet" in names else []
+
+    deadline = time.monotonic() + 120
+    while not (children := started()):
+        assert driver.poll() is None and time.monotonic() < deadline, "the driver never started Prefect and Ray"
+        time.sleep(0.2)
+    time.sleep(1)  # let the reaper see them
+    children = [c for c in parent.children(recursive=True) if "flows.reaper" not in " ".join(c.cmdline())]
+    driver.send_signal(signal.SIGKILL)  # ours, by PID
+    driver.wait()
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [" ".join(p.cmdline())[:80] for p in alive if p.is_running()]

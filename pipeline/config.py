@@ -89,6 +89,9 @@ class RunConfig:
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, panel=EXECUTION, pixels=False, help="Refuse images decoded whole with more pixels than this (decompression bombs).")
     max_slide_pixels: int = setting(DEFAULT_MAX_SLIDE_PIXELS, panel=EXECUTION, pixels=False, help="Refuse slides whose level 0 has more pixels than this.")
     workers: int | None = setting(None, panel=EXECUTION, pixels=False, help="Tile workers (default: one per GPU, else one per 4 CPUs).")
+    gpus_per_worker: float | None = setting(None, panel=EXECUTION, pixels=False, help="GPUs each tile worker asks Ray for; 0: CPU workers (default: 1 where the cluster has or can add GPU nodes, else 0).")
+    cpus_per_worker: float | None = setting(None, panel=EXECUTION, pixels=False, help="CPUs (torch threads) each tile worker asks Ray for (default: 1 beside a GPU, else up to 4, as the largest node allows).")
+    placement_timeout: float = setting(900.0, panel=EXECUTION, pixels=False, help="Seconds the tile workers may all wait for a node (an autoscaler adding one) before the run stops.")
     ray_address: str | None = setting(None, panel=EXECUTION, pixels=False, envvar="RAY_ADDRESS", help="Ray cluster to join (default: a local one).")
     retries: int = setting(3, panel=EXECUTION, pixels=False, help="Attempts per failed tile after the first.")
     faults: FaultInjection = setting(panel=EXECUTION, pixels=False, cli=False, factory=FaultInjection, help="Test-only fault injection.")
@@ -119,6 +122,12 @@ class RunConfig:
             raise ConfigError(f"tissue_threshold must be in [0, 1], got {self.tissue_threshold=}")
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"workers must be >= 1, got {self.workers=}")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise ConfigError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker=}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker=}")
+        if self.placement_timeout <= 0:
+            raise ConfigError(f"placement_timeout must be > 0 seconds, got {self.placement_timeout=}")
         if self.retries < 0:
             raise ConfigError(f"retries must be >= 0, got {self.retries=}")
         _check_exports(self.exports)

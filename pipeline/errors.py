@@ -15,3 +15,8 @@ class CheckpointError(SegpipeError, ValueError):
 
 class ConfigError(SegpipeError, ValueError):
     """A run setting is invalid (usage error: the CLI exits with code 2)."""
+
+
+class ClusterError(SegpipeError):
+    """The Ray cluster cannot be joined, or cannot place the run's tile workers (the CLI
+    exits with code 2)."""

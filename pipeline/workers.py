@@ -1,10 +1,11 @@
 """Ray execution: tile workers as actors, and the scheduler's backend over them.
 
-    connect        join the cluster the config or RAY_ADDRESS names, else start a local one
-    worker_shape   how many actors, with which resources (pure: cluster resources in)
+    connect        (pipeline.cluster) join the cluster, or start a local one, and plan
+                   the workers' shape per node (pipeline.cluster.worker_shape)
     TileWorker     the actor: one TileRunner, so the model is loaded once per actor
     RayBackend     scheduler.Backend over a pool of actors: a bounded number of tiles in
-                   flight per actor, results by ray.wait, a dead actor's tiles as WorkerLost
+                   flight per actor, results by ray.wait, a dead actor's tiles as WorkerLost;
+                   actors still waiting for a node are reported (PlacementWatch)
     ray_pool       the run's pool of actors, started on first use; stages.infer leases it
 
 No pixel data goes through the driver or the object store: a call carries an ImageJob, a
@@ -26,12 +27,11 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import pickle
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -41,13 +41,13 @@ import fsspec
 import ray
 import ray.exceptions as rx
 
-import pipeline
+from pipeline.cluster import WorkerShape, actor_states, connect, inspect, last_line
 from pipeline.config import RunConfig
 from pipeline.engine import process_env
 from pipeline.engine.pool import RunPool
 from pipeline.engine.scheduler import Runner, WorkerLost
 from pipeline.engine.tiling import Tile
-from pipeline.errors import CheckpointError, ConfigError, SegpipeError
+from pipeline.errors import CheckpointError, ClusterError, SegpipeError
 from pipeline.io import location
 from pipeline.job import ImageJob, TileReport
 
@@ -59,7 +59,9 @@ IN_FLIGHT_PER_ACTOR = 8  # tiles given to one actor at a time (backpressure; no 
 BATCH_MAX = IN_FLIGHT_PER_ACTOR // ACTOR_THREADS
 MAX_RESTARTS = 4  # lives of an actor after the first; then it is retired
 PROBE_INTERVAL_S = 0.25  # how often a restarting actor is asked whether it is back
-CPU_THREADS_PER_WORKER = 4  # default CPU actor size: torch threads (and CPUs) per actor
+PLACEMENT_FIRST_S = 10.0  # first word on tile workers that are not up yet
+PLACEMENT_EVERY_S = 30.0  # then this often while some still wait
+PENDING = frozenset({"DEPENDENCIES_UNREADY", "PENDING_CREATION"})  # GCS states before a node
 
 # Errors that mean the process running a call is gone, not that the tile is bad: the
 # tile goes back to the scheduler as WorkerLost. ActorUnavailableError (a subclass of
@@ -75,57 +77,6 @@ LOST_ERRORS: tuple[type[BaseException], ...] = (
 
 # What builds a TileWorker's runner (default: engine.runner.TileRunner; benchmarks pass a no-op)
 RunnerFactory = Callable[[str, RunConfig], Runner]
-
-
-# ---------------------------------------------------------------------------------------
-# Cluster
-
-
-def connect(config: RunConfig) -> None:
-    """Join the cluster at ``config.ray_address`` or RAY_ADDRESS ("auto", "ray://host:10001",
-    "host:6379"), else start a local one with this machine's CPUs and GPUs. A Ray already
-    initialised in this process (a notebook, a test session) is used as it is."""
-    if ray.is_initialized():
-        return
-    address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:
-        ray.init()
-        return
-    log.info("joining the Ray cluster at %s", address)
-    ray.init(address=address, runtime_env=cluster_runtime_env())
-
-
-def cluster_runtime_env() -> dict[str, Any]:
-    """The runtime_env for a cluster: this driver's ``pipeline`` package, so workers run
-    the same code; dependencies come from the cluster's image (see the module docstring)."""
-    return {"py_modules": [str(Path(pipeline.__file__).parent)]}
-
-
-@dataclass(frozen=True)
-class WorkerShape:
-    """How many tile actors to start and what each one asks Ray for."""
-
-    count: int
-    num_cpus: float
-    num_gpus: float
-    threads: int | None  # torch threads per actor; None: torch's default (GPU actors)
-
-
-def worker_shape(resources: Mapping[str, float], workers: int | None) -> WorkerShape:
-    """One actor per GPU when the cluster has GPUs, else CPU actors of
-    CPU_THREADS_PER_WORKER threads each; ``workers`` (RunConfig.workers) sets the count.
-    The count is taken from the resources present now: an autoscaling cluster adds nodes
-    for actors that do not fit only when ``workers`` asks for them."""
-    if workers is not None and workers < 1:
-        raise ConfigError(f"workers must be >= 1, got {workers=}")
-    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
-    if gpus:
-        count = workers or gpus
-        return WorkerShape(count, num_cpus=1, num_gpus=min(1.0, gpus / count), threads=None)
-    count = workers or max(1, cpus // CPU_THREADS_PER_WORKER)
-    threads = max(1, cpus // count)
-    # More actors than CPUs: a fractional share, so every actor is placed.
-    return WorkerShape(count, num_cpus=min(threads, cpus / count), num_gpus=0, threads=threads)
 
 
 # ---------------------------------------------------------------------------------------
@@ -204,6 +155,7 @@ class _Actor:
     handle: Any
     load: int = 0  # tiles in flight on it, sent or still in its outbox
     ready: bool = False  # answered a ping since it (re)started
+    started: bool = False  # answered once: placed on a node and its model loaded
     retired: bool = False  # dead for good: restarts used up, or its start failed
     probe_at: float = 0.0  # when to ping it next (while not ready)
     outbox: list[tuple[int, ImageJob, Tile, int]] = field(default_factory=list)  # key, job, tile, attempt
@@ -217,10 +169,11 @@ class RayBackend:
     back as WorkerLost and gets none until a ping says it restarted; one that cannot come
     back is retired."""
 
-    def __init__(self, actors: list[Any]):
+    def __init__(self, actors: list[Any], watch: PlacementWatch | None = None):
         if not actors:
             raise SegpipeError("RayBackend needs at least one actor")
         self._actors = [_Actor(a) for a in actors]
+        self._watch = watch
         self._keys = itertools.count()
         self._calls: dict[Any, tuple[int, list[int]]] = {}  # ObjectRef -> actor number, tile keys
         self._probes: dict[Any, int] = {}  # ObjectRef -> actor number
@@ -228,14 +181,15 @@ class RayBackend:
 
     @classmethod
     def start(cls, model_path: str, config: RunConfig, runner: RunnerFactory | None = None) -> RayBackend:
-        """Connect (see `connect`) and start the actors `worker_shape` asks for."""
-        connect(config)
-        shape = worker_shape(ray.cluster_resources(), config.workers)
-        log.info("starting %d tile workers (%s CPU, %s GPU, %s threads each)",
-                 shape.count, shape.num_cpus, shape.num_gpus, shape.threads)  # fmt: skip
+        """Connect (see `cluster.connect`) and start the actors its shape asks for; until
+        they are placed, a PlacementWatch reports them."""
+        shape = connect(config)
+        log.info("starting %d tile workers (%s each, %s torch threads)",
+                 shape.count, shape.text(), shape.threads or "default")  # fmt: skip
         options = RemoteTileWorker.options(num_cpus=shape.num_cpus, num_gpus=shape.num_gpus,
                                            runtime_env={"env_vars": process_env.worker_env()})
-        return cls([options.remote(model_path, config, shape.threads, runner) for _ in range(shape.count)])
+        actors = [options.remote(model_path, config, shape.threads, runner) for _ in range(shape.count)]
+        return cls(actors, PlacementWatch(shape, config.placement_timeout))
 
     @property
     def slots(self) -> int:
@@ -254,6 +208,7 @@ class RayBackend:
         actors are settled on the way)."""
         self._send_batches()
         self._send_probes()
+        self._watch_placement()
         refs = [*self._calls, *self._probes]
         if not refs:
             time.sleep(timeout)
@@ -300,7 +255,7 @@ class RayBackend:
             return list(zip(keys, ray.get(ref), strict=True))
         except LOST_ERRORS as exc:
             self._lost(number, exc)
-            lost = WorkerLost(f"tile worker {number}: {_last_line(exc)}")
+            lost = WorkerLost(f"tile worker {number}: {last_line(exc)}")
             return [(key, lost) for key in keys]
         except rx.RayTaskError as exc:  # the call itself broke, not one of its tiles
             cause = exc.cause if isinstance(exc.cause, BaseException) else exc
@@ -308,10 +263,15 @@ class RayBackend:
         except rx.RayError as exc:  # e.g. its arguments could not be unpickled there
             return [(key, exc) for key in keys]
 
+    def _watch_placement(self) -> None:
+        if self._watch is not None:
+            waiting = [_actor_id(a.handle) for a in self._actors if not (a.started or a.retired)]
+            self._watch.check(waiting, up=sum(a.ready for a in self._actors))
+
     def _lost(self, number: int, exc: BaseException) -> None:
         actor = self._actors[number]
         if actor.ready:
-            log.warning("tile worker %d lost (%s); waiting for its restart", number, _last_line(exc))
+            log.warning("tile worker %d lost (%s); waiting for its restart", number, last_line(exc))
             actor.ready, actor.probe_at = False, 0.0
 
     def _send_probes(self) -> None:
@@ -326,20 +286,84 @@ class RayBackend:
         actor = self._actors[number]
         try:
             ray.get(ref)
-            actor.ready = True
+            actor.ready = actor.started = True
         except rx.ActorUnavailableError:  # restarting: ask again shortly
             actor.probe_at = time.monotonic() + PROBE_INTERVAL_S
         except LOST_ERRORS as exc:
-            actor.retired, self._last_death = True, _last_line(exc)
+            actor.retired, self._last_death = True, last_line(exc)
             log.error("tile worker %d is dead: %s", number, self._last_death)
             if all(a.retired for a in self._actors):
                 raise SegpipeError(f"every tile worker died; the last said: {self._last_death}") from exc
 
 
-def _last_line(exc: BaseException) -> str:
-    """Ray's messages end with the cause (a creation task's error, the exit reason)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+def _actor_id(handle: Any) -> str:
+    return handle._actor_id.hex()  # an ActorHandle's ActorID, or Ray Client's ActorRef
+
+
+class PlacementWatch:
+    """Says how many tile workers wait for a node, and what they ask, while some do; stops
+    the run when none was placed within `timeout` seconds. An autoscaler may take minutes
+    to add a node, and a shape it cannot add would otherwise wait in silence forever."""
+
+    def __init__(self, shape: WorkerShape, timeout: float, clock: Callable[[], float] = time.monotonic):
+        self.shape, self.timeout, self._clock = shape, timeout, clock
+        self._start = clock()
+        self._next = self._start + min(PLACEMENT_FIRST_S, timeout)
+        self._done = False
+        self._reported = False  # said that some wait: then say when all are up
+        self._error: ClusterError | None = None
+
+    def check(self, waiting: Sequence[str], up: int) -> None:
+        """`waiting`: ids of the actors that never answered yet (and are not retired);
+        `up`: how many answer. Cheap between reports: call it at every wait."""
+        if self._error is not None:
+            raise self._error
+        if self._done:
+            return
+        now = self._clock()
+        if not waiting:
+            self._done = True
+            if self._reported:
+                log.info("all %d tile workers are up after %.0f s", up, now - self._start)
+            return
+        if now < self._next:
+            return
+        elapsed = now - self._start
+        try:
+            states = actor_states(waiting)
+        except Exception:  # a report is worth no failure of the run: try again later
+            log.debug("no actor states from the GCS", exc_info=True)
+            self._next = now + PLACEMENT_EVERY_S
+            return
+        pending = sum(states.get(actor_id) in PENDING for actor_id in waiting)
+        self._reported = True
+        left = self._start + self.timeout - now  # check again at the timeout, if it comes first
+        self._next = now + (min(PLACEMENT_EVERY_S, left) if left > 0 else PLACEMENT_EVERY_S)
+        placed = up + len(waiting) - pending  # up, or on a node and loading the model
+        if not pending:
+            log.info("%d tile workers are starting (loading the model) after %.0f s", len(waiting), elapsed)
+        elif elapsed < self.timeout:
+            log.warning("%d of %d tile workers wait for a node after %.0f s (each asks %s; the cluster "
+                        "now: %s); an autoscaler may be adding one (`ray status` on the head tells)",
+                        pending, len(waiting) + up, elapsed, self.shape.text(), _cluster_text())  # fmt: skip
+        elif placed:
+            self._done = True
+            log.warning("%d tile workers still wait for a node after %.0f s; the run goes on with the "
+                        "%d placed", pending, elapsed, placed)  # fmt: skip
+        else:
+            self._error = ClusterError(
+                f"no tile worker was placed in {self.timeout:g} s: {pending} wait for a node with "
+                f"{self.shape.text()} (the cluster now: {_cluster_text()}); check the autoscaler "
+                f"(`ray status` on the head) or raise --placement-timeout")  # fmt: skip
+            raise self._error
+
+
+def _cluster_text() -> str:
+    try:
+        return inspect().text()
+    except Exception:
+        log.debug("no cluster view", exc_info=True)
+        return "unknown"
 
 
 # ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ DRIVER_MODULES = [
     "pipeline.stages", "pipeline.local", "pipeline.store", "pipeline.io", "pipeline.io.exports",
     "pipeline.io.location", "pipeline.engine.tiling", "pipeline.engine.scheduler",
     "pipeline.engine.pool", "pipeline.engine.tissue", "pipeline.engine.normalization",
-    "pipeline.workers", "flows.cli", "flows.segment", "flows.tasks", "flows.discover",
+    "pipeline.workers", "pipeline.cluster", "flows.cli", "flows.segment", "flows.tasks", "flows.discover",
     "flows.outputs", "flows.report", "flows.schedule",
 ]  # fmt: skip
 

@@ -20,6 +20,7 @@ from PIL import Image as PILImage
 
 from pipeline import stages
 from pipeline.cards import ModelCard
+from pipeline.cluster import Cluster, Node, worker_shape
 from pipeline.config import FaultInjection, RunConfig
 from pipeline.engine.scheduler import MAX_LOSSES, WorkerLost, run_tiles
 from pipeline.engine.tiling import plan_tiles
@@ -27,7 +28,7 @@ from pipeline.errors import CheckpointError
 from pipeline.job import ImageJob, TileReport, TileStatus
 from pipeline.models import build_model, checkpoint
 from pipeline.store import OutputStore
-from pipeline.workers import TileWorker, local_checkpoint, ray_pool, worker_shape
+from pipeline.workers import TileWorker, local_checkpoint, ray_pool
 
 SHAPE = (768, 1024)  # 6 x 8 = 48 tiles of 128
 CONFIG = RunConfig(tile=128, precision="fp32", prob_dtype="float32", exports=(), workers=2)
@@ -188,14 +189,20 @@ def test_a_killed_driver_resumes_without_recomputing_done_tiles(ray_cluster, cle
 # -- without Ray ---------------------------------------------------------------------
 
 
+def one_node(cpus: float, gpus: float = 0.0) -> Cluster:
+    return Cluster((Node("n0", cpus, gpus),))
+
+
 def test_worker_shape_one_actor_per_gpu_else_cpu_actors():
-    gpu = worker_shape({"CPU": 32, "GPU": 4}, None)
-    assert (gpu.count, gpu.num_gpus, gpu.threads) == (4, 1.0, None)
-    assert worker_shape({"CPU": 32, "GPU": 4}, 8).num_gpus == 0.5
-    cpu = worker_shape({"CPU": 16}, None)
+    gpu = worker_shape(one_node(32, 4))
+    assert (gpu.count, gpu.num_cpus, gpu.num_gpus, gpu.threads) == (4, 1, 1.0, None)
+    assert worker_shape(one_node(32, 4), workers=8).num_gpus == 0.5
+    cpu = worker_shape(one_node(16))
     assert (cpu.count, cpu.num_cpus, cpu.threads) == (4, 4, 4)
-    assert (worker_shape({"CPU": 2}, 2).threads, worker_shape({"CPU": 2}, 2).num_cpus) == (1, 1)
-    assert worker_shape({"CPU": 2}, 4).num_cpus == 0.5  # more actors than CPUs still place
+    assert worker_shape(one_node(6)).num_cpus == 6  # one actor of the whole node, not 4 + 2 idle
+    assert (worker_shape(one_node(2), 2).threads, worker_shape(one_node(2), 2).num_cpus) == (1, 1)
+    assert worker_shape(one_node(2), 4).num_cpus == 0.5  # more actors than CPUs still place
+    assert worker_shape(one_node(16), 2).num_cpus == 8  # asked-for workers share the node
 
 
 def test_local_checkpoint_copies_a_url_and_keeps_a_path(model):

@@ -1,0 +1,159 @@
+"""Joining the Ray cluster the config or RAY_ADDRESS names, else starting a local one; a
+wrong address or a refused token is one ClusterError within seconds, naming the address
+and the likely cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import ray
+
+import pipeline
+from pipeline.cluster.shape import WorkerShape, plan_workers
+from pipeline.config import RunConfig
+from pipeline.errors import ClusterError
+
+log = logging.getLogger(__name__)
+
+CPU_THREADS_PER_WORKER = 4  # default CPU actor size: torch threads (and CPUs) per actor
+REACH_TIMEOUT_S = 5.0  # a head that takes no TCP connection in this time is not there
+PROBE_TIMEOUT_S = 10.0  # the Ray Client ping that tells a refused token
+RESOURCE_STEP = 1e-4  # Ray keeps resource amounts in units of 1/10000
+
+
+# ---------------------------------------------------------------------------------------
+# Joining
+
+
+def connect(config: RunConfig) -> WorkerShape:
+    """Join the cluster at ``config.ray_address`` or RAY_ADDRESS ("auto", "ray://host:10001",
+    "host:6379"), else start a local one with this machine's CPUs and GPUs; then plan the
+    tile workers (`plan_workers`), so a shape no node can hold fails before any image
+    starts. A Ray already initialised in this process (a notebook, a test session) is used
+    as it is."""
+    if not ray.is_initialized():
+        address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
+        if address is None:
+            ray.init()
+        else:
+            join(address)
+    return plan_workers(config)
+
+
+def join(address: str) -> None:
+    """ray.init(address), after checking within seconds that the address answers and takes
+    this driver's token: Ray's own connect retries for 20 s (a refused token) to tens of
+    minutes (nothing listening) and then says only ConnectionError."""
+    target = _target(address)
+    if target is not None:
+        _check_reachable(address, *target)
+        _check_accepted(address, *target)
+    log.info("joining the Ray cluster at %s", address)
+    try:
+        ray.init(address=address, runtime_env=cluster_runtime_env())
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+        raise ClusterError(f"cannot join the Ray cluster at {address}: {last_line(exc)}") from exc
+
+
+def cluster_runtime_env() -> dict[str, Any]:
+    """The runtime_env for a cluster: this driver's ``pipeline`` package, so workers run
+    the same code; dependencies come from the cluster's image (see pipeline.workers)."""
+    return {"py_modules": [str(Path(pipeline.__file__).parent)]}
+
+
+def _target(address: str) -> tuple[str, str, int] | None:
+    """(kind, host, port) of a GCS ("host:port") or Ray Client ("ray://host[:port]")
+    address; None for what Ray resolves itself ("auto", other schemes)."""
+    scheme, sep, rest = address.rpartition("://")
+    if address in ("auto", "local") or (sep and scheme != "ray"):
+        return None
+    host, colon, port = rest.rpartition(":")
+    if sep and not colon:  # ray://head: the client server's default port
+        host, port = rest, "10001"
+    if not host or not port.isdigit():
+        raise ClusterError(f"Ray address {address!r} is not host:port, ray://host:port or auto")
+    return ("client" if sep else "gcs"), host.strip("[]"), int(port)
+
+
+def _check_reachable(address: str, kind: str, host: str, port: int) -> None:
+    try:
+        socket.create_connection((host, port), timeout=REACH_TIMEOUT_S).close()
+    except OSError as exc:
+        why = (f"no answer in {REACH_TIMEOUT_S:g} s" if isinstance(exc, TimeoutError)
+               else f"unknown host {host}" if isinstance(exc, socket.gaierror)
+               else exc.strerror or str(exc))  # fmt: skip
+        raise ClusterError(
+            f"cannot reach the Ray cluster at {address} ({why}): is its head running and {port} "
+            f"its {'client' if kind == 'client' else 'GCS'} port? From outside the cluster, open "
+            f"the SSH tunnel or kubectl port-forward first (README: running on a cluster)"
+        ) from exc
+
+
+def _check_accepted(address: str, kind: str, host: str, port: int) -> None:
+    """A ClusterError when the head refuses this driver's token (token authentication);
+    any other answer is left to ray.init, which says more than a probe can."""
+    try:
+        refused = _client_refuses(host, port) if kind == "client" else _gcs_refuses(host, port)
+    except Exception:  # the probe is a shortcut to a clear message, never a new failure
+        log.debug("probing %s failed", address, exc_info=True)
+        return
+    if refused:
+        raise ClusterError(f"the Ray cluster at {address} refused this driver: {_token_problem()}")
+
+
+def _gcs_refuses(host: str, port: int) -> bool:
+    from ray._common.network_utils import build_address
+    from ray._raylet import GcsClient
+
+    try:
+        GcsClient(address=build_address(host, port))
+    except ray.exceptions.AuthenticationError:
+        return True
+    return False
+
+
+def _client_refuses(host: str, port: int) -> bool:
+    import grpc
+    from ray._common.network_utils import build_address
+    from ray._private.grpc_utils import init_grpc_channel
+    from ray.core.generated import ray_client_pb2, ray_client_pb2_grpc
+
+    channel = init_grpc_channel(build_address(host, port))  # with this driver's token, if any
+    try:
+        ping = ray_client_pb2.ClusterInfoRequest(type=ray_client_pb2.ClusterInfoType.PING)
+        ray_client_pb2_grpc.RayletDriverStub(channel).ClusterInfo(ping, timeout=PROBE_TIMEOUT_S)
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        channel.close()
+    return False
+
+
+def _token_problem() -> str:
+    """Why a head with token authentication refused this driver, and what to set."""
+    fix = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the "
+           "cluster's token (README: running on a cluster)")  # fmt: skip
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return f"it has token authentication on, and this driver sends no token (RAY_AUTH_MODE is not token): {fix}"
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        has_token = AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True)
+    except Exception:
+        has_token = True
+    if not has_token:
+        return f"it has token authentication on, and this driver has no token: {fix}"
+    return f"it has token authentication on, and it rejected this driver's token: {fix}"
+
+
+def last_line(exc: BaseException) -> str:
+    """Ray's messages end with the cause (a creation task's error, the exit reason)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+

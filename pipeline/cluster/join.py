@@ -39,7 +39,7 @@ def connect(config: RunConfig) -> WorkerShape:
     if not ray.is_initialized():
         address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
         if address is None:
-            ray.init()
+            ray.init(log_to_driver=_log_to_driver())
         else:
             join(address)
     return plan_workers(config)
@@ -55,7 +55,7 @@ def join(address: str) -> None:
         _check_accepted(address, *target)
     log.info("joining the Ray cluster at %s", address)
     try:
-        ray.init(address=address, runtime_env=cluster_runtime_env())
+        ray.init(address=address, runtime_env=cluster_runtime_env(), log_to_driver=_log_to_driver())
     except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
         raise ClusterError(f"cannot join the Ray cluster at {address}: {last_line(exc)}") from exc
 
@@ -157,3 +157,8 @@ def last_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def _log_to_driver() -> bool:
+    """Whether workers' output (and a dying node's ~40 lines of raylet state) is copied to
+    this process's terminal: not when the CLI runs quiet (RAY_LOG_TO_DRIVER=0, set by
+    `segpipe` without -v); tile errors are recorded in the store either way."""
+    return os.environ.get("RAY_LOG_TO_DRIVER", "1") != "0"

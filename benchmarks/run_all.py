@@ -34,6 +34,7 @@ def parts(args: argparse.Namespace) -> dict[str, list[str]]:
         "overhead": ["overhead.py", *quick, *size],
         "exactness": ["exactness.py", *quick],
         "memory": ["memory.py", *quick, *([] if args.quick else ["--sizes", *map(str, args.slide_sizes)])],
+        "memory_xray": ["memory_xray.py", *quick],
         "tissue": ["tissue.py", *quick],
         "dispatch": ["dispatch.py", *(quick or ["--tiles", str(args.tiles)])],
         "precision": ["precision.py", *quick, *size],

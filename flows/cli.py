@@ -131,26 +131,39 @@ def exit_code(results: list[Any]) -> int:
 
   segpipe status results/
 
+  segpipe status results/ --verify
+
   segpipe status results/ --json | jq '.images[] | select(.state != "complete")'
 """)
 def status(
     out: Annotated[str, typer.Argument(help="An output folder of `segpipe run`.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="Read every chunk of every finished output against the checksums recorded when it was finalized; damaged tiles are set to run again, so the next run repairs them.")] = False,
 ) -> None:
     """Per image: state, tiles done/skipped/failed/pending, failed tiles with their errors,
     and the images of the last run that failed before any output existed. Exit code 1 when
-    any image is not complete."""
+    any image is not complete (or, with --verify, damaged). Without --verify only metadata
+    is read."""
     from flows import console, outputs, report
+    from pipeline.store import OutputStore
 
-    stores = _usage_checked(lambda: outputs.stores(out))
-    summaries = [s.summary() for s in stores]
+    unreadable: list[str] = []
+    stores = _usage_checked(lambda: outputs.stores(out, unreadable))
+    findings = {s.image_id: _verified(s) for s in stores} if verify else {}
+    damaged = {i: lines for i, lines in findings.items() if lines}
+    # a damaged store was marked partial through a store opened for writing: read it again
+    summaries = [(OutputStore.open(s.path) if s.image_id in damaged else s).summary() for s in stores]
     complete = {s["image_id"] for s in summaries if s["state"] == "complete"}
     # images whose last run failed before finishing (an output may exist, incomplete)
-    failed = [r for r in report.read_record(out) if r.state == "failed" and r.image_id not in complete]
+    warn = lambda line: err_console.print(f"[yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)  # noqa: E731
+    failed = [r for r in report.read_record(out, warn) if r.state == "failed" and r.image_id not in complete]
     if as_json:
         out_console.print_json(json.dumps({
-            "images": summaries,
+            "images": [{**s, **({"verified": s["image_id"] not in damaged,
+                                 "damage": damaged.get(s["image_id"], s["damage"])} if verify else {})}
+                       for s in summaries],
             "failed_inputs": [{"input": r.input, "image_id": r.image_id, "error": r.error} for r in failed],
+            "unreadable": unreadable,
         }))  # fmt: skip
     else:
         out_console.print(console.status_table(summaries))
@@ -160,12 +173,43 @@ def status(
                                   f"({f['attempts']} attempts): {escape(f['error'])}", highlight=False, soft_wrap=True)
             if s["failed_total"] > len(s["failed"]):
                 out_console.print(f"  … and {s['failed_total'] - len(s['failed'])} more failed tiles")
+            lines = damaged.get(s["image_id"]) or s["damage"]
+            for line in lines[:DAMAGE_SHOWN]:
+                out_console.print(f"[red]✗[/] {s['image_id']} damaged: {escape(line)}", highlight=False, soft_wrap=True)
+            if len(lines) > DAMAGE_SHOWN:
+                out_console.print(f"  … and {len(lines) - DAMAGE_SHOWN} more damaged chunks")
         for r in failed:
             out_console.print(f"[red]✗[/] {escape(r.error or r.input)}", highlight=False, soft_wrap=True)
-        if not summaries and not failed:
+        for line in unreadable:
+            out_console.print(f"[red]✗[/] {escape(line)}", highlight=False, soft_wrap=True)
+        if not summaries and not failed and not unreadable:
             out_console.print(f"no segpipe outputs in {out}")
-    everything = all(s["state"] == "complete" for s in summaries) and not failed
+    everything = all(s["state"] == "complete" for s in summaries) and not (failed or unreadable or damaged)
     raise typer.Exit(EXIT_OK if everything else EXIT_FAILED)
+
+
+DAMAGE_SHOWN = 20  # damage lines `status` prints per image
+
+
+def _verified(store: Any) -> list[str]:
+    """The full verification of one store (pipeline/store/verify.py): its findings, one
+    line each (none: it verified). What it finds damaged is set to run again (the store
+    becomes partial, its findings kept for `status`), so the next run repairs exactly
+    that; storage that refuses the mark is a warning line."""
+    from pipeline.store import OutputStore, schedule_repair, verify_store
+
+    try:
+        verdict = verify_store(store, full=True)
+    except (SegpipeError, OSError) as exc:  # storage that cannot be read: nothing to mark
+        return [f"cannot be verified ({' '.join(str(exc).split())})"]
+    if verdict.ok:
+        return []
+    try:
+        schedule_repair(OutputStore.open(store.path, mode="r+"), verdict)
+    except (SegpipeError, OSError) as exc:
+        err_console.print(f"[yellow]warning:[/] {store.path}: damage not recorded for the next run "
+                          f"({escape(' '.join(str(exc).split()))})", highlight=False, soft_wrap=True)  # fmt: skip
+    return verdict.lines()
 
 
 @app.command(epilog="""[bold]Examples[/]
@@ -182,6 +226,7 @@ def export(
     """Write exports of finished images: pyramidal OME-TIFF, PNG labels, an overlay, or a
     DICOM SEG (DICOM inputs only; it carries the study's identifiers, as the standard asks)."""
     from flows import outputs
+    from flows.report import one_line_error
     from pipeline import stages
     from pipeline.config import RunConfig
 
@@ -197,10 +242,18 @@ def export(
             err_console.print(f"[yellow]skipped[/] {store.image_id}: {store.state}, not complete")
             code = EXIT_FAILED
             continue
+        damage = _verified(store)  # an export is never written from a damaged output
+        if damage:
+            more = f" (+{len(damage) - 1} more)" if len(damage) > 1 else ""
+            err_console.print(f"[red]✗[/] {store.image_id}: not exported, damaged: {escape(damage[0])}{more}; "
+                              "the next run repairs it", highlight=False, soft_wrap=True)  # fmt: skip
+            code = EXIT_FAILED
+            continue
         try:
             written = stages.export(outputs.job_for(store), config)
-        except SegpipeError as exc:
-            err_console.print(f"[red]✗[/] {store.image_id}: {escape(str(exc))}", highlight=False)
+        except (SegpipeError, OSError, RuntimeError) as exc:  # RuntimeError: a codec's error
+            err_console.print(f"[red]✗[/] {store.image_id}: {escape(one_line_error(store.path, exc))}",
+                              highlight=False, soft_wrap=True)  # fmt: skip
             code = EXIT_FAILED
             continue
         for fmt, path in written.items():
@@ -333,14 +386,30 @@ def quiet_logs(verbose: bool) -> None:
         }
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
+    if not verbose:
+        _show_cluster_warnings()
+
+
+def _show_cluster_warnings() -> None:
+    """Workers waiting for a node, or started on CPU where GPUs may come: a user must see
+    that on the terminal, not only in Prefect, even with Prefect's console quiet."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, level=logging.WARNING)
+    for name in ("pipeline.workers", "pipeline.cluster"):
+        logging.getLogger(name).addHandler(handler)
 
 
 def _check_run(inputs: list[str], model: str, out: str) -> str:
-    """Fail fast on usage errors (exit 2), before Prefect and Ray start: the model, and
-    that the inputs name at least one image."""
+    """Fail fast on usage errors (exit 2), before Prefect and Ray start: the model, an
+    output root that can take outputs, and that the inputs name at least one image."""
     from flows.discover import discover
+    from flows.outputs import check_writable
 
     model_path = _check_model(model)
+    check_writable(out)
     discover(inputs, out)
     return model_path
 
@@ -354,11 +423,14 @@ def _check_model(model: str) -> str:
 
 
 def _usage_checked(call: Any) -> Any:
-    """Run `call`; a configuration error (bad setting, model or input) exits with code 2."""
+    """Run `call`; a configuration error (bad setting, model or input) or a folder that
+    cannot be read exits with code 2, in one line."""
     try:
         return call()
     except (SegpipeError, ValueError) as exc:
         usage_error(str(exc))
+    except OSError as exc:
+        usage_error(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
 
 
 def _absolute(location: str) -> str:

@@ -162,6 +162,7 @@ def run_collection(inputs: list[str], model: str, out: str, config: Any, concurr
         results,
         segment_collection,
     )
+    from pipeline.store import storage_refusal
 
     reaper.start()  # the Prefect server and local Ray this run starts end with it, even on kill -9
     try:
@@ -169,9 +170,12 @@ def run_collection(inputs: list[str], model: str, out: str, config: Any, concurr
         with live_progress(err_console), tags("segpipe", runs.driver_tag()):
             runs.mark_crashed_runs()
             done = results(segment_collection(inputs, model, out, config, concurrency, return_state=True))
-    except (SegpipeError, ValueError, ConnectionError, TimeoutError, httpx.HTTPError) as exc:
+    except (SegpipeError, ValueError, OSError, httpx.HTTPError) as exc:
         # the run itself could not go on: a setting, the cluster, the server or the storage
-        usage_error(f"run stopped: {type(exc).__name__}: {' '.join(str(exc).split())}")
+        # (OSError: unreachable, timed out, or storage refusing a write: full, read-only)
+        refused = storage_refusal(exc)
+        text = str(refused) if refused else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        usage_error(f"run stopped: {text}")
     if show_table:
         out_console.print(results_table(done, title=title))
         for line in report.problems(done):

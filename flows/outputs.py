@@ -7,6 +7,7 @@ through fsspec, and the stores open through zarr's fsspec store.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import fsspec
@@ -14,20 +15,46 @@ import fsspec
 from pipeline.errors import InputError
 from pipeline.io.location import is_remote, local_path
 from pipeline.job import ImageJob
-from pipeline.store import OutputStore, StoreError
+from pipeline.store import NotAStoreError, OutputStore, StoreError, storage_refusal
 
 STORE_SUFFIX = ".zarr"
 
 
-def stores(out_root: str | Path) -> list[OutputStore]:
-    """Every segpipe output store directly under `out_root`, by image id."""
+def stores(out_root: str | Path, unreadable: list[str] | None = None) -> list[OutputStore]:
+    """Every segpipe output store directly under `out_root`, by image id. A segpipe store
+    that does not open (damaged metadata, storage refusing) is one line in `unreadable`."""
     found = []
     for location in _store_locations(str(out_root)):
         try:
             found.append(OutputStore.open(location))
-        except StoreError:
+        except NotAStoreError:
             continue  # another tool's zarr in the same folder
+        except (StoreError, OSError) as exc:
+            if unreadable is not None:
+                unreadable.append(" ".join(str(storage_refusal(exc) or exc).split()))
     return found
+
+
+def check_writable(out_root: str) -> None:
+    """Fail at once, on one line naming the path, when a local output root cannot take
+    outputs: a file, a path under a file, a read-only, full or forbidden file system. Its
+    nearest existing folder is probed with a nameless file; nothing is created (the run
+    creates the root). A remote root: `check_reachable`."""
+    if is_remote(out_root):
+        return
+    root = local_path(out_root).absolute()
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{out_root}: {'it' if existing == root else existing} is a file, not an output folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".segpipe-probe-") as probe:
+            probe.write(b"segpipe")
+            probe.flush()
+    except OSError as exc:
+        mapped = storage_refusal(exc)
+        raise (mapped or InputError(f"{out_root}: cannot write ({type(exc).__name__}: {exc})")) from exc
 
 
 def _store_locations(out_root: str) -> list[str]:

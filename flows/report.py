@@ -8,7 +8,10 @@ Rows hold output names, shapes, counts and timings: nothing read from an input's
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +20,9 @@ import fsspec
 
 from pipeline.errors import SegpipeError
 from pipeline.io.location import is_remote, local_path
-from pipeline.store import StoreError
+from pipeline.store import StoreError, storage_refusal
+
+log = logging.getLogger(__name__)
 
 State = Literal["complete", "partial", "failed"]
 ERROR_MAX_CHARS = 300
@@ -84,7 +89,9 @@ def failed(uri: str, image_id: str, exc: BaseException, seconds: float = 0.0) ->
 
 def one_line_error(uri: str, exc: BaseException) -> str:
     """'<file>: <message>' on one line. Project errors already start with the file (or
-    the output store) they name; anything else gets its type and the file in front."""
+    the output store) they name; anything else gets its type and the file in front. Storage
+    that refuses a write (full, read-only, forbidden) says so and names the path."""
+    exc = storage_refusal(exc) or exc
     text = " ".join(str(exc).split())
     if not isinstance(exc, SegpipeError) or not text:
         text = f"{type(exc).__name__}: {text}".rstrip(": ")
@@ -133,29 +140,57 @@ def problems(results: Iterable[ImageResult]) -> list[str]:
 
 def write_record(out_root: str, results: Sequence[ImageResult]) -> str:
     """Write the run's results to OUT/segpipe-run.json (a local folder or any fsspec URL),
-    so `segpipe status` can list images that failed before their output existed. Storage
-    that refuses the write stops the run on one line naming the record's URL."""
+    so `segpipe status` can list images that failed before their output existed. The record
+    is replaced whole or not at all: the last run's stays readable when this write fails
+    (a full disk). Storage that refuses the write stops the run on one line naming it."""
     where = record_location(out_root)
     text = json.dumps({"totals": totals(results), "images": [asdict(r) for r in results]}, indent=1)
     try:
-        if not is_remote(where):
-            local_path(where).parent.mkdir(parents=True, exist_ok=True)
-        with fsspec.open(where, "w") as f:
-            f.write(text)
+        if is_remote(where):
+            with fsspec.open(where, "w") as f:  # an object store's put is atomic already
+                f.write(text)
+        else:
+            _replace_atomically(local_path(where), text)
     except Exception as exc:  # botocore and other backends raise their own types
-        raise StoreError(f"{where}: cannot write the run record ({type(exc).__name__}: {exc})") from exc
+        mapped = storage_refusal(exc)
+        reason = str(mapped) if mapped else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        raise StoreError(f"{where}: cannot write the run record ({reason})") from exc
     return where
 
 
-def read_record(out_root: str | Path) -> list[ImageResult]:
-    """The last run's results written by `write_record` (empty when there is none)."""
+def _replace_atomically(path: Path, text: str) -> None:
+    """Write a temporary file beside `path`, flush it to disk, then rename it over `path`
+    (a rename within one folder is atomic): a reader sees the old record or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp's is 0600
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def read_record(out_root: str | Path, warn: Callable[[str], None] = log.warning) -> list[ImageResult]:
+    """The last run's results written by `write_record` (empty when there is none). A
+    record that cannot be read (empty, cut short, not ours) is one line to `warn`, and no
+    record: what it would list is only the images that failed before any output existed."""
     where = record_location(out_root)
     try:
         with fsspec.open(where, "r") as f:
             raw = json.load(f)
+        return [ImageResult(**{**r, "size": tuple(r["size"]) if r["size"] else None}) for r in raw["images"]]
     except FileNotFoundError:
         return []
-    return [ImageResult(**{**r, "size": tuple(r["size"]) if r["size"] else None}) for r in raw["images"]]
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # JSONDecodeError is a ValueError
+        mapped = storage_refusal(exc)
+        reason = str(mapped) if mapped else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        warn(f"{where}: the last run's record is unreadable, ignored ({reason})")
+        return []
 
 
 def record_location(out_root: str | Path) -> str:

@@ -43,9 +43,12 @@ from pipeline.io.exports import export_exists
 from pipeline.store import (
     OutputStore,
     StoreError,
+    Verdict,
     safe_image_id,
     same_output,
+    schedule_repair,
     store_path,
+    verify_store,
 )
 
 DEFAULT_CONCURRENCY = 2
@@ -146,10 +149,11 @@ def image_task(source: Source, model_path: str, out: str, config: RunConfig, poo
 
 def _reusable(sources: list[Source], out: str, wanted: dict[str, Any],
               config: RunConfig) -> dict[str, ImageResult]:  # fmt: skip
-    """Sources whose output is complete for this model and these settings and whose
-    content hash (cached across runs by size and modification marker) is the one recorded.
-    Such an output gets the exports the run asks for that it lacks (no tile runs: only the
-    export task)."""
+    """Sources whose output is complete for this model and these settings, whose content
+    hash (cached across runs by size and modification marker) is the one recorded and whose
+    chunks pass the reuse check (`_intact`). Such an output gets the exports the run asks
+    for that it lacks (no tile runs: only the export task). An output that cannot be
+    checked is a failed result: running it would re-finalize what was not verified."""
     candidates: dict[str, tuple[OutputStore, str | None, PrefectFuture]] = {}
     for source in sources:
         store = _complete_store(out, source.image_id)
@@ -165,15 +169,15 @@ def _reusable(sources: list[Source], out: str, wanted: dict[str, Any],
         except Exception:  # gone or unreachable since discovery: the image's own run reports it
             continue
         candidates[source.uri] = (store, recorded.get("sha256"), input_sha256.submit(source.uri, *key))
+    matching = {uri: store for uri, (store, recorded_sha, digest) in candidates.items()
+                if digest.result(raise_on_failure=False) == recorded_sha}  # fmt: skip
+    intact, reused = _intact(matching)
     exporting: dict[str, tuple[OutputStore, dict[str, str], PrefectFuture | None]] = {}
-    for uri, (store, recorded_sha, digest) in candidates.items():
-        if digest.result(raise_on_failure=False) != recorded_sha:
-            continue
+    for uri, store in intact.items():
         job = job_for(store)
         planned = stages.planned_exports(job, config.exports)
         missing = tuple(name for name, where in planned.items() if not export_exists(where))
         exporting[uri] = (store, planned, export_task.submit(job, config, missing) if missing else None)
-    reused = {}
     for uri, (store, planned, writing) in exporting.items():
         failure = writing.result(raise_on_failure=False) if writing is not None else None
         if isinstance(failure, BaseException):
@@ -187,12 +191,57 @@ def _reusable(sources: list[Source], out: str, wanted: dict[str, Any],
 
 
 def _complete_store(out: str, image_id: str) -> OutputStore | None:
-    """The image's store when it is complete; its exports are checked by `_reusable`."""
+    """The image's store when it is marked complete (metadata only: its chunks are checked
+    by `_intact` once its input and settings match, its exports by `_reusable`)."""
     try:
         store = OutputStore.open(store_path(out, image_id))
-    except StoreError:
+    except StoreError:  # none, or damaged metadata: the image's own run says which
         return None
     return store if store.state == "complete" else None
+
+
+VERIFY_THREADS = 8  # stores checked at once before reuse: the checks wait on storage
+
+
+def _intact(stores: dict[str, OutputStore]) -> tuple[dict[str, OutputStore], dict[str, ImageResult]]:
+    """(stores that pass the reuse check, failed results of those that cannot be checked).
+
+    The reuse check is pipeline/store/verify.py's cheap one (full=False): every chunk
+    present or absent as finalize recorded it, with its recorded size; bytes are read only
+    of chunks written since (new mtime/ctime/inode or ETag). A damaged store is set to be
+    repaired (its damaged tiles PENDING, state partial) and left to run: the infer stage
+    recomputes exactly those tiles and finalize rebuilds the pyramid. The full check (every
+    chunk's bytes) is `segpipe status --verify`'s and `segpipe export`'s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    logger = get_run_logger()
+    with ThreadPoolExecutor(VERIFY_THREADS) as pool:
+        verdicts = dict(zip(stores, pool.map(_cheap_verdict, stores.values()), strict=True))
+    intact, failed = {}, {}
+    for uri, found in verdicts.items():
+        store = stores[uri]
+        try:
+            if isinstance(found, Exception):
+                raise found
+            if found.ok:
+                if found.moved:  # copied or restored, same bytes: next time, read nothing
+                    OutputStore.open(store.path, mode="r+").record_checksums()
+                intact[uri] = store
+                continue
+            tiles = schedule_repair(OutputStore.open(store.path, mode="r+"), found)
+            logger.warning("%s; %d tiles run again", found.summary(), len(tiles))
+        except (StoreError, OSError) as exc:
+            failed[uri] = report.failed(uri, store.image_id, exc)
+            logger.error(failed[uri].error)
+            progress.emit(progress.Event("finished", store.image_id, state="failed"))
+    return intact, failed
+
+
+def _cheap_verdict(store: OutputStore) -> Verdict | Exception:
+    try:
+        return verify_store(store, full=False)
+    except (StoreError, OSError) as exc:  # in a worker thread: handed to the flow's thread
+        return exc
 
 
 def _run_bounded(todo: list[Source], model_path: str, out: str, config: RunConfig,

@@ -19,6 +19,20 @@ from pipeline.errors import CheckpointError
 CARD_KEY = "segpipe.card"
 SHIPPED_DIR = Path(__file__).parent / "weights"
 
+# Sane bounds of what a card may ask for (checked when a card is read: a checkpoint is
+# untrusted input, and a card value sizes arrays before any weight is looked at). A card
+# with scale.size [200000, 200000] asked for a 4e10-pixel working level; filters up to
+# 8192 built an 11.7 GB model. Limits: a real model outside them needs a code change.
+MAX_SCALE_SIDE = 32768  # a working size side: 32768² is max_pixels' default (2^30)
+MIN_SCALE_SIDE = 16  # below it a working pixel averages thousands of an X-ray's rows
+MPP_RANGE = (0.01, 10_000.0)  # µm/px: 40x scanners ~0.12 ... a coarse X-ray at 1 cm
+MAX_DEPTH = 7  # len(filters) - 1: a 128-pixel grid; the shipped models use 3 and 4
+MAX_FILTER = 2048  # channels of one level; U-Net's widest is 1024
+MAX_CLASSES = 255  # foreground classes in a uint8 mask (0 is background)
+MAX_TILE = 16384
+MAX_HALO = 1024
+IN_CHANNELS = (1, 3)
+
 
 @dataclass
 class ModelCard:
@@ -60,11 +74,23 @@ class ModelCard:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise CheckpointError(f"{source}: model card is not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{source}: model card is not a JSON object")
         known = {f.name for f in fields(cls)}
         missing = {"arch", "config"} - set(raw)
         if missing:
             raise CheckpointError(f"{source}: model card lacks {sorted(missing)}")
-        return cls(**{k: v for k, v in raw.items() if k in known})
+        card = cls(**{k: v for k, v in raw.items() if k in known})
+        card.validate(source)
+        return card
+
+    def validate(self, source: str = "card") -> None:
+        """Refuse (CheckpointError naming `source` and the value) a card outside the sane
+        bounds above: a card is read from an untrusted file and sizes the working level,
+        the tiles and the model before its weights are checked."""
+        problems = _card_problems(self)
+        if problems:
+            raise CheckpointError(f"{source}: model card {'; '.join(problems)}")
 
     @property
     def multiple(self) -> int:
@@ -105,3 +131,61 @@ def read_card(path: str | Path) -> ModelCard:
     return ModelCard.from_json(metadata[CARD_KEY], str(path))
 
 
+def _card_problems(card: ModelCard) -> list[str]:
+    """What is wrong with a card, one phrase each naming the field and its value."""
+    problems: list[str] = []
+    config = card.config
+    if not isinstance(config, dict):
+        return [f"config must be an object, got {config!r:.80}"]
+    problems += _filters_problems(config.get("filters"))
+    in_channels = config.get("in_channels", 3)
+    if in_channels not in IN_CHANNELS or isinstance(in_channels, bool):
+        problems.append(f"config.in_channels={in_channels!r:.40} not in {IN_CHANNELS}")
+    classes = config.get("classes", 1)
+    if not _int_in(classes, 1, MAX_CLASSES + 1):  # + 1: multi-class outputs add background
+        problems.append(f"config.classes={classes!r:.40} not in 1..{MAX_CLASSES + 1}")
+    names = card.class_names
+    if not isinstance(names, list) or not 1 <= len(names) <= MAX_CLASSES:
+        problems.append(f"class_names must list 1..{MAX_CLASSES} names, got {names!r:.80}")
+    problems += _scale_problems(card.scale)
+    if card.tile is not None and not _int_in(card.tile, 16, MAX_TILE):
+        problems.append(f"tile={card.tile!r:.40} not in 16..{MAX_TILE}")
+    if card.halo is not None and not _int_in(card.halo, 0, MAX_HALO):
+        problems.append(f"halo={card.halo!r:.40} not in 0..{MAX_HALO}")
+    if not _number_in(card.threshold, 0.0, 1.0):
+        problems.append(f"threshold={card.threshold!r:.40} not in [0, 1]")
+    return problems
+
+
+def _filters_problems(filters: Any) -> list[str]:
+    if not isinstance(filters, list) or not 2 <= len(filters) <= MAX_DEPTH + 1:
+        return [f"config.filters must list 2..{MAX_DEPTH + 1} widths, got {filters!r:.80}"]
+    bad = [f for f in filters if not _int_in(f, 1, MAX_FILTER)]
+    if bad:
+        return [f"config.filters={filters!r:.80}: widths must be 1..{MAX_FILTER}, got {bad[0]!r:.40}"]
+    return []
+
+
+def _scale_problems(scale: Any) -> list[str]:
+    if scale is None:
+        return []
+    if not isinstance(scale, dict):
+        return [f"scale must be an object or null, got {scale!r:.80}"]
+    problems = []
+    if "size" in scale:
+        size = scale["size"]
+        if not (isinstance(size, list) and len(size) == 2
+                and all(_int_in(v, MIN_SCALE_SIDE, MAX_SCALE_SIDE) for v in size)):  # fmt: skip
+            problems.append(f"scale.size={size!r:.80} must be two ints in "
+                            f"{MIN_SCALE_SIDE}..{MAX_SCALE_SIDE}")  # fmt: skip
+    if "mpp" in scale and not _number_in(scale["mpp"], *MPP_RANGE):
+        problems.append(f"scale.mpp={scale['mpp']!r:.40} not in [{MPP_RANGE[0]}, {MPP_RANGE[1]}] µm/px")
+    return problems
+
+
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _number_in(value: Any, low: float, high: float) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high

@@ -9,8 +9,10 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import zarr
 
 from pipeline import __version__, cards
@@ -21,15 +23,23 @@ from pipeline.engine.normalization import image_stats
 from pipeline.engine.tiling import (
     effective_halo,
     full_res_chunk,
+    grid_shape,
     plan_tiles,
     work_shape_for,
 )
 from pipeline.errors import InputError
 from pipeline.io import Image, location, open_image, preview
 from pipeline.io import ingest as ingest_level
+from pipeline.io.ingest import preview_level
 from pipeline.io.levels import working_level
 from pipeline.job import ImageJob, TileReport, TileStatus
-from pipeline.store import OutputStore, safe_image_id, store_path
+from pipeline.store import (
+    OutputStore,
+    StoreError,
+    safe_image_id,
+    store_path,
+    verify_store,
+)
 
 if TYPE_CHECKING:
     from pipeline.engine.pool import RunPool
@@ -39,20 +49,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_HALO = 64
+# Tiles one image may plan: the driver holds its status grid and tile seconds whole (5 bytes
+# a tile, one chunk each) and schedules every tile. 2^22 is a 2^36-pixel working level at
+# tile 128; the default tile makes 65,536 of a 262144² level.
+MAX_TILES = 1 << 22
 
 
 def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
            image_id: str | None = None, fetched_from: str | None = None) -> ImageJob:
     """Open the image, fix its geometry, create (or reopen) its output store, bring its
-    working level into zarr (or read it in place) and store a preview.
+    working level into zarr (or read it in place) and store a preview. An image whose
+    planned work exceeds the run's limits is refused before anything is written
+    (check_planned_work).
 
     `fetched_from`: the remote URL that `input_path` is this machine's copy of. Provenance
     records the URL, and the working level always goes into the store (`<store>/work`):
     tile workers on other nodes cannot read this machine's copy in place."""
     card = cards.read_card(model_path)
+    in_place = fetched_from is None
     with _open(input_path, config) as image:
         image_id = image_id or safe_image_id(fetched_from or input_path)
         level, full_hw, work_hw = working_geometry(image, card)
+        check_planned_work(image, level, work_hw, card, config, in_place)
         path = store_path(out_root, image_id)
         store = OutputStore.create_or_open(
             path, image_id=image_id, full_hw=full_hw, work_hw=work_hw, tile=config.tile,
@@ -60,13 +78,12 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
             classes=card.class_names, prob_dtype=config.prob_dtype, mpp=image.mpp,
             provenance=_provenance(input_path, image, model_path, card, config, level, fetched_from),
         )  # fmt: skip
-        in_place = fetched_from is None
         work_url = _working_level(image, level, work_hw, path, config.tile, in_place)
         overview = preview(image)
         if "preview" not in _group_keys(path):
             store.write_preview(window_uint8(overview))
             store.write_thumbnail(window_uint8(overview))
-        multiple = 2 ** (len(card.config["filters"]) - 1)
+        multiple = card.multiple
         halo = config.halo if config.halo is not None else (card.halo or DEFAULT_HALO)
         return ImageJob(
             image_id=image_id, input_path=str(input_path), store_path=path,
@@ -124,9 +141,22 @@ def infer(job: ImageJob, config: RunConfig, pool: RunPool,
 
 
 def finalize(job: ImageJob) -> dict[str, Any]:
-    """Build the mask pyramid and write the completion state, last."""
+    """Build the mask pyramid, record each chunk's checksum and write the completion
+    state, last. A store already complete (infer left it alone) is verified instead, never
+    re-recorded: that would bless damage found since as the truth. A damaged one is set to
+    be repaired by the next run, and its summary says partial."""
+    from pipeline.store import schedule_repair, verify_store
+
     store = OutputStore.open(job.store_path, mode="r+")
-    store.finalize()
+    if store.state != "complete":
+        store.finalize()
+        return store.summary()
+    verdict = verify_store(store, full=False)
+    if verdict.ok and verdict.moved:  # copied or restored, same bytes: refresh the markers
+        store.record_checksums()
+    elif not verdict.ok:
+        tiles = schedule_repair(store, verdict)
+        log.warning("%s; %d tiles run again on the next run", verdict.summary(), len(tiles))
     return store.summary()
 
 
@@ -154,7 +184,7 @@ def _working_level(image: Image, level: int, work_hw: tuple[int, int], path: str
                    in_place: bool = True) -> str | None:  # fmt: skip
     """None when the source level is read in place (allowed by `in_place`, possible for a
     tile-addressable level at the model's scale); else the ingested zarr array's URL."""
-    if in_place and tuple(image.levels[level][:2]) == work_hw and image.lazy_level(level) is not None:
+    if _reads_in_place(image, level, work_hw, in_place):
         return None
     url = f"{path}/work"
     try:
@@ -165,6 +195,79 @@ def _working_level(image: Image, level: int, work_hw: tuple[int, int], path: str
         array = ingest_level(image, level, url, work_shape=work_hw, chunk=chunk)
         array.attrs["ingested"] = True
     return url
+
+
+def _reads_in_place(image: Image, level: int, work_hw: tuple[int, int], in_place: bool) -> bool:
+    return in_place and tuple(image.levels[level][:2]) == work_hw and image.lazy_level(level) is not None
+
+
+@dataclass(frozen=True)
+class PlannedWork:
+    """What ingesting and running one image would cost, known from its header and the
+    model's scale before any pixel is read or written."""
+
+    work_hw: tuple[int, int]
+    tiles: int
+    reads: tuple[tuple[str, int, tuple[int, int]], ...]  # (what for, level, (h, w)) decoded
+    written_bytes: int  # the work array (when ingested), prob and the mask pyramid
+
+    @property
+    def work_pixels(self) -> int:
+        return self.work_hw[0] * self.work_hw[1]
+
+    @property
+    def read_pixels(self) -> int:
+        return sum(h * w for _, _, (h, w) in self.reads)
+
+
+def planned_work(image: Image, level: int, work_hw: tuple[int, int], card: ModelCard,
+                 config: RunConfig, in_place: bool) -> PlannedWork:  # fmt: skip
+    """The working level, tiles, pixels decoded and bytes written that running `image` at
+    `work_hw` (from source `level`) would take."""
+    full_h, full_w, channels = image.levels[0]
+    source_hw = tuple(image.levels[level][:2])
+    reads = [("the working level", level, source_hw)]
+    # A slide's preview reads its level whole (level 0 when there is no pyramid); an X-ray
+    # decoded whole is decoded once, and its preview reads that copy.
+    if image.kind == "slide":
+        at = preview_level(image)
+        reads.append(("the preview", at, tuple(image.levels[at][:2])))
+    work_pixels = work_hw[0] * work_hw[1]
+    prob_bytes = work_pixels * len(card.class_names) * np.dtype(config.prob_dtype).itemsize
+    written = prob_bytes + full_h * full_w * 4 // 3  # uint8 mask and its pyramid
+    if not _reads_in_place(image, level, work_hw, in_place):
+        itemsize = image.dtype.itemsize if source_hw == work_hw else 4  # resampled: float32
+        written += work_pixels * channels * itemsize
+    rows, cols = grid_shape(work_hw, config.tile)
+    return PlannedWork(work_hw, rows * cols, tuple(reads), written)  # type: ignore[arg-type]
+
+
+def check_planned_work(image: Image, level: int, work_hw: tuple[int, int], card: ModelCard,
+                       config: RunConfig, in_place: bool) -> PlannedWork:  # fmt: skip
+    """Refuse, with one InputError line, an image whose planned work exceeds the limit of its
+    kind: max_pixels for X-rays decoded whole, max_slide_pixels for slides. The working
+    level must fit it (a model's scale can make it larger than the image: a 512² PNG at a
+    card's 200000² is 4e10 pixels), and so must a slide's decoded pixels (a 512 KB TIFF of
+    empty tiles declaring 262144² and no pyramid: its tiles and its preview read 2^37)."""
+    plan = planned_work(image, level, work_hw, card, config, in_place)
+    setting = "max_pixels" if image.kind == "xray" else "max_slide_pixels"
+    limit = getattr(config, setting)
+    limit_text = f"{setting}={limit}; raise --{setting.replace('_', '-')} to run it"
+    if plan.work_pixels > limit:
+        (h, w), tile = plan.work_hw, config.tile
+        raise InputError(
+            f"{image.path}: planned working level {h}x{w} = {plan.work_pixels} pixels "
+            f"({plan.tiles} tiles of {tile}x{tile}, {plan.written_bytes / 1e9:.1f} GB of work "
+            f"array and outputs) exceeds {limit_text}"
+        )
+    if plan.read_pixels > limit:
+        parts = ", ".join(f"level {lv} {h}x{w} for {what}" for what, lv, (h, w) in plan.reads)
+        raise InputError(f"{image.path}: planned reads of {plan.read_pixels} pixels ({parts}) exceed {limit_text}")
+    if plan.tiles > MAX_TILES:
+        (h, w), tile = plan.work_hw, config.tile
+        raise InputError(f"{image.path}: planned {plan.tiles} tiles of {tile}x{tile} over the working level "
+                         f"{h}x{w} exceed {MAX_TILES} per image; raise --tile to run it")  # fmt: skip
+    return plan
 
 
 def _group_keys(path: str) -> set[str]:
@@ -191,6 +294,9 @@ def export(job: ImageJob, config: RunConfig, formats: tuple[str, ...] | None = N
     from pipeline.io.exports import EXPORTS
 
     store = OutputStore.open(job.store_path)
+    verdict = verify_store(store)  # never export from a damaged store
+    if not verdict.ok:
+        raise StoreError(f"{verdict.summary()}; not exported")
     source = _export_input(job, store)
     requested = formats if formats is not None else config.exports
     planned = _export_locations(job, source, requested)

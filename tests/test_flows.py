@@ -260,7 +260,11 @@ def test_collection_isolates_a_corrupt_image(flows_env: None, tiny_checkpoint: P
 
 def test_failed_tiles_leave_a_partial_image(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterName,
+        FlowRunFilterParentFlowRunId,
+    )
 
     from flows.segment import results, segment_collection
 
@@ -273,7 +277,9 @@ def test_failed_tiles_leave_a_partial_image(flows_env: None, tiny_checkpoint: Pa
     # Prefect tells the truth: the partial image's run and the collection's run are Failed
     assert state.is_failed() and "1 partial" in state.message
     with get_client(sync_client=True) as client:
-        [image_run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[result.image_id])))
+        [image_run] = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=[result.image_id]),
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
     assert image_run.state.is_failed()
 
     assert result.state == "partial" and result.counts["failed"] == 1 and result.counts["done"] == 3

@@ -17,9 +17,10 @@ from PIL import Image as PILImage
 
 from pipeline.cards import ModelCard
 from pipeline.config import RunConfig
-from pipeline.engine import process_env
+from pipeline.engine import process_env, tiling
 from pipeline.engine.predictor import Predictor, autocast_dtype, cpu_has_fast_bf16
-from pipeline.engine.tiling import gaussian_importance, gaussian_windows
+from pipeline.engine.stitching import deliver_full_res, to_labels, upsample_region
+from pipeline.engine.tiling import Box, gaussian_importance, gaussian_windows
 from pipeline.errors import InputError
 from pipeline.io import open_image, resize
 from pipeline.local import segment
@@ -143,6 +144,43 @@ def test_xray_at_model_scale_gives_full_resolution_mask(tmp_path):
     agreement = (np.asarray(store.mask) == (full >= 0.5)).mean()
     assert agreement >= 0.9999
     assert small.shape == (512, 512, 1)
+
+
+@pytest.mark.parametrize("classes", [1, 3])
+def test_delivery_in_pieces_equals_the_whole_box(monkeypatch, classes):
+    rng = np.random.default_rng(7)
+    work_hw, full_hw = (64, 48), (1000, 777)
+    probs = rng.random((*work_hw, classes)).astype(np.float32)
+    region, full = Box(0, 0, *work_hw), Box(0, 0, *full_hw)
+    whole = to_labels(upsample_region(probs, region, full, work_hw, full_hw), 0.5)
+    monkeypatch.setattr(tiling, "MAX_FULL_CHUNK", 300)  # pieces of 3x3 chunks of 100
+    pieces = list(deliver_full_res(probs, region, full, work_hw, full_hw, 100, 0.5))
+    assert len(pieces) == 4 * 3 and max(max(p.shape) for p, _ in pieces) == 300
+    delivered = np.full(full_hw, 255, np.uint8)
+    for piece, labels in pieces:
+        delivered[piece.slices()] = labels
+    np.testing.assert_array_equal(delivered, whole)
+
+
+def test_xray_mask_delivered_in_pieces_equals_the_whole_box_delivery(tmp_path, monkeypatch):
+    """Work 64², full 1000²: the one tile owns the whole full-resolution mask. Delivered in
+    one piece (chunk 1000), then in 16 pieces (chunks bounded to 256), the mask is the same,
+    and is exactly the stored probabilities upsampled whole and thresholded."""
+    rng = np.random.default_rng(8)
+    grey = (resize(rng.random((12, 12, 1)).astype(np.float32), (1000, 1000)) * 255).astype(np.uint8)
+    PILImage.fromarray(grey[..., 0]).save(tmp_path / "cxr.png")
+    path = save(tiny("unet", in_channels=1), tmp_path / "m.safetensors", scale={"size": [64, 64]})
+    one = OutputStore.open(segment(tmp_path / "cxr.png", path, tmp_path / "one", tile=64, **EXACT))
+    assert one.layout.full_chunk == 1000
+    up = upsample_region(one.read_prob(), Box(0, 0, 64, 64), Box(0, 0, 1000, 1000), (64, 64), (1000, 1000))
+    np.testing.assert_array_equal(np.asarray(one.mask), to_labels(up, 0.5))
+    threshold = float(np.median(up))  # both labels, plenty of boundary
+    monkeypatch.setattr(tiling, "MAX_FULL_CHUNK", 256)
+    out = segment(tmp_path / "cxr.png", path, tmp_path / "pieces", tile=64, threshold=threshold, **EXACT)
+    pieces = OutputStore.open(out)
+    assert pieces.layout.full_chunk == 256 and pieces.mask.chunks == (256, 256)
+    np.testing.assert_array_equal(pieces.read_prob(), one.read_prob())
+    np.testing.assert_array_equal(np.asarray(pieces.mask), to_labels(up, threshold))
 
 
 def test_slide_model_reads_the_level_at_its_scale(tmp_path):

@@ -11,12 +11,14 @@ from scipy import ndimage
 
 from pipeline.engine.tiling import (
     DEFAULT_FULL_CHUNK,
+    MAX_FULL_CHUNK,
     Box,
     Tile,
     crop_windows,
     effective_halo,
     full_res_chunk,
     full_res_owned,
+    full_res_pieces,
     gaussian_importance,
     gaussian_windows,
     grid_shape,
@@ -300,6 +302,40 @@ def test_full_res_chunk():
     assert full_res_chunk(256, (4443 / 2222, 3567 / 1784)) == DEFAULT_FULL_CHUNK
 
 
+def test_full_res_chunk_is_bounded_whatever_the_scale():
+    # lung-xray (256²) with the default tile on an 8192² and a 32768² X-ray: tile * scale
+    # is 32768 and 131072, a 1 GiB and a 16 GiB chunk; cut into divisors, still tile-aligned
+    assert full_res_chunk(1024, (32.0, 32.0)) == MAX_FULL_CHUNK == 2048
+    assert full_res_chunk(1024, (128.0, 128.0)) == 2048
+    assert full_res_chunk(1024, (2000 / 256, 2000 / 256)) == 2000  # 8000 = 4 x 2000
+    assert full_res_chunk(1024, (3.0, 3.0)) == 1536
+    assert full_res_chunk(1024, (2.0, 2.0)) == 2048  # unchanged where already bounded
+    for tile in (16, 256, 1024, 4096, 16384):
+        for scale in (0.25, 1.0, 2.0, 3.999, 7.8125, 32.0, 100.0, 1000.0):
+            assert 1 <= full_res_chunk(tile, (scale, scale)) <= MAX_FULL_CHUNK
+
+
+@pytest.mark.parametrize(("full_hw", "work_hw", "tile"), [
+    ((16384, 16384), (256, 256), 1024),
+    ((9000, 5000), (256, 256), 64),
+    ((1000, 777), (64, 48), 16),
+    ((100, 120), (100, 120), 16),
+])  # fmt: skip
+def test_full_res_pieces_partition_each_owned_box_into_bounded_whole_chunks(full_hw, work_hw, tile):
+    chunk = full_res_chunk(tile, (full_hw[0] / work_hw[0], full_hw[1] / work_hw[1]))
+    painted = np.zeros(grid_shape(full_hw, chunk), np.int64)  # per chunk: pieces are whole chunks
+    for t in plan_tiles(work_hw, tile):
+        owned = full_res_owned(t, work_hw, full_hw, chunk)
+        pieces = full_res_pieces(owned, chunk)
+        assert bool(pieces) != owned.is_empty
+        for p in pieces:
+            assert owned.contains(p) and max(p.shape) <= max(chunk, MAX_FULL_CHUNK)
+            assert p.y0 % chunk == 0 and p.x0 % chunk == 0
+            assert (p.y1 % chunk == 0 or p.y1 == full_hw[0]) and (p.x1 % chunk == 0 or p.x1 == full_hw[1])
+            painted[p.y0 // chunk : -(-p.y1 // chunk), p.x0 // chunk : -(-p.x1 // chunk)] += 1
+    assert (painted == 1).all()
+
+
 FULL_RES_CASES = [
     # (full_hw, work_hw, tile, full_chunk or None for full_res_chunk's choice)
     ((64, 64), (64, 64), 16, None),  # factor 1
@@ -312,6 +348,9 @@ FULL_RES_CASES = [
     ((100, 120), (100, 120), 16, 64),  # tiles owning no full-res chunk
     ((3567, 4443), (1784, 2222), 256, None),
     ((50, 70), (128, 128), 32, None),  # working level larger than full resolution
+    ((16384, 16384), (256, 256), 1024, None),  # lung-xray's scale: one tile, 8x8 chunks of 2048
+    ((20000, 20000), (256, 256), 64, None),  # 64 * 78.125 = 5000, cut to 1250
+    ((30000, 9000), (256, 256), 128, None),  # non-square, large factors
 ]
 
 

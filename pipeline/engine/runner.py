@@ -4,8 +4,8 @@ path both call `TileRunner.run`.
 
     read      the windows' bounding box from the working-level array  (I/O, no lock)
     infer     normalise, batch windows through the model, blend       (under the compute lock)
-    deliver   crop to the tile, upsample to full resolution, label
-    write     the tile's own prob and mask chunks                      (I/O, no lock)
+    deliver   crop to the tile; upsample to full resolution and label, piece by piece
+    write     the tile's own prob chunk, and each mask piece as it is made (I/O, no lock)
 
 Reading and writing happen outside the compute lock, so a second thread reading the next
 tile overlaps the model running on the current one.
@@ -26,12 +26,7 @@ from pipeline.cards import ModelCard
 from pipeline.config import RunConfig
 from pipeline.engine.normalization import normalize
 from pipeline.engine.predictor import Predictor
-from pipeline.engine.stitching import (
-    CropCanvas,
-    GaussianCanvas,
-    to_labels,
-    upsample_region,
-)
+from pipeline.engine.stitching import CropCanvas, GaussianCanvas, deliver_full_res
 from pipeline.engine.tiling import (
     Box,
     Tile,
@@ -136,15 +131,19 @@ class TileRunner:
         return canvas.result()
 
     def write(self, job: ImageJob, data: TileInput, probs: np.ndarray, store: OutputStore) -> None:
-        """Crop to the tile, deliver the mask at full resolution, write the tile's chunks."""
+        """Crop to the tile and write its prob chunk; then deliver the mask at full resolution
+        one piece of whole chunks at a time (upsample, label, write): the full-res box a tile
+        owns grows with the model's scale (a 256² model on a 16384² X-ray: 16384²), a piece
+        does not (invariant 3)."""
         tile = data.tile
-        full_box = data.full_box
         own = probs[tile.region.relative_to(data.region).slices()]
-        full = upsample_region(probs, data.region, full_box, job.work_hw, job.full_hw)
-        mask = to_labels(full, self.threshold) if not full_box.is_empty else np.zeros((0, 0), np.uint8)
         # Multi-class outputs carry background as channel 0; the store keeps the classes.
         stored = own if own.shape[-1] == 1 else own[..., 1:]
-        store.write_tile(tile, stored, mask, full_box)
+        store.write_tile(tile, stored, None, data.full_box)
+        pieces = deliver_full_res(probs, data.region, data.full_box, job.work_hw, job.full_hw,
+                                  store.layout.full_chunk, self.threshold)  # fmt: skip
+        for piece, labels in pieces:
+            store.write_mask_piece(tile, piece, labels)
 
     def _resources(self, job: ImageJob) -> tuple[Any, OutputStore]:
         with self._open_lock:

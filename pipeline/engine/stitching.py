@@ -1,13 +1,16 @@
 """Putting window outputs together inside one tile, and delivering at full resolution.
 
-Everything here works on one tile's arrays: memory is bounded by the tile.
+Everything here works on one tile's arrays: memory is bounded by the tile, and full-resolution
+delivery by the piece (tiling.full_res_pieces) whatever the model's scale.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 
-from pipeline.engine.tiling import Box, gaussian_importance
+from pipeline.engine.tiling import Box, full_res_pieces, gaussian_importance
 
 
 class CropCanvas:
@@ -53,6 +56,17 @@ class GaussianCanvas:
         if shape not in self._maps:
             self._maps[shape] = gaussian_importance(shape, self.sigma_scale)
         return self._maps[shape]
+
+
+def deliver_full_res(
+    probs: np.ndarray, probs_box: Box, full_box: Box, work_hw: tuple[int, int],
+    full_hw: tuple[int, int], chunk: int, threshold: float,
+) -> Iterator[tuple[Box, np.ndarray]]:
+    """The labels of the full-resolution chunks `full_box`, one piece of whole chunks at a
+    time: (piece, (h, w) uint8 labels). Each pixel is computed from the global mapping, so
+    the pieces equal labelling the whole box at once; only one piece is in memory."""
+    for piece in full_res_pieces(full_box, chunk):
+        yield piece, to_labels(upsample_region(probs, probs_box, piece, work_hw, full_hw), threshold)
 
 
 def upsample_region(

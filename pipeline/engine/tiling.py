@@ -17,6 +17,11 @@ from pipeline.errors import ConfigError
 # Full-resolution chunk when tile*scale is not an integer: ownership (full_res_owned) is
 # correct for any chunk size, so this only sets write granularity (256 KiB of uint8).
 DEFAULT_FULL_CHUNK = 512
+# The largest full-resolution chunk side, and the side of the pieces a tile delivers its
+# full-resolution mask in (invariant 3): a piece's float32 probabilities are 16 MiB per
+# class, its labels 4 MiB, whatever the model's scale. tile*scale alone is unbounded (a
+# 256² X-ray model on a 32768² image: 1024*128, a 1 GiB chunk).
+MAX_FULL_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -308,16 +313,23 @@ def work_shape_for(full_hw: tuple[int, int], scale: tuple[int, int] | float) -> 
 
 
 def full_res_chunk(tile: int, scale_yx: tuple[float, float]) -> int:
-    """The full-resolution mask's (square) chunk size.
+    """The full-resolution mask's (square) chunk size, at most MAX_FULL_CHUNK.
 
-    tile*scale when that is an integer on both axes (the smaller one if they differ), so
-    full-res chunks line up with tiles; else DEFAULT_FULL_CHUNK. Either is correct because
+    tile*scale when that is an integer on both axes (the smaller one if they differ) and at
+    most MAX_FULL_CHUNK, so full-res chunks line up with tiles; when it is larger, its
+    largest divisor in [DEFAULT_FULL_CHUNK, MAX_FULL_CHUNK] (chunks still line up with
+    tiles, several per tile); else DEFAULT_FULL_CHUNK. Any size is correct because
     full_res_owned assigns chunks of any size.
     """
     sizes = [tile * s for s in scale_yx]
     if all(s >= 1 and abs(s - round(s)) < 1e-9 for s in sizes):
-        return int(round(min(sizes)))
-    return DEFAULT_FULL_CHUNK
+        side = int(round(min(sizes)))
+        if side <= MAX_FULL_CHUNK:
+            return side
+        for parts in range(2, side // DEFAULT_FULL_CHUNK + 1):
+            if side % parts == 0 and side // parts <= MAX_FULL_CHUNK:
+                return side // parts
+    return min(DEFAULT_FULL_CHUNK, MAX_FULL_CHUNK)
 
 
 def full_res_owned(
@@ -343,6 +355,21 @@ def _owned_axis(a: int, b: int, work: int, full: int, chunk: int) -> tuple[int, 
     j0 = -(-a * full // (chunk * work))
     j1 = -(-b * full // (chunk * work))
     return (min(j0 * chunk, full), min(j1 * chunk, full))
+
+
+def full_res_pieces(box: Box, chunk: int) -> list[Box]:
+    """`box` (whole full-resolution chunks, as full_res_owned gives) cut into pieces of
+    whole chunks, each at most max(chunk, MAX_FULL_CHUNK) a side, row-major: what a tile
+    upsamples, labels and writes at a time, so its memory is bounded by the piece, not
+    by the box it owns (which grows with the model's scale)."""
+    if box.is_empty:
+        return []
+    step = max(1, MAX_FULL_CHUNK // chunk) * chunk
+    return [
+        Box(y, x, min(y + step, box.y1), min(x + step, box.x1))
+        for y in range(box.y0, box.y1, step)
+        for x in range(box.x0, box.x1, step)
+    ]
 
 
 def work_box_for_full(

@@ -14,10 +14,13 @@ Which path each format takes, and why:
 ``ingest`` writes one tile-row (``chunk`` output rows) at a time through dask; within a
 row each output chunk is computed and written on its own, so memory is bounded by a few
 chunks whatever the image size. Each output chunk reads its own source rectangle through
-``Image.read_region``: chunk x chunk when copying, (chunk x factor + the filter's reach)^2
-when resampling (resample.resize_region), whose result equals resize() of the whole level
-to float32 rounding. Measured on a sparse uint8 TIFF: copying 16k^2 raised peak RSS by
-~12 MB, resampling 8k^2 and 16k^2 by 2.5x by ~100 MB for both (flat in the image size).
+``Image.read_region``: chunk x chunk when copying; when resampling, sub-blocks of the chunk
+each reading at most about RESAMPLE_SOURCE_SIDE² source pixels (resample_block), whatever
+the factor, with a result identical to one resample.resize_region call, which equals
+resize() of the whole level to float32 rounding. Measured on a sparse uint8 TIFF: copying
+16k^2 raised peak RSS by ~12 MB, resampling 8k^2 and 16k^2 by 2.5x by ~100 MB for both
+(flat in the image size). An image decoded whole is held once by its reader (bounded by
+max_pixels); ingest and ``preview`` read it chunk by chunk, never as a whole-image copy.
 
 Output: zarr v3, shape (H, W, C), chunks (chunk, chunk, C), no sharding (each chunk has one
 writer), zarr's default zstd compression. dtype: the source dtype when the level is copied
@@ -66,7 +69,7 @@ def ingest(
         attributes={"source_level": level, "source_shape": [height, width, channels]},
     )
     source = da.from_array(
-        _LevelView(image, level), chunks=(chunk, chunk, -1), asarray=False, fancy=False
+        _LevelView(image, level), chunks=(chunk, chunk, -1), asarray=False, fancy=False, name=False
     )
     for row in range(0, target_shape[0], chunk):
         rows = (row, min(row + chunk, target_shape[0]))
@@ -89,7 +92,8 @@ def read_in_place(image: Image, level: int) -> da.Array | None:
 
 class _LevelView:
     """Array-like view of one level for da.from_array: slicing calls read_region, so the
-    reader's bounds checks and error wrapping apply to every chunk."""
+    reader's bounds checks and error wrapping apply to every chunk. Passed with name=False:
+    dask would otherwise hash the view, which may pickle the reader and its decoded pixels."""
 
     def __init__(self, image: Image, level: int) -> None:
         self.image = image
@@ -110,20 +114,14 @@ def _resampled_band(
     image: Image, level: int, target_shape: tuple[int, ...], rows: tuple[int, int], chunk: int
 ) -> da.Array:
     """Rows ``rows`` of resize(level, target_shape), each block computed from its own
-    source rectangle."""
-    height, width, channels = image.levels[level]
+    source rectangle (resample_block)."""
+    channels = image.levels[level][2]
     col_chunks = tuple(min(chunk, target_shape[1] - c) for c in range(0, target_shape[1], chunk))
 
     def block(block_info: dict[Any, Any] | None = None) -> np.ndarray:
         assert block_info is not None
         (r0, r1), (c0, c1), _ = block_info[None]["array-location"]
-
-        def read(y: int, x: int, h: int, w: int) -> np.ndarray:
-            return image.read_region(level, y, x, h, w)
-
-        return resize_region(
-            read, (height, width), target_shape[:2], (rows[0] + r0, rows[0] + r1), (c0, c1)
-        )
+        return resample_block(image, level, target_shape[:2], (rows[0] + r0, rows[0] + r1), (c0, c1))
 
     return da.map_blocks(
         block,
@@ -133,6 +131,46 @@ def _resampled_band(
     )
 
 
+# The most source pixels (per axis) one resize_region call reads: a strong downsample (a
+# 32768² X-ray to a 256² model: 128x) makes one output chunk depend on the whole source,
+# whose float32 copy would be 4 bytes x channels per pixel (16 GiB for RGBA 32768²).
+RESAMPLE_SOURCE_SIDE = 2048
+
+
+def resample_block(
+    image: Image, level: int, target_hw: tuple[int, int], rows: tuple[int, int],
+    cols: tuple[int, int], source_side: int = RESAMPLE_SOURCE_SIDE,
+) -> np.ndarray:
+    """Rows x cols of resize(level, target_hw) (float32 (h, w, C)), in sub-blocks each reading
+    about source_side² source pixels or less. Every output pixel is the same sum of the same
+    products as in one call (resize_region's weights depend only on the output index), so
+    the result is identical to computing the block at once."""
+    height, width, channels = image.levels[level]
+
+    def read(y: int, x: int, h: int, w: int) -> np.ndarray:
+        return image.read_region(level, y, x, h, w)
+
+    out = np.empty((rows[1] - rows[0], cols[1] - cols[0], channels), np.float32)
+    step_y = _outputs_per_read(height, target_hw[0], source_side)
+    step_x = _outputs_per_read(width, target_hw[1], source_side)
+    for y in range(rows[0], rows[1], step_y):
+        for x in range(cols[0], cols[1], step_x):
+            ys, xs = (y, min(y + step_y, rows[1])), (x, min(x + step_x, cols[1]))
+            part = resize_region(read, (height, width), target_hw, ys, xs)
+            out[ys[0] - rows[0] : ys[1] - rows[0], xs[0] - cols[0] : xs[1] - cols[0]] = part
+    return out
+
+
+def _outputs_per_read(source: int, target: int, source_side: int) -> int:
+    """Output pixels along one axis whose source span fits source_side: an output reads
+    about 2 x factor + 1 source pixels when downsampling by factor (torch's antialias
+    triangle), and each further output factor more."""
+    factor = source / target
+    if factor <= 1:
+        return source_side
+    return max(1, math.floor(source_side / factor) - 2)
+
+
 # Thumbnail for tissue detection, normalisation statistics and overlays.
 PREVIEW_MAX_SIDE = 1024
 
@@ -140,12 +178,21 @@ PREVIEW_MAX_SIDE = 1024
 def preview(image: Image, max_side: int = PREVIEW_MAX_SIDE) -> np.ndarray:
     """The whole image (for tissue detection, normalisation statistics and overlays) with its long side <= max_side (float32, (h, w, C)), averaged from
     the coarsest level still at least that large, chunk by chunk."""
-    candidates = [i for i, s in enumerate(image.levels) if max(s[:2]) >= max_side] or [0]
-    level = candidates[-1]
+    level = preview_level(image, max_side)
     h, w, c = image.levels[level]
     lazy = image.lazy_level(level)
     if lazy is None:
-        lazy = da.from_array(image.read_region(level, 0, 0, h, w), chunks=(1024, 1024, c))
+        # chunk by chunk through read_region, not one whole-level read: that would copy
+        # a decoded-whole image (8 GiB for an RGBA16 32768² PNG) next to its cache
+        lazy = da.from_array(_LevelView(image, level), chunks=(1024, 1024, c), asarray=False,
+                             fancy=False, name=False)  # fmt: skip
     factor = max(1, math.ceil(max(h, w) / max_side))
     trimmed = lazy[: h // factor * factor, : w // factor * factor].astype(np.float32)
     return np.asarray(da.coarsen(np.mean, trimmed, {0: factor, 1: factor}).compute())
+
+
+def preview_level(image: Image, max_side: int = PREVIEW_MAX_SIDE) -> int:
+    """The level `preview` reads whole: the coarsest one still at least max_side a side
+    (level 0 for a slide without a pyramid, which makes the preview read all of it)."""
+    candidates = [i for i, s in enumerate(image.levels) if max(s[:2]) >= max_side] or [0]
+    return candidates[-1]

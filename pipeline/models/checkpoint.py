@@ -1,7 +1,9 @@
 """Checkpoints: safetensors weights with a JSON model card in the file's metadata.
 
 Loading never executes code from a file: safetensors has no code path, and `.pt/.pth`
-files go through `torch.load(weights_only=True)`, which refuses pickled callables.
+files go through `torch.load(weights_only=True)`, which refuses pickled callables. Nor does
+it allocate what a file asks for before checking it: the card's bounds when it is read, then
+the weights' names and shapes against the model the card builds on the meta device.
 Plain state_dicts of the classic reference networks (the PyTorch U-Net with `inc`/`down1`/
 `up1`/`outc` keys, and NestedUNet with `conv{i}_{j}` / `final{k}` keys) are imported by
 renaming their keys; those networks upsample with align_corners=True, so the import sets it.
@@ -10,6 +12,7 @@ renaming their keys; those networks upsample with align_corners=True, so the imp
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -37,40 +40,82 @@ def save(model: SegmentationModel, card: ModelCard, path: str | Path) -> ModelCa
     """Write weights + card; returns the card with arch, config and weights_sha256 filled."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     card.arch, card.config = model.arch, dict(model.config)
+    card.validate(str(path))  # a card that read_card would refuse is not written
     card.weights_sha256 = weights_sha256(state)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata={CARD_KEY: card.to_json()})
     return card
 
 
+# The most parameters a checkpoint may build (2 GiB of float32), counted on the meta device
+# before anything is allocated; the shipped models have under 600k, a full-size U-Net 31M.
+MAX_PARAMETERS = 1 << 29
+
+
 def load(path: str | Path, arch: str | None = None, **config: Any) -> tuple[SegmentationModel, ModelCard]:
     """Load a model in eval mode and its card. `config` overrides the card's (e.g. mode,
-    prune_level); `arch` and `config` are required for plain reference state_dicts."""
+    prune_level); `arch` and `config` are required for plain reference state_dicts.
+
+    Nothing the file asks for is allocated before it is checked: the card's bounds when it
+    is read (cards.ModelCard.validate), then the weights' shapes (from the safetensors
+    header, before any tensor is read) against the model the card builds on the meta
+    device, which allocates nothing; only then are the weights read and the model built."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     if path.suffix == ".safetensors":
-        state, card = _read_safetensors(path)
+        card = read_card(path)
         if arch is not None and arch != card.arch:
             raise CheckpointError(f"{path}: checkpoint is {card.arch!r}, not {arch!r}")
+        card.config = {**card.config, **config}
+        _check_shapes(path, card, _header_shapes(path))
+        state = _read_safetensors(path, card)
     else:
         state, card = _read_torch(path, arch, config)
-    card.config = {**card.config, **config}
-    try:
-        model = build_model(card.arch, **card.config)
-    except ConfigError as exc:
-        raise CheckpointError(f"{path}: {exc}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not fit {card.arch} {card.config}: "
-            f"missing {missing[:4]}, unexpected {unexpected[:4]}"
-        )
+        card.config = {**card.config, **config}
+        _check_shapes(path, card, {k: tuple(v.shape) for k, v in state.items()})
+    model = _build(path, card)
+    model.load_state_dict(state, strict=True)
     return model.eval(), card
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], ModelCard]:
-    card = read_card(path)
+def _build(path: Path, card: ModelCard) -> SegmentationModel:
+    try:
+        return build_model(card.arch, **card.config)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _check_shapes(path: Path, card: ModelCard, found: dict[str, tuple[int, ...]]) -> None:
+    """Refuse weights whose names or shapes differ from the model `card` builds, and models
+    over MAX_PARAMETERS, from the model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in _build(path, card).state_dict().items()}
+    params = sum(math.prod(shape) for shape in expected.values())
+    if params > MAX_PARAMETERS:
+        raise CheckpointError(f"{path}: {card.arch} {card.config} has {params} parameters, "
+                              f"more than {MAX_PARAMETERS}")  # fmt: skip
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = [f"{k} {found[k]} != {expected[k]}" for k in sorted(set(found) & set(expected))
+             if tuple(found[k]) != expected[k]]  # fmt: skip
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{path}: weights do not fit {card.arch} {card.config}: "
+            f"missing {missing[:4]}, unexpected {unexpected[:4]}, shapes {wrong[:4]}"
+        )
+
+
+def _header_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors header; no tensor is read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _read_safetensors(path: Path, card: ModelCard) -> dict[str, torch.Tensor]:
     try:
         with safe_open(str(path), framework="pt") as f:
             state = {name: f.get_tensor(name) for name in f.keys()}
@@ -79,7 +124,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], ModelCard]:
     actual = weights_sha256(state)
     if card.weights_sha256 and card.weights_sha256 != actual:
         raise CheckpointError(f"{path}: weights sha256 {actual[:12]} does not match its card")
-    return state, card
+    return state
 
 
 def _read_torch(path: Path, arch: str | None, config: dict[str, Any]) -> tuple[dict, ModelCard]:

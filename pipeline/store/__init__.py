@@ -5,25 +5,34 @@
     ngff.py        OME-NGFF metadata (multiscales, image-label)
     provenance.py  identifier scrubbing, versions, same_output
     status.py      the tile status grid
+    checksums.py   per-chunk digests, sizes and modification markers (recorded at finalize)
+    verify.py      checking a store against them; scheduling the repair of what fails
+    thumbnail.py   the grey NGFF picture of the input at the group's root
     store.py       OutputStore: opening, metadata, pixels, finalize, summary
 """
 
-from pipeline.store.errors import StoreError
+from pipeline.store.errors import NotAStoreError, StoreError, storage_refusal
 from pipeline.store.layout import StoreLayout, pyramid_shapes
 from pipeline.store.names import safe_image_id, store_path
 from pipeline.store.ngff import ngff_image_label, ngff_multiscales
 from pipeline.store.provenance import check_provenance, same_output
 from pipeline.store.store import OutputStore
+from pipeline.store.verify import Verdict, schedule_repair, verify_store
 
 __all__ = [
+    "NotAStoreError",
     "OutputStore",
     "StoreError",
     "StoreLayout",
+    "Verdict",
     "check_provenance",
     "ngff_image_label",
     "ngff_multiscales",
     "pyramid_shapes",
     "safe_image_id",
     "same_output",
+    "schedule_repair",
+    "storage_refusal",
     "store_path",
+    "verify_store",
 ]

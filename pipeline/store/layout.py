@@ -19,6 +19,10 @@ multiscales / labels metadata under an ``ome`` attribute):
                        failed tile's error and attempt count
     tile_seconds       float32 tile grid: seconds each tile took (NaN: not recorded)
     preview            the input's colour thumbnail (h, w, C) uint8, once ingest wrote it
+    checksums/         written by finalize: one int64 array per checked array (``prob``,
+                       ``labels.mask.0``, ``labels.mask.1``, ...), a row per chunk in chunk
+                       order: digest of its stored bytes, size (-1 absent), modification
+                       marker (checksums.py); what verify.py checks a finished store against
 
 No array is sharded: a zarr 3 shard written by two processes loses pixels.
 

@@ -4,7 +4,11 @@ described in layout.py.
 
 Writers: workers call only ``write_tile``, which writes the tile's own chunks of ``prob``
 and ``labels/mask/0`` and never metadata. Everything else (status, provenance, state,
-pyramid, thumbnail) is written by the driver alone, so no object has two writers.
+pyramid, thumbnail, chunk checksums) is written by the driver alone, so no object has two
+writers.
+
+Reads of pixels go through ``_read``: a chunk that does not decode (a zstd error deep in
+zarr) becomes one StoreError naming the store, the array and the chunk.
 """
 
 from __future__ import annotations
@@ -18,23 +22,20 @@ import dask.array as da
 import numpy as np
 import zarr
 import zarr.errors
-from skimage.transform import pyramid_reduce
 
 from pipeline.config import ProbDtype
-from pipeline.display import cast_like, to_grey
 from pipeline.engine.tiling import Box, Tile, full_res_owned
 from pipeline.job import TileReport, is_complete
-from pipeline.store.errors import StoreError
+from pipeline.store.checksums import decode_error, measure, read_records, write_records
+from pipeline.store.errors import NotAStoreError, StoreError
 from pipeline.store.layout import COMPRESSORS, FORMAT, StoreLayout, create_layout
 from pipeline.store.names import store_location
-from pipeline.store.ngff import NGFF_VERSION, ngff_multiscales
 from pipeline.store.provenance import as_json, check_provenance, identity, versions
 from pipeline.store.status import StatusGrid
+from pipeline.store.thumbnail import write_thumbnail
 
 log = logging.getLogger(__name__)
 
-THUMBNAIL_MAX_SIDE = 4096  # write_thumbnail holds the thumbnail in memory
-THUMBNAIL_MIN_SIDE = 256
 SUMMARY_MAX_FAILED = 20
 
 State = Literal["pending", "running", "partial", "complete"]
@@ -48,13 +49,16 @@ class OutputStore:
     def __init__(self, group: zarr.Group, path: str) -> None:
         meta = group.attrs.get("segpipe")
         if not isinstance(meta, Mapping) or meta.get("format") != FORMAT:
-            raise StoreError(f"{path}: not a segpipe output store (format {FORMAT})")
+            raise NotAStoreError(f"{path}: not a segpipe output store (format {FORMAT})")
         self.path = path
         self._group = group
         self.layout = StoreLayout.from_dict(meta["layout"])
-        self.prob: zarr.Array = group["prob"]  # type: ignore[assignment]
-        self._status: zarr.Array = group["status"]  # type: ignore[assignment]
-        self._seconds: zarr.Array = group["tile_seconds"]  # type: ignore[assignment]
+        try:
+            self.prob: zarr.Array = group["prob"]  # type: ignore[assignment]
+            self._status: zarr.Array = group["status"]  # type: ignore[assignment]
+            self._seconds: zarr.Array = group["tile_seconds"]  # type: ignore[assignment]
+        except KeyError as exc:
+            raise StoreError(f"{path}: damaged output store, no {exc} array; remove it to run again") from exc
         self._grid = StatusGrid(self._status, self._seconds, path)
 
     # -- opening ------------------------------------------------------------------------
@@ -113,7 +117,7 @@ class OutputStore:
         where = store_location(path)
         group = _open_group(where, mode)
         if group is None:
-            raise StoreError(f"{where}: no output store there")
+            raise NotAStoreError(f"{where}: no output store there")
         return cls(group, where)
 
     def _differences(self, layout: StoreLayout, record: Mapping[str, Any]) -> list[str]:
@@ -164,7 +168,10 @@ class OutputStore:
         """Pyramid level k: level 0 downsampled by 2^k (filled by ``finalize``)."""
         if not 0 <= k < len(self.layout.levels):
             raise StoreError(f"{self.path}: no mask level {k}, have {len(self.layout.levels)}")
-        return self._group[f"labels/mask/{k}"]  # type: ignore[return-value]
+        try:
+            return self._group[f"labels/mask/{k}"]  # type: ignore[return-value]
+        except KeyError as exc:
+            raise StoreError(f"{self.path}: damaged output store, no labels/mask/{k} array") from exc
 
     def owned_boxes(self, tile: Tile) -> tuple[Box, Box]:
         """The tile's own chunks: its working-level box in ``prob`` and full-res box in ``mask``."""
@@ -176,13 +183,15 @@ class OutputStore:
         return work, full_res_owned(own, lay.work_hw, lay.full_hw, lay.full_chunk)
 
     def write_tile(
-        self, tile: Tile, prob_work: np.ndarray, mask_full: np.ndarray, full_box: Box
+        self, tile: Tile, prob_work: np.ndarray, mask_full: np.ndarray | None, full_box: Box
     ) -> None:
         """Write one tile's probabilities and full-resolution mask into its own chunks.
 
         Invariant 1 is checked, not assumed: ``tile.region`` must be prob chunk ``tile.index``
         and ``full_box`` the full-res chunks the tile owns (it may be empty). Rewriting
-        the same tile writes the same bytes.
+        the same tile writes the same bytes. ``mask_full`` None: the mask is written in
+        pieces by ``write_mask_piece`` (the engine's way: the full-res box grows with the
+        model's scale, a piece does not).
         """
         work, full = self.owned_boxes(tile)
         where = f"{self.path}: tile {tile.index}"
@@ -191,10 +200,25 @@ class OutputStore:
         if full_box != full:
             raise StoreError(f"{where}: full_box {full_box} is not its own mask chunks {full}")
         prob = self._encode_prob(prob_work, work, where)
-        mask = self._check_mask(mask_full, full, where)
+        mask = None if mask_full is None else self._check_mask(mask_full, full, where)
         self.prob[work.y0 : work.y1, work.x0 : work.x1, :] = prob
-        if not full.is_empty:
+        if mask is not None and not full.is_empty:
             self.mask[full.y0 : full.y1, full.x0 : full.x1] = mask
+
+    def write_mask_piece(self, tile: Tile, box: Box, mask: np.ndarray) -> None:
+        """Write whole chunks ``box`` of the tile's own full-resolution mask chunks.
+
+        Invariant 1 is checked: ``box`` must lie inside the tile's full-res box, start on the
+        chunk grid and end on it or at the image's edge."""
+        _, full = self.owned_boxes(tile)
+        where = f"{self.path}: tile {tile.index}"
+        chunk, (height, width) = self.layout.full_chunk, self.layout.full_hw
+        aligned = (box.y0 % chunk == 0 and box.x0 % chunk == 0
+                   and (box.y1 % chunk == 0 or box.y1 == height)
+                   and (box.x1 % chunk == 0 or box.x1 == width))  # fmt: skip
+        if box.is_empty or not aligned or not full.contains(box):
+            raise StoreError(f"{where}: mask piece {box} is not whole chunks of its own {full}")
+        self.mask[box.y0 : box.y1, box.x0 : box.x1] = self._check_mask(mask, box, where)
 
     def _encode_prob(self, prob: np.ndarray, box: Box, where: str) -> np.ndarray:
         expected = (*box.shape, len(self.layout.classes))
@@ -221,40 +245,15 @@ class OutputStore:
     def read_prob(self, box: Box | None = None) -> np.ndarray:
         """Probabilities of a working-level box as float32 in [0, 1], (h, w, C)."""
         b = box or Box(0, 0, *self.layout.work_hw)
-        raw = self.prob[b.y0 : b.y1, b.x0 : b.x1, :]
+        raw = self._read("prob", self.prob, (slice(b.y0, b.y1), slice(b.x0, b.x1), slice(None)))
         if self.layout.prob_dtype == "uint8":
             return raw.astype(np.float32) / np.float32(255.0)
         return raw.astype(np.float32)
 
     def write_thumbnail(self, image: np.ndarray) -> None:
-        """Store a small picture of the input as the group's NGFF image pyramid. Driver only.
-
-        ``image`` is the whole input downsampled to a long side <= THUMBNAIL_MAX_SIDE,
-        (h, w) or (h, w, 3|4). RGB becomes grey because NGFF wants a label image to
-        have its parent image's axes, and the mask is (y, x).
-        """
-        try:
-            grey = to_grey(image)
-        except ValueError as exc:
-            raise StoreError(f"{self.path}: thumbnail: {exc}") from exc
-        if max(grey.shape) > THUMBNAIL_MAX_SIDE:
-            raise StoreError(f"{self.path}: thumbnail {grey.shape} > {THUMBNAIL_MAX_SIDE}")
-        levels = [grey]
-        while max(levels[-1].shape) > THUMBNAIL_MIN_SIDE:
-            levels.append(_reduce2(levels[-1]))
-        for k, level in enumerate(levels):
-            arr = self._group.create_array(
-                str(k), shape=level.shape, dtype=level.dtype, chunks=(512, 512),
-                compressors=COMPRESSORS, dimension_names=("y", "x"), overwrite=True,
-            )  # fmt: skip
-            arr[...] = level
-        stale = [n for n in self._group.array_keys() if n.isdigit() and int(n) >= len(levels)]
-        for name in stale:
-            del self._group[name]
-        full_h, full_w = self.layout.full_hw
-        scales = [(full_h / lv.shape[0], full_w / lv.shape[1]) for lv in levels]
-        multiscales = ngff_multiscales(self.image_id, self.layout.mpp, scales)
-        self._group.attrs.update({"ome": {"version": NGFF_VERSION, "multiscales": multiscales}})
+        """Store a small picture of the input as the group's NGFF image pyramid (see
+        thumbnail.py). Driver only."""
+        write_thumbnail(self._group, image, self.layout, self.path)
 
     def write_preview(self, image: np.ndarray) -> None:
         """Keep the input's colour thumbnail (h, w, C) uint8 for tissue detection and
@@ -269,7 +268,14 @@ class OutputStore:
         """The colour thumbnail written at ingest."""
         if "preview" not in self._group:
             raise StoreError(f"{self.path}: no preview; the image was not ingested")
-        return np.asarray(self._group["preview"][...])
+        return self._read("preview", self._group["preview"], ...)  # type: ignore[arg-type]
+
+    def _read(self, name: str, array: zarr.Array, selection: Any) -> np.ndarray:
+        """``array[selection]``; a chunk that does not decode is a StoreError naming it."""
+        try:
+            return np.asarray(array[selection])
+        except (RuntimeError, ValueError) as exc:  # numcodecs' zstd raises RuntimeError
+            raise decode_error(self.path, name, array, exc, selection) from exc
 
     # -- tile status (driver only) --------------------------------------------------------
 
@@ -303,9 +309,11 @@ class OutputStore:
         self._update_meta(state=state)
 
     def finalize(self) -> State:
-        """Build the mask pyramid, then write the state, last: "complete" when every tile
-        is done or skipped, else "partial" (failed or never-run tiles remain)."""
+        """Build the mask pyramid, record every chunk's checksum, then write the state,
+        last: "complete" when every tile is done or skipped, else "partial" (failed or
+        never-run tiles remain)."""
         self.build_pyramid()
+        self.record_checksums()
         state: State = "complete" if is_complete(self.status_grid()) else "partial"
         self.mark_state(state)
         return state
@@ -316,12 +324,45 @@ class OutputStore:
         for k in range(1, len(self.layout.levels)):
             src, dst = self.mask_level(k - 1), self.mask_level(k)
             down = da.from_zarr(src)[::2, ::2].rechunk(dst.chunks)
-            da.store(down, dst, lock=False)
+            try:
+                da.store(down, dst, lock=False)
+            except (RuntimeError, ValueError) as exc:
+                raise decode_error(self.path, f"labels/mask/{k - 1}", src, exc) from exc
+
+    # -- verification (pipeline/store/verify.py) ---------------------------------------------
+
+    def checked_arrays(self) -> dict[str, zarr.Array]:
+        """The arrays whose chunks carry checksums: prob and every mask level, by path."""
+        levels = {f"labels/mask/{k}": self.mask_level(k) for k in range(len(self.layout.levels))}
+        return {"prob": self.prob, **levels}
+
+    def record_checksums(self) -> None:
+        """Record each checked chunk's digest, size and modification marker (driver only,
+        at finalize, once every tile's worker is done writing); clears recorded damage."""
+        for name, array in self.checked_arrays().items():
+            write_records(self._group, name, measure(array))
+        if "damage" in self._meta():
+            meta = self._meta()
+            del meta["damage"]
+            self._group.attrs.update({"segpipe": meta})
+
+    def checksum_records(self, name: str) -> np.ndarray | None:
+        """The checksums finalize recorded for array ``name`` (None: never recorded)."""
+        return read_records(self._group, name)
+
+    def record_damage(self, lines: list[str]) -> None:
+        """Mark the store partial with the damage found, for `segpipe status` (driver)."""
+        self._update_meta(state="partial", damage=list(lines))
 
     def summary(self) -> dict[str, Any]:
         """A small JSON-able report: shapes, state, counts, failed tiles, mask fractions."""
         failed = sorted(self.failures().items())
         lay = self.layout
+        damage = list(self._meta().get("damage", []))
+        try:
+            fractions = self._mask_fraction()
+        except StoreError as exc:  # a status listing goes on; the store is named as damaged
+            fractions, damage = None, [*damage, str(exc)]
         return {
             "image_id": lay.image_id,
             "path": self.path,
@@ -335,14 +376,16 @@ class OutputStore:
             "counts": self.counts(),
             "failed": [{"tile": list(i), **f} for i, f in failed[:SUMMARY_MAX_FAILED]],
             "failed_total": len(failed),
-            "mask_fraction": self._mask_fraction(),
+            "mask_fraction": fractions,
+            "damage": damage,
         }
 
     def _mask_fraction(self) -> dict[str, float] | None:
         """Per-class area fraction from the coarsest pyramid level (None before finalize)."""
         if self.state not in ("partial", "complete"):
             return None
-        labels = np.asarray(self.mask_level(len(self.layout.levels) - 1)[...])
+        top = len(self.layout.levels) - 1
+        labels = self._read(f"labels/mask/{top}", self.mask_level(top), ...)
         counts = np.bincount(labels.ravel(), minlength=len(self.layout.classes) + 1)
         return {
             name: round(float(counts[i]) / labels.size, 6)
@@ -357,10 +400,4 @@ def _open_group(where: str, mode: Literal["r", "r+"]) -> zarr.Group | None:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
     except zarr.errors.ContainsArrayError as exc:
-        raise StoreError(f"{where}: holds a zarr array, not an output store") from exc
-
-
-def _reduce2(level: np.ndarray) -> np.ndarray:
-    """Half size with a gaussian pre-filter: a picture, unlike labels, is averaged."""
-    reduced = pyramid_reduce(level, downscale=2, preserve_range=True, channel_axis=None)
-    return cast_like(reduced, level.dtype)
+        raise NotAStoreError(f"{where}: holds a zarr array, not an output store") from exc

@@ -304,7 +304,8 @@ class LoopbackCluster:
         command = [*self.prefix, sys.executable, "-c", script, *map(str, args)]
         done = subprocess.run(command, env=self.env(token), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         assert done.returncode == 0, done.stderr[-4000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        # the driver's answer is its last JSON line: Ray may print autoscaler events after it
+        return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
     def stop(self) -> None:
         """Each process group this cluster started, the nodes first, then whatever is

@@ -77,6 +77,7 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
             full_chunk=full_res_chunk(config.tile, (full_hw[0] / work_hw[0], full_hw[1] / work_hw[1])),
             classes=card.class_names, prob_dtype=config.prob_dtype, mpp=image.mpp,
             provenance=_provenance(input_path, image, model_path, card, config, level, fetched_from),
+            overwrite=config.overwrite,
         )  # fmt: skip
         work_url = _working_level(image, level, work_hw, path, config.tile, in_place)
         overview = preview(image)

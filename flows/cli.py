@@ -44,7 +44,7 @@ app = typer.Typer(
 # -- options: the run's settings are generated from RunConfig's fields ---------------------------
 Model = Annotated[str, typer.Option("--model", "-m", help="A shipped model name (see `segpipe models`) or a .safetensors checkpoint.")]
 Out = Annotated[str, typer.Option("--out", "-o", help="Output folder (or fsspec URL): one <image>.zarr per image, exports beside it.")]
-Concurrency = Annotated[int, typer.Option(help="Images processed at once (all share the Ray workers).", rich_help_panel="Execution")]
+Concurrency = Annotated[int, typer.Option(min=1, help="Images processed at once (all share the Ray workers).", rich_help_panel="Execution")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's and the pipeline's logs.")]
 Inputs = Annotated[list[str], typer.Argument(help="Images, folders, globs, list files (.txt) or fsspec URLs.", show_default=False)]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")]
@@ -108,7 +108,7 @@ def run(inputs: list[str], model: str, out: str, concurrency: int = 2, as_json: 
     pyramid, tile status, provenance) and its exports. Images already complete for the same
     model and settings are not run again."""
     config = _usage_checked(lambda: run_config(**settings))
-    model_path = _usage_checked(lambda: _check_run(inputs, model, out))
+    model_path = _usage_checked(lambda: _check_run(inputs, model, out, config))
     results = run_collection(inputs, model_path, out, config, concurrency, show_table=not as_json)
     if as_json:
         out_console.print_json(json.dumps([asdict(r) for r in results]))
@@ -402,13 +402,19 @@ def _show_cluster_warnings() -> None:
         logging.getLogger(name).addHandler(handler)
 
 
-def _check_run(inputs: list[str], model: str, out: str) -> str:
-    """Fail fast on usage errors (exit 2), before Prefect and Ray start: the model, an
-    output root that can take outputs, and that the inputs name at least one image."""
+def _check_run(inputs: list[str], model: str, out: str, config: Any) -> str:
+    """Fail fast on usage errors (exit 2), before Prefect and Ray start: the model and the
+    settings its card allows, a tissue mask that opens, an output root that can take
+    outputs, and that the inputs name at least one image."""
     from flows.discover import discover
     from flows.outputs import check_writable
+    from pipeline import cards
+    from pipeline.io import open_image
 
     model_path = _check_model(model)
+    cards.check_settings(cards.read_card(model_path), config.mode, config.prune_level, model_path)
+    if config.tissue_mask:
+        open_image(config.tissue_mask, config.max_pixels, config.max_slide_pixels)  # header only
     check_writable(out)
     discover(inputs, out)
     return model_path

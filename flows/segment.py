@@ -110,6 +110,7 @@ def segment_collection(inputs: list[str], model: str, out: str, config: RunConfi
     run = config or RunConfig()
     logger = get_run_logger()
     model_path = str(cards.resolve(model))
+    cards.check_settings(cards.read_card(model_path), run.mode, run.prune_level, model_path)
     sources = discover_task(inputs, out)
     progress.emit(progress.Event("discovered", total=len(sources)))
     wanted = {"model": {"sha256": location.sha256(model_path)}, "run": run.to_dict()}

@@ -14,7 +14,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from pipeline.errors import CheckpointError
+from pipeline.errors import CheckpointError, ConfigError
 
 CARD_KEY = "segpipe.card"
 SHIPPED_DIR = Path(__file__).parent / "weights"
@@ -189,3 +189,37 @@ def _int_in(value: Any, low: int, high: int) -> bool:
 
 def _number_in(value: Any, low: float, high: float) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
+
+
+MODES = ("accurate", "fast")  # UNet++ (Zhou 2018): mean of the heads, or one pruned head
+
+
+def check_mode(mode: str, prune_level: int, depth: int, deep_supervision: bool) -> None:
+    """The UNet++ mode rules (the model applies them when built; the driver, before a run):
+    a mode of MODES, a prune level within the depth, and a pruned head only where deep
+    supervision trained one."""
+    if mode not in MODES:
+        raise ConfigError(f"UNet++ mode must be one of {MODES}, got {mode=}")
+    if not 1 <= prune_level <= depth:
+        raise ConfigError(f"prune_level must be in 1..{depth}, got {prune_level=}")
+    if mode == "fast" and prune_level < depth and not deep_supervision:
+        raise ConfigError(
+            f"prune_level={prune_level} needs a head on X(0,{prune_level}): "
+            "build the model with deep_supervision=True"
+        )
+
+
+def check_settings(card: ModelCard, mode: str | None, prune_level: int | None, where: str) -> None:
+    """A run's model settings against the card's model, before anything runs: UNet++
+    modes only for UNet++, within its depth (ConfigError naming the checkpoint)."""
+    if mode is None and prune_level is None:
+        return
+    if card.arch != "unetpp":
+        raise ConfigError(f"{where}: mode and prune_level are for UNet++ models; this one is {card.arch}")
+    depth = len(card.config["filters"]) - 1
+    chosen_mode = mode or card.config.get("mode", "accurate")
+    chosen_level = prune_level if prune_level is not None else card.config.get("prune_level") or depth
+    try:
+        check_mode(chosen_mode, chosen_level, depth, bool(card.config.get("deep_supervision")))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None

@@ -74,6 +74,7 @@ class RunConfig:
     prune_level: int | None = setting(None, panel=MODEL, help="UNet++ fast mode: prune level, 1 to the model's depth.")
     precision: Precision = setting("auto", panel=MODEL, help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.")
     tta: bool = setting(False, panel=MODEL, help="Average over horizontal and vertical flips (4x the compute).")
+    allow_grey: bool = setting(False, panel=MODEL, pixels=False, help="Run grey images through a colour (RGB) model, grey repeated into R, G and B (default: refuse them).")
     threshold: float | None = setting(None, panel=MODEL, help="Probability threshold of binary models, in [0, 1] (default: the card's).")
     # -- tissue
     tissue: bool | None = setting(None, panel=TISSUE, help="Skip background tiles (default: on for slides, off for X-rays).")
@@ -81,6 +82,7 @@ class RunConfig:
     tissue_mask: str | None = setting(None, panel=TISSUE, help="A mask image to use instead of tissue detection.")
     # -- output
     prob_dtype: ProbDtype = setting("uint8", panel=OUTPUT, help="Stored probabilities: uint8 (p*255), float16 or float32.")
+    overwrite: bool = setting(False, panel=OUTPUT, pixels=False, help="Replace an output made from another input, model or pixel settings (default: refuse it and say what differs).")
     exports: tuple[str, ...] = setting(("overlay",), panel=OUTPUT, pixels=False, aliases=("--export", "-e"), help="Exports written after a complete image (see `segpipe export`), or none.")
     # -- execution: how a run executes, never what it computes
     batch_size: int = setting(4, panel=EXECUTION, pixels=False, help="Windows per forward pass.")
@@ -101,35 +103,35 @@ class RunConfig:
             choices = _choices(f.type)
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
-                raise ConfigError(f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+                raise ConfigError(f"{f.name} must be one of {', '.join(choices)} (got {value!r})")
         positive = {"tile": self.tile, "window": self.window, "max_window": self.max_window,
                     "batch_size": self.batch_size, "max_pixels": self.max_pixels,
                     "max_slide_pixels": self.max_slide_pixels}  # fmt: skip
         for name, value in positive.items():
             if value < 1:
-                raise ConfigError(f"{name} must be >= 1, got {name}={value}")
+                raise ConfigError(f"{name} must be >= 1 (got {value})")
         if self.tile % 16:
-            raise ConfigError(f"tile must be a positive multiple of 16, got {self.tile=}")
+            raise ConfigError(f"tile must be a positive multiple of 16 (got {self.tile})")
         if self.halo is not None and self.halo < 0:
-            raise ConfigError(f"halo must be >= 0, got {self.halo=}")
+            raise ConfigError(f"halo must be >= 0 (got {self.halo})")
         if not 0.0 <= self.overlap < 1.0:
-            raise ConfigError(f"overlap must be in [0, 1), got {self.overlap=}")
+            raise ConfigError(f"overlap must be in [0, 1) (got {self.overlap})")
         if self.prune_level is not None and self.prune_level < 1:
-            raise ConfigError(f"prune_level must be >= 1, got {self.prune_level=}")
+            raise ConfigError(f"prune_level must be >= 1 (got {self.prune_level})")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
-            raise ConfigError(f"threshold must be in [0, 1], got {self.threshold=}")
+            raise ConfigError(f"threshold must be in [0, 1] (got {self.threshold})")
         if not 0.0 <= self.tissue_threshold <= 1.0:
-            raise ConfigError(f"tissue_threshold must be in [0, 1], got {self.tissue_threshold=}")
+            raise ConfigError(f"tissue_threshold must be in [0, 1] (got {self.tissue_threshold})")
         if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"workers must be >= 1, got {self.workers=}")
+            raise ConfigError(f"workers must be >= 1 (got {self.workers})")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
-            raise ConfigError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker=}")
+            raise ConfigError(f"gpus_per_worker must be >= 0 (got {self.gpus_per_worker})")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
-            raise ConfigError(f"cpus_per_worker must be > 0, got {self.cpus_per_worker=}")
+            raise ConfigError(f"cpus_per_worker must be > 0 (got {self.cpus_per_worker})")
         if self.placement_timeout <= 0:
-            raise ConfigError(f"placement_timeout must be > 0 seconds, got {self.placement_timeout=}")
+            raise ConfigError(f"placement_timeout must be > 0 seconds (got {self.placement_timeout})")
         if self.retries < 0:
-            raise ConfigError(f"retries must be >= 0, got {self.retries=}")
+            raise ConfigError(f"retries must be >= 0 (got {self.retries})")
         _check_exports(self.exports)
 
     def with_(self, **changes: Any) -> RunConfig:

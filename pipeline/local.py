@@ -24,6 +24,7 @@ def segment(input: str | Path, model: str | Path, out: str | Path, *,
     process_env.keep_freed_buffers()  # first: before this run starts any thread
     run = RunConfig().with_(**config)
     model_path = str(cards.resolve(model))
+    cards.check_settings(cards.read_card(model_path), run.mode, run.prune_level, model_path)
     job = stages.ingest(str(input), model_path, run, str(out))
     stages.plan(job, run)
     with nullcontext(pool) if pool is not None else local_pool(model_path, run) as tiles:

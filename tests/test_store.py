@@ -412,3 +412,20 @@ def test_store_path_refuses_unsafe_ids(tmp_path):
         with pytest.raises(StoreError, match="unsafe image id"):
             store_path(tmp_path, bad)
     assert store_path("s3://bucket/out/", "scan-0a") == "s3://bucket/out/scan-0a.zarr"
+
+
+def test_a_changed_setting_needs_overwrite_and_the_same_output_resumes(tmp_path, tiny_checkpoint):
+    import PIL.Image
+
+    import pipeline
+
+    image = tmp_path / "x.png"
+    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
+    first = pipeline.segment(image, tiny_checkpoint, tmp_path / "out", tile=32, exports=())
+    with pytest.raises(StoreError, match=r"run\.threshold.*--overwrite"):
+        pipeline.segment(image, tiny_checkpoint, tmp_path / "out", tile=32, threshold=0.3, exports=())
+    again = pipeline.segment(image, tiny_checkpoint, tmp_path / "out", tile=32, exports=(), overwrite=True)
+    assert again == first and OutputStore.open(again).state == "complete"  # same settings: kept
+    replaced = pipeline.segment(image, tiny_checkpoint, tmp_path / "out", tile=32, threshold=0.3, exports=(),
+                                overwrite=True)  # fmt: skip
+    assert OutputStore.open(replaced).provenance["run"]["threshold"] == 0.3

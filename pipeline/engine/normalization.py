@@ -12,16 +12,20 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ConfigError
+from pipeline.io.image import to_channels
 
 KINDS = ("scale", "percentile", "meanstd")
 
 
-def image_stats(view: np.ndarray, spec: dict[str, Any]) -> dict[str, float]:
-    """Per-image statistics needed by `normalize` (empty for fixed normalisations)."""
+def image_stats(view: np.ndarray, spec: dict[str, Any], channels: int) -> dict[str, float]:
+    """Per-image statistics needed by `normalize` (empty for fixed normalisations), over
+    the view as the model sees it: `channels` channels, alpha dropped (an alpha channel
+    would move the percentiles of the pixels the model gets)."""
     kind = _kind(spec)
     if kind != "percentile":
         return {}
-    low, high = np.percentile(view.astype(np.float32), [spec.get("low", 1), spec.get("high", 99)])
+    seen = to_channels(view, channels).astype(np.float32)
+    low, high = np.percentile(seen, [spec.get("low", 1), spec.get("high", 99)])
     return {"low": float(low), "high": float(high)}
 
 

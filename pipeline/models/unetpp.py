@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from pipeline.errors import ConfigError
+from pipeline.cards import check_mode
 from pipeline.models.base import SegmentationModel
 from pipeline.models.blocks import (
     DoubleConv,
@@ -26,7 +26,6 @@ from pipeline.models.blocks import (
 )
 
 UNETPP_FILTERS = (32, 64, 128, 256, 512)
-MODES = ("accurate", "fast")
 
 
 class UNetPlusPlus(SegmentationModel):
@@ -48,7 +47,7 @@ class UNetPlusPlus(SegmentationModel):
         filters = list(filters)
         depth = len(filters) - 1
         prune_level = depth if prune_level is None else prune_level
-        _check_mode(mode, prune_level, depth, deep_supervision)
+        check_mode(mode, prune_level, depth, deep_supervision)
         super().__init__(
             dict(in_channels=in_channels, classes=classes, filters=filters,
                  deep_supervision=deep_supervision, mode=mode, prune_level=prune_level,
@@ -76,7 +75,7 @@ class UNetPlusPlus(SegmentationModel):
     def set_mode(self, mode: str, prune_level: int | None = None) -> None:
         """Switch between accurate and fast (pruned) inference without touching weights."""
         prune_level = self.depth if prune_level is None else prune_level
-        _check_mode(mode, prune_level, self.depth, self.deep_supervision)
+        check_mode(mode, prune_level, self.depth, self.deep_supervision)
         self.mode, self.prune_level = mode, prune_level
         self.config.update(mode=mode, prune_level=prune_level)
 
@@ -113,15 +112,3 @@ class UNetPlusPlus(SegmentationModel):
 
     def _node(self, i: int, j: int, x: torch.Tensor) -> torch.Tensor:
         return run_block(self.nodes[f"x_{i}_{j}"], x, checkpointing=self.checkpointing)
-
-
-def _check_mode(mode: str, prune_level: int, depth: int, deep_supervision: bool) -> None:
-    if mode not in MODES:
-        raise ConfigError(f"UNet++ mode must be one of {MODES}, got {mode=}")
-    if not 1 <= prune_level <= depth:
-        raise ConfigError(f"prune_level must be in 1..{depth}, got {prune_level=}")
-    if mode == "fast" and prune_level < depth and not deep_supervision:
-        raise ConfigError(
-            f"prune_level={prune_level} needs a head on X(0,{prune_level}): "
-            "build the model with deep_supervision=True"
-        )

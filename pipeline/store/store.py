@@ -84,7 +84,8 @@ class OutputStore:
         ``provenance`` holds safe metadata only: ``input`` (path, sha256), ``model``
         (sha256, card), ``run`` (RunConfig.to_dict()), ``timings``, ...; versions are
         added here. An existing store with other shapes, input, model or pixel settings
-        raises StoreError unless ``overwrite``, which replaces any segpipe store there.
+        raises StoreError unless ``overwrite``, which replaces a segpipe store made differently
+        (the same output is resumed either way).
         """
         where = store_location(path)
         layout = StoreLayout(
@@ -98,15 +99,15 @@ class OutputStore:
         if existing is not None:
             store = cls(existing, where)  # refuses a group that is not ours: never wiped
             diffs = store._differences(layout, record)
-            if not overwrite and diffs:
+            if diffs and not overwrite:
                 raise StoreError(
                     f"{where}: existing output differs: {'; '.join(diffs)}; "
-                    "pass overwrite to replace it"
+                    "run with --overwrite (RunConfig overwrite=True) to replace it"
                 )
-            if not overwrite:
+            if not diffs:  # the same output: resume it, whatever overwrite says
                 log.info("%s: resuming, %s", where, store.counts())
                 return store
-            log.warning("%s: overwriting the existing output", where)
+            log.warning("%s: overwriting the existing output (%s)", where, "; ".join(diffs))
         group = zarr.open_group(where, mode="w", zarr_format=3)
         create_layout(group, layout, record)
         return cls(group, where)

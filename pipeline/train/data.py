@@ -152,7 +152,7 @@ class WholeSource:
         size = tuple(spec.scale["size"])
         with open_image(pair.image) as image, open_image(pair.mask) as mask:
             raw = image.read_region(0, 0, 0, *image.levels[0][:2])
-            stats = image_stats(preview(image), spec.normalization)
+            stats = image_stats(preview(image), spec.normalization, spec.in_channels)
             truth = mask_labels(mask.read_region(0, 0, 0, *mask.levels[0][:2]), spec.classes, pair.mask)
         if truth.shape != raw.shape[:2]:
             raise InputError(f"{pair.mask}: mask {truth.shape} does not match image {raw.shape[:2]}")
@@ -184,7 +184,7 @@ class TileSource:
         self.image = open_image(pair.image)
         self.mask = open_image(pair.mask)
         self.level, self.work_hw = _working_level(self.image, spec)
-        self.stats = image_stats(preview(self.image), spec.normalization)
+        self.stats = image_stats(preview(self.image), spec.normalization, spec.in_channels)
         if min(self.work_hw) < spec.patch:
             raise ConfigError(f"{pair.image}: working level {self.work_hw} is smaller than "
                               f"the patch {spec.patch}")

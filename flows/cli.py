@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -19,15 +18,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from flows import options
 from flows.console import (
     err_console,
+    models_table,
     out_console,
     run_collection,
     usage_error,
 )
+from flows.preflight import absolute, check_model, check_run, quiet_logs, usage_checked
 from flows.train_cli import train_command
 from pipeline.errors import SegpipeError
 
@@ -107,8 +107,8 @@ def run(inputs: list[str], model: str, out: str, concurrency: int = 2, as_json: 
     """Segment images: each gets OUT/<name>.zarr (mask at full resolution, probabilities,
     pyramid, tile status, provenance) and its exports. Images already complete for the same
     model and settings are not run again."""
-    config = _usage_checked(lambda: run_config(**settings))
-    model_path = _usage_checked(lambda: _check_run(inputs, model, out, config))
+    config = usage_checked(lambda: run_config(**settings))
+    model_path = usage_checked(lambda: check_run(inputs, model, out, config))
     results = run_collection(inputs, model_path, out, config, concurrency, show_table=not as_json)
     if as_json:
         out_console.print_json(json.dumps([asdict(r) for r in results]))
@@ -148,7 +148,7 @@ def status(
     from pipeline.store import OutputStore
 
     unreadable: list[str] = []
-    stores = _usage_checked(lambda: outputs.stores(out, unreadable))
+    stores = usage_checked(lambda: outputs.stores(out, unreadable))
     findings = {s.image_id: _verified(s) for s in stores} if verify else {}
     damaged = {i: lines for i, lines in findings.items() if lines}
     # a damaged store was marked partial through a store opened for writing: read it again
@@ -230,8 +230,8 @@ def export(
     from pipeline import stages
     from pipeline.config import RunConfig
 
-    config = _usage_checked(lambda: RunConfig(exports=options.parse(format, tuple[str, ...], "format")))
-    stores = _usage_checked(lambda: outputs.stores(out))
+    config = usage_checked(lambda: RunConfig(exports=options.parse(format, tuple[str, ...], "format")))
+    stores = usage_checked(lambda: outputs.stores(out))
     chosen = [s for s in stores if not image or s.image_id in image]
     missing = set(image or ()) - {s.image_id for s in stores}
     if missing:
@@ -274,15 +274,15 @@ def serve(inputs: list[str], model: str, out: str, cron: str = "0 2 * * *", name
     from flows import reaper
     from flows.schedule import build_deployment, serve_until_stopped
 
-    config = _usage_checked(lambda: run_config(**settings))
-    model_path = _usage_checked(lambda: _check_model(model))
-    deployment = _usage_checked(lambda: build_deployment(
-        [_absolute(i) for i in inputs], model_path, _absolute(out), cron, config, name, concurrency,
+    config = usage_checked(lambda: run_config(**settings))
+    model_path = usage_checked(lambda: check_model(model))
+    deployment = usage_checked(lambda: build_deployment(
+        [absolute(i) for i in inputs], model_path, absolute(out), cron, config, name, concurrency,
         interval))  # fmt: skip
     when = f"every {interval:g} s" if interval else f"cron {cron!r}"
     err_console.print(f"serving [bold]{deployment.name}[/] of segment-collection, {when}")
     reaper.start()  # what serving starts (flow runs, their Ray) ends with it, even on kill -9
-    _usage_checked(lambda: serve_until_stopped(deployment))
+    usage_checked(lambda: serve_until_stopped(deployment))
     err_console.print("stopped")
 
 
@@ -312,17 +312,7 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print the model
     if not cards:
         out_console.print("no shipped models in this installation")
         return
-    table = Table(title="shipped models", title_justify="left",
-                  caption="full model cards (data, licence, training): segpipe models --json", caption_justify="left")
-    for column in ("name", "arch", "params", "classes", "scale", "default mode", "validation", "size"):
-        table.add_column(column, no_wrap=column == "name")
-    for name, card in cards.items():
-        params = card.metrics.get("params")
-        table.add_row(
-            name, card.arch, f"{params / 1e6:.2f}M" if isinstance(params, int) else "",
-            ", ".join(card.class_names), _scale_text(card.scale), _mode_text(card.config),
-            _metrics_text(card.metrics), f"{sizes[name] / 1e6:.1f} MB",
-        )  # fmt: skip
+    table = models_table(cards, sizes)
     out_console.print(table)
 
 
@@ -341,14 +331,14 @@ def demo(
     it with the tissue and nuclei models. Outputs and overlays go to OUT."""
     from flows.demo import run_demo
 
-    results = _usage_checked(lambda: run_demo(out, concurrency))
+    results = usage_checked(lambda: run_demo(out, concurrency))
     raise typer.Exit(exit_code(results) if results else EXIT_FAILED)
 
 
 def _train(build_config: Any) -> None:
     from pipeline.train import train
 
-    config = _usage_checked(build_config)
+    config = usage_checked(build_config)
     path = train(config)
     out_console.print(f"best checkpoint: {path}", highlight=False)
 
@@ -361,109 +351,6 @@ app.command(name="train", epilog="""[bold]Examples[/]
 
   segpipe train data/images data/masks --out runs/big --workers 2   # Ray Train, DDP
 """)(train_command(_train))
-
-
-# -- helpers ------------------------------------------------------------------------------------
-
-
-def quiet_logs(verbose: bool) -> None:
-    """Keep the terminal for the progress bars: Prefect's console logs only when verbose
-    (its logs still reach its API); pipeline logs go to Prefect too. These settings are
-    read when prefect and ray are first imported, so a process that already imported
-    them (a test, a notebook) keeps its own."""
-    if "prefect" in sys.modules:
-        return
-    defaults = {
-        "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline,flows",
-        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # library logs outside runs
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no network here
-    }
-    if not verbose:
-        defaults |= {
-            "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
-            "RAY_LOGGER_LEVEL": "error",
-            "RAY_LOG_TO_DRIVER": "0",  # tile errors are recorded anyway
-        }
-    for name, value in defaults.items():
-        os.environ.setdefault(name, value)
-    if not verbose:
-        _show_cluster_warnings()
-
-
-def _show_cluster_warnings() -> None:
-    """Workers waiting for a node, or started on CPU where GPUs may come: a user must see
-    that on the terminal, not only in Prefect, even with Prefect's console quiet."""
-    import logging
-
-    from rich.logging import RichHandler
-
-    handler = RichHandler(console=err_console, show_time=False, show_path=False, level=logging.WARNING)
-    for name in ("pipeline.workers", "pipeline.cluster"):
-        logging.getLogger(name).addHandler(handler)
-
-
-def _check_run(inputs: list[str], model: str, out: str, config: Any) -> str:
-    """Fail fast on usage errors (exit 2), before Prefect and Ray start: the model and the
-    settings its card allows, a tissue mask that opens, an output root that can take
-    outputs, and that the inputs name at least one image."""
-    from flows.discover import discover
-    from flows.outputs import check_writable
-    from pipeline import cards
-    from pipeline.io import open_image
-
-    model_path = _check_model(model)
-    cards.check_settings(cards.read_card(model_path), config.mode, config.prune_level, model_path)
-    if config.tissue_mask:
-        open_image(config.tissue_mask, config.max_pixels, config.max_slide_pixels)  # header only
-    check_writable(out)
-    discover(inputs, out)
-    return model_path
-
-
-def _check_model(model: str) -> str:
-    from pipeline import cards
-
-    path = cards.resolve(model)
-    cards.read_card(path)
-    return str(path)
-
-
-def _usage_checked(call: Any) -> Any:
-    """Run `call`; a configuration error (bad setting, model or input) or a folder that
-    cannot be read exits with code 2, in one line."""
-    try:
-        return call()
-    except (SegpipeError, ValueError) as exc:
-        usage_error(str(exc))
-    except OSError as exc:
-        usage_error(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
-
-
-def _absolute(location: str) -> str:
-    """A served deployment runs later, maybe elsewhere: local paths made absolute."""
-    return location if "://" in location else str(Path(location).expanduser().resolve())
-
-
-def _mode_text(config: dict[str, Any]) -> str:
-    mode = config.get("mode")
-    if mode == "fast" and config.get("prune_level"):
-        return f"fast L{config['prune_level']}"
-    return mode or ""
-
-
-def _metrics_text(metrics: dict[str, Any]) -> str:
-    """The card's validation scores (val_dice, val_iou, ...), short."""
-    scores = {k.removeprefix("val_"): v for k, v in metrics.items()
-              if k.startswith("val_") and isinstance(v, int | float)}  # fmt: skip
-    return ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
-
-
-def _scale_text(scale: dict[str, Any] | None) -> str:
-    if not scale:
-        return "native"
-    if "size" in scale:
-        return "x".join(map(str, scale["size"]))
-    return f"{scale['mpp']} um/px" if "mpp" in scale else json.dumps(scale)
 
 
 if __name__ == "__main__":

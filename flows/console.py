@@ -3,6 +3,7 @@ run with both (`run_collection`, shared by `segpipe run` and the demo)."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -187,3 +188,41 @@ def usage_error(message: str) -> None:
     """Say what is wrong on one line and exit with the usage code (2)."""
     err_console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_USAGE)
+
+
+def models_table(cards: Mapping[str, Any], sizes: Mapping[str, int]) -> Table:
+    """`segpipe models`: one row per shipped model card."""
+    table = Table(title="shipped models", title_justify="left",
+                  caption="full model cards (data, licence, training): segpipe models --json", caption_justify="left")
+    for column in ("name", "arch", "params", "classes", "scale", "default mode", "validation", "size"):
+        table.add_column(column, no_wrap=column == "name")
+    for name, card in cards.items():
+        params = card.metrics.get("params")
+        table.add_row(
+            name, card.arch, f"{params / 1e6:.2f}M" if isinstance(params, int) else "",
+            ", ".join(card.class_names), _scale_text(card.scale), _mode_text(card.config),
+            _metrics_text(card.metrics), f"{sizes[name] / 1e6:.1f} MB",
+        )  # fmt: skip
+    return table
+
+
+def _mode_text(config: dict[str, Any]) -> str:
+    mode = config.get("mode")
+    if mode == "fast" and config.get("prune_level"):
+        return f"fast L{config['prune_level']}"
+    return mode or ""
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    """The card's validation scores (val_dice, val_iou, ...), short."""
+    scores = {k.removeprefix("val_"): v for k, v in metrics.items()
+              if k.startswith("val_") and isinstance(v, int | float)}  # fmt: skip
+    return ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+
+
+def _scale_text(scale: dict[str, Any] | None) -> str:
+    if not scale:
+        return "native"
+    if "size" in scale:
+        return "x".join(map(str, scale["size"]))
+    return f"{scale['mpp']} um/px" if "mpp" in scale else json.dumps(scale)

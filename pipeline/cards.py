@@ -199,9 +199,9 @@ def check_mode(mode: str, prune_level: int, depth: int, deep_supervision: bool) 
     a mode of MODES, a prune level within the depth, and a pruned head only where deep
     supervision trained one."""
     if mode not in MODES:
-        raise ConfigError(f"UNet++ mode must be one of {MODES}, got {mode=}")
+        raise ConfigError(f"UNet++ mode must be one of {MODES} (got {mode!r})")
     if not 1 <= prune_level <= depth:
-        raise ConfigError(f"prune_level must be in 1..{depth}, got {prune_level=}")
+        raise ConfigError(f"prune_level must be in 1..{depth} for this model (got {prune_level})")
     if mode == "fast" and prune_level < depth and not deep_supervision:
         raise ConfigError(
             f"prune_level={prune_level} needs a head on X(0,{prune_level}): "

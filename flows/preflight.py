@@ -1,0 +1,90 @@
+"""Before a command runs: the terminal's log settings, and the usage checks that fail in
+seconds with one line and exit 2, before Prefect or Ray start (`segpipe run`, `serve`)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from flows.console import err_console, usage_error
+from pipeline.errors import SegpipeError
+
+
+def quiet_logs(verbose: bool) -> None:
+    """Keep the terminal for the progress bars: Prefect's console logs only when verbose
+    (its logs still reach its API); pipeline logs go to Prefect too. These settings are
+    read when prefect and ray are first imported, so a process that already imported
+    them (a test, a notebook) keeps its own."""
+    if "prefect" in sys.modules:
+        return
+    defaults = {
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline,flows",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # library logs outside runs
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no network here
+    }
+    if not verbose:
+        defaults |= {
+            "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+            "RAY_LOGGER_LEVEL": "error",
+            "RAY_LOG_TO_DRIVER": "0",  # tile errors are recorded anyway
+        }
+    for name, value in defaults.items():
+        os.environ.setdefault(name, value)
+    if not verbose:
+        _show_cluster_warnings()
+
+
+def _show_cluster_warnings() -> None:
+    """Workers waiting for a node, or started on CPU where GPUs may come: a user must see
+    that on the terminal, not only in Prefect, even with Prefect's console quiet."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=err_console, show_time=False, show_path=False, level=logging.WARNING)
+    for name in ("pipeline.workers", "pipeline.cluster"):
+        logging.getLogger(name).addHandler(handler)
+
+
+def check_run(inputs: list[str], model: str, out: str, config: Any) -> str:
+    """Fail fast on usage errors (exit 2), before Prefect and Ray start: the model and the
+    settings its card allows, a tissue mask that opens, an output root that can take
+    outputs, and that the inputs name at least one image."""
+    from flows.discover import discover
+    from flows.outputs import check_writable
+    from pipeline import cards
+    from pipeline.io import open_image
+
+    model_path = check_model(model)
+    cards.check_settings(cards.read_card(model_path), config.mode, config.prune_level, model_path)
+    if config.tissue_mask:
+        open_image(config.tissue_mask, config.max_pixels, config.max_slide_pixels)  # header only
+    check_writable(out)
+    discover(inputs, out)
+    return model_path
+
+
+def check_model(model: str) -> str:
+    from pipeline import cards
+
+    path = cards.resolve(model)
+    cards.read_card(path)
+    return str(path)
+
+
+def usage_checked(call: Any) -> Any:
+    """Run `call`; a configuration error (bad setting, model or input) or a folder that
+    cannot be read exits with code 2, in one line."""
+    try:
+        return call()
+    except (SegpipeError, ValueError) as exc:
+        usage_error(str(exc))
+    except OSError as exc:
+        usage_error(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+
+
+def absolute(location: str) -> str:
+    """A served deployment runs later, maybe elsewhere: local paths made absolute."""
+    return location if "://" in location else str(Path(location).expanduser().resolve())

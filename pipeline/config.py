@@ -81,6 +81,7 @@ class RunConfig:
     tissue_mask: str | None = setting(None, panel=TISSUE, help="A mask image to use instead of tissue detection.")
     # -- output
     prob_dtype: ProbDtype = setting("uint8", panel=OUTPUT, help="Stored probabilities: uint8 (p*255), float16 or float32.")
+    keep_paths: bool = setting(False, panel=OUTPUT, pixels=False, help="Record each input's path in its store's provenance and in the run record (never sent to Prefect); off: outputs name inputs only by their non-identifying id.")
     exports: tuple[str, ...] = setting(("overlay",), panel=OUTPUT, pixels=False, aliases=("--export", "-e"), help="Exports written after a complete image (see `segpipe export`), or none.")
     # -- execution: how a run executes, never what it computes
     batch_size: int = setting(4, panel=EXECUTION, pixels=False, help="Windows per forward pass.")

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from flows import progress, report
-from flows.discover import discover, localize
+from flows.discover import Source, discover, localize
 from pipeline.config import FaultInjection, RunConfig
 from pipeline.engine.pool import SharedBackend
 from pipeline.engine.tiling import Tile
@@ -70,7 +70,17 @@ def test_discover_walks_folders_sniffs_dicom_and_skips_outputs(tmp_path: Path) -
     names = sorted(Path(s.uri).relative_to(root).as_posix() for s in sources)
     assert names == ["a/scan.png", "b/scan.png", "c/IM0001"]
     ids = [s.image_id for s in sources]
-    assert len(set(ids)) == 3 and all(i.startswith(("scan-", "IM0001-")) for i in ids)
+    assert len(set(ids)) == 3 and all("scan" not in i and "IM0001" not in i for i in ids)
+
+
+def test_one_output_id_per_file_however_it_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scan = write_png(tmp_path / "in" / "sub" / "scan.png")
+    (tmp_path / "link.png").symlink_to(scan)
+    out = str(tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
+    named = [["in"], ["in/sub"], [str(scan)], ["in/sub/scan.png"], ["link.png"], [str(tmp_path / "in" / "*" / "*.png")]]
+    ids = {s.image_id for inputs in named for s in discover(inputs, out)}
+    assert len(ids) == 1
 
 
 def test_discover_globs_list_files_and_collisions(tmp_path: Path) -> None:
@@ -78,20 +88,21 @@ def test_discover_globs_list_files_and_collisions(tmp_path: Path) -> None:
     listing = tmp_path / "inputs.txt"
     listing.write_text("# tonight\nx/scan.png\n\n")
 
-    assert [s.uri for s in discover([str(listing)])] == [str(one)]
-    globbed = discover([str(tmp_path / "*" / "*.png")])
+    out = str(tmp_path / "out")
+    assert [s.uri for s in discover([str(listing)], out)] == [str(one)]
+    globbed = discover([str(tmp_path / "*" / "*.png")], out)
     assert [s.uri for s in globbed] == [str(one), str(two)]
-    # two folders given separately: relative names collide, so full paths name them
-    both = discover([str(tmp_path / "x"), str(tmp_path / "y")])
+    # two files of one name in two folders: two ids
+    both = discover([str(tmp_path / "x"), str(tmp_path / "y")], out)
     assert len({s.image_id for s in both}) == 2
     # a named file is always taken, even one that will fail to open
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(b"garbage")
-    assert [s.uri for s in discover([str(broken)])] == [str(broken)]
+    assert [s.uri for s in discover([str(broken)], out)] == [str(broken)]
     with pytest.raises(InputError, match="no such file"):
-        discover([str(tmp_path / "missing")])
+        discover([str(tmp_path / "missing")], out)
     with pytest.raises(InputError, match="no images found"):
-        discover([str(tmp_path / "x" / "*.jpg")])
+        discover([str(tmp_path / "x" / "*.jpg")], out)
 
 
 def test_discover_fsspec_url_and_fetch(tmp_path: Path) -> None:
@@ -100,7 +111,7 @@ def test_discover_fsspec_url_and_fetch(tmp_path: Path) -> None:
     fs.pipe("/bucket/night/scan.png", data)
     fs.pipe("/bucket/night/readme.md", b"text")
 
-    sources = discover(["memory://bucket/night"])
+    sources = discover(["memory://bucket/night"], str(tmp_path / "out"))
 
     assert [s.name for s in sources] == ["scan.png"]
     local = localize(sources[0], tmp_path / "cache")
@@ -179,8 +190,11 @@ def test_segment_image_flow(flows_env: None, tiny_checkpoint: Path, tmp_path: Pa
 
     from flows.segment import segment_image
 
+    from flows.discover import Source
+
     image = write_png(tmp_path / "in" / "chest.png", (64, 48))
-    result = segment_image(str(image), str(tiny_checkpoint), str(tmp_path / "out"), RunConfig(tile=TILE))
+    source = Source.of(str(image), str(tmp_path / "out"))
+    result = segment_image(source, str(tiny_checkpoint), str(tmp_path / "out"), RunConfig(tile=TILE))
 
     assert result.state == "complete" and result.size == (64, 48)
     assert result.counts["done"] == 4
@@ -251,11 +265,15 @@ def test_collection_isolates_a_corrupt_image(flows_env: None, tiny_checkpoint: P
 
     assert state.is_failed() and "1 failed of 2 images" in state.message  # a bad night is a Failed run
 
-    states = {Path(r.input).name: r.state for r in results}
-    assert states == {"bad.png": "failed", "good.png": "complete"}
+    out = str(tmp_path / "out")
+    ids = {name: Source.of(str(tmp_path / "in" / name), out).image_id for name in ("bad.png", "good.png")}
+    states = {r.image_id: r.state for r in results}
+    assert states == {ids["bad.png"]: "failed", ids["good.png"]: "complete"}
     bad = next(r for r in results if r.state == "failed")
-    assert "\n" not in bad.error and str(tmp_path / "in" / "bad.png") in bad.error
-    assert [r.state for r in report.read_record(tmp_path / "out")] == ["failed", "complete"]
+    # the error names the image by its id, not its path (invariant 8)
+    assert "\n" not in bad.error and bad.error.startswith(ids["bad.png"]) and "bad.png" not in bad.error
+    assert bad.input is None
+    assert sorted(r.state for r in report.read_record(out)) == ["complete", "failed"]
 
 
 def test_failed_tiles_leave_a_partial_image(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -386,10 +404,10 @@ def test_serve_builds_a_cron_deployment(tiny_checkpoint: Path) -> None:
     assert deployment.parameters["config"] == {"tile": 512, "exports": ["overlay", "png"]}
 
 
-def test_dicom_output_names_come_from_the_file_name(tmp_path: Path) -> None:
+def test_dicom_output_names_do_not_come_from_the_file_name(tmp_path: Path) -> None:
     path = write_scan(tmp_path / "IM0001")
-    [source] = discover([str(path)])
-    assert source.image_id.startswith("IM0001-")
+    [source] = discover([str(path)], str(tmp_path / "out"))
+    assert "IM0001" not in source.image_id and source.image_id == Source.of(str(path), str(tmp_path / "out")).image_id
 
 
 def test_an_unreachable_prefect_api_is_one_line_and_exit_2(tiny_checkpoint: Path, tmp_path: Path) -> None:

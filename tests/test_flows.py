@@ -374,6 +374,109 @@ def test_no_patient_identifier_leaks(flows_env: None, tiny_checkpoint: Path, tmp
             assert value.encode() not in path.read_bytes(), f"{value!r} leaked into {path}"
 
 
+FILE_IDENTIFIERS = ("DOE_JOHN", "ZZPHIA4417", "19800101", "DOE_JANE_BAD")
+
+
+def _prefect_records() -> dict[str, str]:
+    """Everything the Prefect API holds of the runs, as text: flow runs (names,
+    parameters, states), task runs, logs, artifacts, events where readable."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        texts = {
+            "flow runs": "\n".join(r.model_dump_json() for r in client.read_flow_runs(limit=200)),
+            "task runs": "\n".join(r.model_dump_json() for r in client.read_task_runs(limit=200)),
+            "logs": "\n".join(r.model_dump_json() for r in client.read_logs(limit=200)),
+            "artifacts": "\n".join(a.model_dump_json() for a in client.read_artifacts()),
+        }
+        try:
+            events = client.request("POST", "/events/filter", json={"limit": 200})
+            texts["events"] = events.text
+        except Exception:  # events are kept only where the server runs its event pipeline
+            pass
+    return texts
+
+
+def _prefect_home_bytes() -> dict[str, bytes]:
+    """Every file Prefect keeps: under PREFECT_HOME (result storage) and beside its
+    database (the test server's SQLite, with its journal)."""
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    folders = [Path(os.environ["PREFECT_HOME"])]
+    url = str(PREFECT_SERVER_DATABASE_CONNECTION_URL.value() or "")
+    if url.startswith("sqlite"):
+        folders.append(Path(url.split(":///", 1)[1]).parent)
+    return {str(p): p.read_bytes() for folder in folders for p in folder.rglob("*") if p.is_file()}
+
+
+def test_no_identifier_in_file_or_folder_names_leaks(flows_env: None, tiny_checkpoint: Path, tmp_path: Path,
+                                                     every_log_record: Capture) -> None:
+    """Invariant 8 for file and folder names: hospital exports are named after the patient."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    folder = tmp_path / "in" / "DOE_JOHN_19800101"
+    scan = write_scan(folder / "DOE_JOHN_ZZPHIA4417_19800101.dcm", (64, 64))
+    (folder / "DOE_JANE_BAD_19800101.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    out = tmp_path / "out"
+    runner = CliRunner()
+    args = ["run", str(tmp_path / "in"), "-m", str(tiny_checkpoint), "-o", str(out), "--tile", str(TILE),
+            "--export", "overlay,png,dicom-seg"]  # fmt: skip
+    done = runner.invoke(app, args)
+    assert done.exit_code == 1, done.output  # the garbage file fails, the scan completes
+    again = runner.invoke(app, [*args, "--json"])  # reused: the reuse path too
+
+    image_id = Source.of(str(scan), str(out)).image_id
+    seg = out / f"{image_id}.seg.dcm"
+    assert seg.is_file()  # DICOM SEG carries the study's identifiers, as the standard asks
+    files = [p for p in out.rglob("*") if p.is_file() and p != seg]
+    assert any(p.name == "zarr.json" for p in files) and (out / "segpipe-run.json") in files
+    assert (out / ".segpipe-key").stat().st_mode & 0o777 == 0o600
+    store = OutputStore.open(out / f"{image_id}.zarr")
+    assert "path" not in store.provenance["input"]
+    texts = {
+        "console": done.output,
+        "console (reused)": again.output,
+        "output names": "\n".join(str(p.relative_to(tmp_path)) for p in out.rglob("*")),
+        "log records": "\n".join(every_log_record.lines),
+        **_prefect_records(),
+    }
+    assert every_log_record.lines and texts["flow runs"] and texts["task runs"] and texts["logs"]
+    assert f"{image_id}: " in done.output or image_id in done.output
+    for value in (*FILE_IDENTIFIERS, *PATIENT_VALUES):
+        for where, text in texts.items():
+            assert value not in text, f"{value!r} leaked into {where}"
+        for path in files:
+            assert value.encode() not in path.read_bytes(), f"{value!r} leaked into {path}"
+    for value in FILE_IDENTIFIERS:
+        for path, data in _prefect_home_bytes().items():
+            assert value.encode() not in data, f"{value!r} leaked into Prefect's {path}"
+
+    # --keep-paths: the path in the store's provenance and the local run record, still not in Prefect
+    kept = tmp_path / "kept"
+    done = runner.invoke(app, ["run", str(folder / scan.name), "-m", str(tiny_checkpoint), "-o", str(kept),
+                               "--tile", str(TILE), "--export", "none", "--keep-paths"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    kept_id = Source.of(str(scan), str(kept)).image_id
+    assert OutputStore.open(kept / f"{kept_id}.zarr").provenance["input"]["path"] == str(scan)
+    assert [r.input for r in report.read_record(kept)] == [str(scan)]
+    for where, text in _prefect_records().items():
+        for value in FILE_IDENTIFIERS:
+            assert value not in text, f"{value!r} leaked into {where} (--keep-paths)"
+    for path, data in _prefect_home_bytes().items():
+        for value in FILE_IDENTIFIERS:
+            assert value.encode() not in data, f"{value!r} leaked into Prefect's {path} (--keep-paths)"
+
+    # a later DICOM SEG export finds its input when given it, however it is named
+    seg.unlink()
+    refused = runner.invoke(app, ["export", str(out), "-f", "dicom-seg"])
+    assert refused.exit_code == 1 and "--input" in refused.output
+    exported = runner.invoke(app, ["export", str(out), "-f", "dicom-seg", "--input", str(scan)])
+    assert exported.exit_code == 0, exported.output
+    assert seg.is_file()
+
+
 # -- deployment files -----------------------------------------------------------------------------
 
 

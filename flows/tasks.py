@@ -19,11 +19,13 @@ decides what is left to do: caching them would skip work after an output was del
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -103,7 +105,8 @@ def ingest_task(source: Source, model_path: str, config: RunConfig, out: str) ->
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_task(job: ImageJob, config: RunConfig) -> dict[str, int]:
     """Mark background tiles skipped (slides, or with a tissue mask)."""
-    counts = stages.plan(job, config)
+    with keep_private({job.input_path: job.image_id}):
+        counts = stages.plan(job, config)
     get_run_logger().info("%s: %d tiles, %d skipped as background", job.image_id,
                           counts["total"], counts["skipped"])  # fmt: skip
     return counts
@@ -113,7 +116,8 @@ def plan_task(job: ImageJob, config: RunConfig) -> dict[str, int]:
 def infer_task(job: ImageJob, config: RunConfig, pool: RunPool) -> dict[str, int]:
     """Run the image's pending and failed tiles on the run's worker pool and wait."""
     tracker = TileProgress(job)
-    counts = stages.infer(job, config, pool, tracker)
+    with keep_private({job.input_path: job.image_id}):
+        counts = stages.infer(job, config, pool, tracker)
     tracker.close()
     get_run_logger().info("%s: tiles %s", job.image_id, _counts_text(counts))
     return counts
@@ -175,23 +179,55 @@ class TileProgress:
         return 100.0 * self.settled / self.total if self.total else 100.0
 
 
+_PRIVATE: ContextVar[Mapping[str, str]] = ContextVar("segpipe_private_names", default={})
+
+
 @contextmanager
 def keep_private(names: Mapping[str, str]) -> Iterator[None]:
-    """Errors raised inside name no input: each key of `names` (a path, a URL, a file name)
-    in an error's message becomes its value (the image id), and the error's cause and
-    context are dropped (Prefect stores and logs the whole chain). The error keeps its
-    kind: a segpipe error stays one (no retry), anything else becomes an OSError (retried,
-    as a storage hiccup would be) or a RuntimeError."""
+    """Nothing raised or logged inside names an input: each key of `names` (a path, a URL,
+    a file name) becomes its value (the image id) in log records made in this context
+    (the readers' warnings start with the file) and in an error's message; the error's
+    cause and context are dropped (Prefect stores and logs the whole chain). The error
+    keeps its kind: a segpipe error stays one (no retry), anything else becomes an OSError
+    (retried, as a storage hiccup would be) or a RuntimeError."""
+    token = _PRIVATE.set({**_PRIVATE.get(), **{k: v for k, v in names.items() if k}})
     try:
         yield
     except Exception as exc:
-        text = str(exc)
-        private = sorted((k for k in names if k and k in text), key=len, reverse=True)
-        if not private:
+        text = _replaced(str(exc), names)
+        if text == str(exc):
             raise
-        for name in private:
-            text = text.replace(name, names[name])
         raise _same_kind(exc, text) from None
+    finally:
+        _PRIVATE.reset(token)
+
+
+def _replaced(text: str, names: Mapping[str, str]) -> str:
+    for name in sorted((k for k in names if k and k in text), key=len, reverse=True):
+        text = text.replace(name, names[name])
+    return text
+
+
+def _redacting(factory: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    """A log record factory that applies the context's `keep_private` names to the message
+    (context-local: a task's thread sees only its own image's names)."""
+
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        names = _PRIVATE.get()
+        if names:
+            text = record.getMessage()
+            private = _replaced(text, names)
+            if private != text:
+                record.msg, record.args = private, ()
+        return record
+
+    make.segpipe_redacting = True  # type: ignore[attr-defined]
+    return make
+
+
+if not getattr(logging.getLogRecordFactory(), "segpipe_redacting", False):
+    logging.setLogRecordFactory(_redacting(logging.getLogRecordFactory()))
 
 
 def _same_kind(exc: Exception, text: str) -> Exception:

@@ -188,9 +188,8 @@ def test_shared_backend_routes_results_to_their_image() -> None:
 def test_segment_image_flow(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
 
-    from flows.segment import segment_image
-
     from flows.discover import Source
+    from flows.segment import segment_image
 
     image = write_png(tmp_path / "in" / "chest.png", (64, 48))
     source = Source.of(str(image), str(tmp_path / "out"))

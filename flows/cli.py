@@ -29,7 +29,7 @@ from flows.console import (
 )
 from flows.preflight import absolute, check_model, check_run, quiet_logs, usage_checked
 from flows.train_cli import train_command
-from pipeline.errors import SegpipeError
+from pipeline.errors import InputError, SegpipeError
 
 EXIT_OK, EXIT_FAILED = 0, 1  # and EXIT_USAGE (2), from flows.console
 
@@ -191,6 +191,18 @@ def status(
 DAMAGE_SHOWN = 20  # damage lines `status` prints per image
 
 
+def _inputs_by_id(out: str, inputs: list[str]) -> dict[str, str]:
+    """image id -> input file, for inputs given to `segpipe export` (their ids under
+    the output root's key: the same as the run's, however the file is named)."""
+    from flows.discover import Source
+    from pipeline.io.location import is_remote
+
+    missing = [p for p in inputs if not is_remote(p) and not Path(p).expanduser().is_file()]
+    if missing:
+        raise InputError(f"--input: {len(missing)} files not found (the first is argument {inputs.index(missing[0]) + 1})")
+    return {(s := Source.of(p, out)).image_id: s.uri for p in inputs}
+
+
 def _verified(store: Any) -> list[str]:
     """The full verification of one store (pipeline/store/verify.py): its findings, one
     line each (none: it verified). What it finds damaged is set to run again (the store
@@ -222,9 +234,11 @@ def export(
     out: Annotated[str, typer.Argument(help="An output folder of `segpipe run`.", show_default=False)],
     format: Annotated[list[str], typer.Option("--format", "-f", help=f"{', '.join(export_names())}; repeatable or comma-separated.", show_default=False)],
     image: Annotated[Optional[list[str]], typer.Option(help="Only these image ids (default: every complete image).")] = None,
+    input: Annotated[Optional[list[str]], typer.Option("--input", "-i", help="An input file of the run: DICOM SEG reads the study's identifiers from it (outputs record no input path unless run with --keep-paths). Repeatable; its output is found by its id.")] = None,
 ) -> None:
     """Write exports of finished images: pyramidal OME-TIFF, PNG labels, an overlay, or a
-    DICOM SEG (DICOM inputs only; it carries the study's identifiers, as the standard asks)."""
+    DICOM SEG (DICOM inputs only; it carries the study's identifiers, as the standard asks,
+    read from the input: give it with --input unless the run kept paths)."""
     from flows import outputs
     from flows.report import one_line_error
     from pipeline import stages
@@ -232,10 +246,15 @@ def export(
 
     config = usage_checked(lambda: RunConfig(exports=options.parse(format, tuple[str, ...], "format")))
     stores = usage_checked(lambda: outputs.stores(out))
-    chosen = [s for s in stores if not image or s.image_id in image]
+    given = usage_checked(lambda: _inputs_by_id(out, input or []))
+    wanted = set(image or ()) | set(given)
+    chosen = [s for s in stores if not wanted or s.image_id in wanted]
     missing = set(image or ()) - {s.image_id for s in stores}
     if missing:
         usage_error(f"{out}: no output for image ids {sorted(missing)}")
+    unmatched = [n for i, n in given.items() if i not in {s.image_id for s in stores}]
+    if unmatched:
+        usage_error(f"{out}: no output for {len(unmatched)} of the --input files (ids {sorted(set(given) - {s.image_id for s in stores})})")
     code = EXIT_OK
     for store in chosen:
         if store.state != "complete":
@@ -249,8 +268,15 @@ def export(
                               "the next run repairs it", highlight=False, soft_wrap=True)  # fmt: skip
             code = EXIT_FAILED
             continue
+        job = outputs.job_for(store, given.get(store.image_id))
+        if "dicom-seg" in config.exports and not job.input_path:
+            err_console.print(f"[red]✗[/] {store.image_id}: dicom-seg reads the study's identifiers from the input, "
+                              "and this output records no input path: give it with --input (or run with --keep-paths)",
+                              highlight=False, soft_wrap=True)  # fmt: skip
+            code = EXIT_FAILED
+            continue
         try:
-            written = stages.export(outputs.job_for(store), config)
+            written = stages.export(job, config)
         except (SegpipeError, OSError, RuntimeError) as exc:  # RuntimeError: a codec's error
             err_console.print(f"[red]✗[/] {store.image_id}: {escape(one_line_error(store.path, exc))}",
                               highlight=False, soft_wrap=True)  # fmt: skip

@@ -159,6 +159,7 @@ def run_collection(inputs: list[str], model: str, out: str, config: Any, concurr
     from prefect import tags
 
     from flows import reaper, runs
+    from flows.discover import Inputs
     from flows.segment import (  # Prefect: only for commands that run
         results,
         segment_collection,
@@ -170,7 +171,7 @@ def run_collection(inputs: list[str], model: str, out: str, config: Any, concurr
         runs.check_api()
         with live_progress(err_console), tags("segpipe", runs.driver_tag()):
             runs.mark_crashed_runs()
-            done = results(segment_collection(inputs, model, out, config, concurrency, return_state=True))
+            done = results(segment_collection(Inputs(inputs), model, out, config, concurrency, return_state=True))
     except (SegpipeError, ValueError, OSError, httpx.HTTPError) as exc:
         # the run itself could not go on: a setting, the cluster, the server or the storage
         # (OSError: unreachable, timed out, or storage refusing a write: full, read-only)

@@ -98,16 +98,17 @@ def run_demo(out: Path, concurrency: int) -> list[Any]:
 
 def steps(xray: Path, he: Path, slide: Path, out: Path) -> list[Step]:
     """The demo's runs: lungs on the X-ray; tissue, then nuclei at full resolution (with
-    background tiles skipped) on the slide region and the assembled slide."""
+    background tiles skipped) on the slide region and the assembled slide. The demo's
+    images are public samples: its runs keep their paths (the zoom reads the input)."""
     slides = (str(he), str(slide))
     return [
         Step("chest X-ray, lungs", "lung-xray", (str(xray),), str(out / "lung-xray"),
-             RunConfig(exports=("overlay", "dicom-seg"))),
+             RunConfig(exports=("overlay", "dicom-seg"), keep_paths=True)),
         Step("H&E slides, tissue", "tissue-he", slides, str(out / "tissue-he"),
-             RunConfig(tissue=False, exports=("overlay",))),
+             RunConfig(tissue=False, exports=("overlay",), keep_paths=True)),
         Step("H&E slides, nuclei", "nuclei-he", slides, str(out / "nuclei-he"),
              RunConfig(tissue=True, tissue_threshold=NUCLEI_TISSUE_THRESHOLD,
-                       exports=("overlay", "ome-tiff")), zoom=True),
+                       exports=("overlay", "ome-tiff"), keep_paths=True), zoom=True),
     ]  # fmt: skip
 
 

@@ -15,17 +15,16 @@ import hashlib
 import logging
 import os
 import re
-from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+from pydantic import BaseModel, ConfigDict, Field
 
 from flows.outputs import check_reachable, storage_error
 from pipeline.errors import InputError
 from pipeline.io.sniff import sniff
-from pipeline.store import safe_image_id
+from pipeline.store import output_key, safe_image_id
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +39,27 @@ _VERSION_CHARS = 12  # hex digits of a cached copy's version (localize)
 _DETERMINISTIC = (FileNotFoundError, PermissionError, ValueError, ImportError)
 
 
-@dataclass(frozen=True)
-class Source:
-    """One input image: its location (a local path or an fsspec URL) and output name."""
+class Source(BaseModel):
+    """One input image: its location (a local path or an fsspec URL) and output name.
 
-    uri: str
+    Invariant 8: the location may name the patient (hospital exports are named after
+    them), so it stays on this machine. Prefect stores a flow run's parameters as JSON: a
+    Source serializes (and prints) as its image id only; the location travels with the
+    object inside this process."""
+
+    model_config = ConfigDict(frozen=True)
+
+    uri: str = Field(exclude=True, repr=False)
     image_id: str
+
+    def __init__(self, uri: str, image_id: str) -> None:
+        super().__init__(uri=uri, image_id=image_id)
+
+    @classmethod
+    def of(cls, location: str, out_root: str, label: str | None = None) -> Source:
+        """The source of one input file or URL, named for the output root `out_root`."""
+        where = location if is_url(location) and not location.startswith("file://") else _resolved(location.removeprefix("file://"))
+        return cls(where, safe_image_id(where, output_key(out_root), label))
 
     @property
     def is_remote(self) -> bool:
@@ -53,26 +67,39 @@ class Source:
 
     @property
     def name(self) -> str:
-        """The file name, for tables and messages."""
+        """The file name (it may name the patient: for this machine's console only)."""
         return self.uri.rstrip("/").rsplit("/", 1)[-1]
 
 
-def discover(inputs: Iterable[str], out_root: str | None = None) -> list[Source]:
-    """Every image named by `inputs`, once each, sorted, with collision-free output names.
+class Inputs(BaseModel):
+    """What a collection run was asked to cover (folders, globs, list files, URLs), held
+    out of Prefect's stored parameters: their names may name patients (invariant 8)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    items: list[str] = Field(exclude=True, repr=False)
+    count: int = 0
+
+    def __init__(self, items: list[str]) -> None:
+        super().__init__(items=list(items), count=len(items))
+
+
+def discover(inputs: Iterable[str], out_root: str) -> list[Source]:
+    """Every image named by `inputs`, once each, sorted by output name, with the output
+    root's non-identifying ids (`safe_image_id`: a keyed hash of the resolved location).
 
     An input is a folder, a glob, a list file (.txt/.list/.lst, one input per line, '#'
     comments, paths relative to the list), an image file, or an fsspec URL of any of these.
     """
-    if out_root is not None:
-        check_reachable(out_root)  # here, so a run stops before any image when it cannot write
+    check_reachable(out_root)  # here, so a run stops before any image when it cannot write
     exclude = _local_root(out_root)
-    found: dict[str, str | None] = {}  # location -> the root its output name is relative to
+    found: set[str] = set()
     for item in inputs:
-        for location, root in _expand(str(item), exclude):
-            found.setdefault(location, root)
+        for location, _root in _expand(str(item), exclude):
+            found.add(location)
     if not found:
         raise InputError(f"{', '.join(map(str, inputs)) or '(nothing)'}: no images found")
-    return _named(found)
+    return _named(found, output_key(out_root))
 
 
 def is_url(text: str) -> bool:
@@ -202,14 +229,9 @@ def _local_root(out_root: str | None) -> Path | None:
     return Path(out_root.removeprefix("file://")).expanduser().resolve()
 
 
-def _named(found: dict[str, str | None]) -> list[Source]:
-    """Output names relative to each input's root, so a moved collection keeps its names;
-    where two roots give one name (a/x.dcm and b/x.dcm run as `a b`), the full path's."""
-    ids = {loc: safe_image_id(loc, root) for loc, root in found.items()}
-    repeated = {i for i, n in Counter(ids.values()).items() if n > 1}
-    for loc in [loc for loc, i in ids.items() if i in repeated]:
-        ids[loc] = safe_image_id(loc)
-    sources = [Source(loc, ids[loc]) for loc in sorted(found)]
+def _named(found: Iterable[str], key: bytes) -> list[Source]:
+    """Each location's output name (its keyed hash), in the order of the locations."""
+    sources = [Source(loc, safe_image_id(loc, key)) for loc in sorted(found)]
     log.info("discovered %d images", len(sources))
     return sources
 

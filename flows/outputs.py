@@ -101,12 +101,13 @@ def storage_error(url: str, exc: BaseException) -> InputError:
     return InputError(f"{url}: cannot access ({type(exc).__name__}: {' '.join(str(exc).split())})")
 
 
-def job_for(store: OutputStore) -> ImageJob:
+def job_for(store: OutputStore, input_path: str | None = None) -> ImageJob:
     """The ImageJob of an existing store, from its layout and provenance (export reads only
-    the store, the input path (DICOM SEG) and the image kind)."""
+    the store, the input path (DICOM SEG) and the image kind). The input path is
+    `input_path`, else the one a --keep-paths run recorded, else empty."""
     lay, source = store.layout, store.provenance.get("input", {})
     return ImageJob(
-        image_id=lay.image_id, input_path=source.get("path", ""), store_path=store.path,
+        image_id=lay.image_id, input_path=input_path or source.get("path", ""), store_path=store.path,
         full_hw=lay.full_hw, work_hw=lay.work_hw, tile=lay.tile, halo=0,
         kind=(source.get("image") or {}).get("kind", "xray"),
     )  # fmt: skip

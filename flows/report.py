@@ -1,8 +1,10 @@
 """What a run reports per image: one `ImageResult`, as a table row for the Prefect
 artifact, the CLI's summary and the run record written beside the outputs.
 
-Rows hold output names, shapes, counts and timings: nothing read from an input's metadata
-(no patient identifier can reach a report).
+Rows hold output names (non-identifying image ids), shapes, counts and timings: nothing
+read from an input's metadata or its path (no patient identifier can reach a report). An
+input's path is in the run record only when the run asked for it (--keep-paths), and
+never in what goes to Prefect.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,9 +34,10 @@ RUN_RECORD = "segpipe-run.json"  # the last run's results, beside the outputs
 @dataclass(frozen=True)
 class ImageResult:
     """The outcome of one image in a run. `reused`: the output was already complete for
-    this input, model and settings, so no tile ran (exports it lacked were written)."""
+    this input, model and settings, so no tile ran (exports it lacked were written).
+    `input`: the input's path, only in the run record of a --keep-paths run (else None)."""
 
-    input: str
+    input: str | None
     image_id: str
     state: State
     size: tuple[int, int] | None = None
@@ -67,12 +70,12 @@ class ImageResult:
         }
 
 
-def from_summary(uri: str, summary: Mapping[str, Any], seconds: float,
+def from_summary(summary: Mapping[str, Any], seconds: float,
                  exports: Mapping[str, str] | None = None, reused: bool = False) -> ImageResult:
     """The result of an image whose output store exists (OutputStore.summary())."""
     state = summary["state"] if summary["state"] in ("complete", "partial") else "partial"
     return ImageResult(
-        input=uri, image_id=summary["image_id"], state=state,
+        input=None, image_id=summary["image_id"], state=state,
         size=tuple(summary["full_hw"]),  # type: ignore[arg-type]
         counts=dict(summary["counts"]), seconds=seconds,
         mask_fraction=summary.get("mask_fraction"), output=summary["path"],
@@ -81,10 +84,11 @@ def from_summary(uri: str, summary: Mapping[str, Any], seconds: float,
     )  # fmt: skip
 
 
-def failed(uri: str, image_id: str, exc: BaseException, seconds: float = 0.0) -> ImageResult:
-    """The result of an image that raised: its error on one line, naming the file."""
-    return ImageResult(input=uri, image_id=image_id, state="failed", seconds=seconds,
-                       error=one_line_error(uri, exc))
+def failed(image_id: str, exc: BaseException, seconds: float = 0.0) -> ImageResult:
+    """The result of an image that raised: its error on one line, naming the image by its
+    id (the flows' tasks already put the id in place of the input's path)."""
+    return ImageResult(input=None, image_id=image_id, state="failed", seconds=seconds,
+                       error=one_line_error(image_id, exc))
 
 
 def one_line_error(uri: str, exc: BaseException) -> str:
@@ -125,22 +129,33 @@ def totals(results: Sequence[ImageResult]) -> dict[str, int]:
 
 def problems(results: Iterable[ImageResult]) -> list[str]:
     """One line per image that is not complete: a failed image's error, or a partial
-    image's failed tiles."""
+    image's failed tiles; naming the image by its id (and its input path when the result
+    has one: a --keep-paths run, for the local console and record only)."""
+    return [f"{line} (input {r.input})" if r.input else line for r, line in _problems(results)]
+
+
+def _problems(results: Iterable[ImageResult]) -> list[tuple[ImageResult, str]]:
     lines = []
     for r in results:
         if r.state == "failed":
-            lines.append(r.error or f"{r.input}: failed")
+            lines.append((r, r.error or f"{r.image_id}: failed"))
         elif r.state == "partial":
             tiles = ", ".join(f"{tuple(t['tile'])}: {t['error']}" for t in r.failed_tiles[:3])
             more = len(r.failed_tiles) - 3
-            lines.append(f"{r.input}: partial, {r.counts.get('failed', 0)} tiles failed"
-                         + (f" ({tiles}{f', +{more} more' if more > 0 else ''})" if tiles else ""))
+            lines.append((r, f"{r.image_id}: partial, {r.counts.get('failed', 0)} tiles failed"
+                         + (f" ({tiles}{f', +{more} more' if more > 0 else ''})" if tiles else "")))
     return lines
+
+
+def with_paths(results: Sequence[ImageResult], paths: Mapping[str, str]) -> list[ImageResult]:
+    """The results with each one's input path (image id -> path: a --keep-paths run)."""
+    return [replace(r, input=paths[r.image_id]) if r.image_id in paths else r for r in results]
 
 
 def write_record(out_root: str, results: Sequence[ImageResult]) -> str:
     """Write the run's results to OUT/segpipe-run.json (a local folder or any fsspec URL),
-    so `segpipe status` can list images that failed before their output existed. The record
+    so `segpipe status` can list images that failed before their output existed. A result's
+    `input` (its path) is there only from a --keep-paths run. The record
     is replaced whole or not at all: the last run's stays readable when this write fails
     (a full disk). Storage that refuses the write stops the run on one line naming it."""
     where = record_location(out_root)

@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
 from flows import progress, report
-from flows.discover import Source, fingerprint
+from flows.discover import Inputs, Source, fingerprint
 from flows.outputs import job_for
 from flows.report import ImageResult
 from flows.tasks import (
@@ -44,7 +44,6 @@ from pipeline.store import (
     OutputStore,
     StoreError,
     Verdict,
-    safe_image_id,
     same_output,
     schedule_repair,
     store_path,
@@ -62,22 +61,24 @@ TABLE_KEY = "segpipe-run"
 
 
 def _image_run_name() -> str:
-    params = flow_run.parameters
-    return params.get("image_id") or safe_image_id(params["source"])
+    """The image's non-identifying id (Prefect stores run names; invariant 8)."""
+    source = flow_run.parameters["source"]
+    return source.image_id if isinstance(source, Source) else str(source["image_id"])
 
 
 @flow(name="segment-image", flow_run_name=_image_run_name)
-def segment_image(source: str, model: str, out: str, config: RunConfig | None = None,
-                  image_id: str | None = None, pool: RunPool | None = None) -> ImageResult | State:
-    """Segment one image (a path or fsspec URL) with a shipped model name or checkpoint
-    path into OUT/<image_id>.zarr, plus its exports. `pool` is the run's worker pool
-    (segment_collection passes its own); without one, Ray workers start for this image.
-    An image left partial ends the run Failed, its ImageResult as the state's data."""
+def segment_image(source: Source, model: str, out: str, config: RunConfig | None = None,
+                  pool: RunPool | None = None) -> ImageResult | State:
+    """Segment one image (`Source.of(path or fsspec URL, out)`) with a shipped model name
+    or checkpoint path into OUT/<image_id>.zarr, plus its exports. Prefect records the
+    source as its image id only. `pool` is the run's worker pool (segment_collection passes
+    its own); without one, Ray workers start for this image. An image left partial ends
+    the run Failed, its ImageResult as the state's data."""
     run = config or RunConfig()
     logger = get_run_logger()
     start = time.perf_counter()
     model_path = str(cards.resolve(model))
-    item = Source(source, image_id or safe_image_id(source))
+    item = source
     job = ingest_task(item, model_path, run, out)
     plan_task(job, run)
     with nullcontext(pool) if pool is not None else _ray_pool(model_path, run) as tiles:
@@ -85,11 +86,11 @@ def segment_image(source: str, model: str, out: str, config: RunConfig | None = 
     summary = finalize_task(job)
     exports: dict[str, str] = {}
     if summary["state"] == "complete":
-        exports = export_task(job, run)
+        exports = export_task(job, run, source=item)
     else:
         logger.warning("%s: %d tiles failed; exports wait for a complete output",
                        job.image_id, summary["failed_total"])  # fmt: skip
-    result = report.from_summary(source, summary, time.perf_counter() - start, exports)
+    result = report.from_summary(summary, time.perf_counter() - start, exports)
     logger.info("%s: %s in %.1f s", job.image_id, result.state, result.seconds)
     if _is_top_level():
         create_table_artifact([result.row()], key=TABLE_KEY, description=f"segment-image {job.image_id}")
@@ -99,10 +100,11 @@ def segment_image(source: str, model: str, out: str, config: RunConfig | None = 
 
 
 @flow(name="segment-collection")
-def segment_collection(inputs: list[str], model: str, out: str, config: RunConfig | None = None,
+def segment_collection(inputs: Inputs | list[str], model: str, out: str, config: RunConfig | None = None,
                        concurrency: int = DEFAULT_CONCURRENCY) -> list[ImageResult] | State:
     """Segment every image under `inputs` (folders, globs, list files, fsspec URLs) into
-    OUT. Images whose output is already complete for the same input content, model and
+    OUT. Given as `Inputs` (as the CLI does), the inputs stay out of Prefect's stored
+    parameters; a deployment's list is its operator's, stored with the deployment. Images whose output is already complete for the same input content, model and
     settings are reported and not run again; up to `concurrency` images run at once, all
     on one pool of Ray workers; a failed image is reported and the others go on. Any
     partial or failed image ends the run Failed, the results list as the state's data
@@ -111,19 +113,19 @@ def segment_collection(inputs: list[str], model: str, out: str, config: RunConfi
     logger = get_run_logger()
     model_path = str(cards.resolve(model))
     cards.check_settings(cards.read_card(model_path), run.mode, run.prune_level, model_path)
-    sources = discover_task(inputs, out)
+    sources = discover_task(inputs if isinstance(inputs, Inputs) else Inputs(inputs), out)
     progress.emit(progress.Event("discovered", total=len(sources)))
     wanted = {"model": {"sha256": location.sha256(model_path)}, "run": run.to_dict()}
     reused = _reusable(sources, out, wanted, run)
-    todo = [s for s in sources if s.uri not in reused]
+    todo = [s for s in sources if s.image_id not in reused]
     logger.info("%d images: %d already complete, %d to run", len(sources), len(reused), len(todo))
     if todo:
         _connect(run)  # here, in the flow's thread: Ray starts best from the main thread
     with _ray_pool(model_path, run) as pool:
         fresh = _run_bounded(todo, model_path, out, run, pool, max(1, concurrency))
-    order = {s.uri: i for i, s in enumerate(sources)}
-    results = sorted([*reused.values(), *fresh], key=lambda r: order[r.input])
-    _report(results, out)
+    order = {s.image_id: i for i, s in enumerate(sources)}
+    results = sorted([*reused.values(), *fresh], key=lambda r: order[r.image_id])
+    results = _report(results, out, {s.image_id: s.uri for s in sources} if run.keep_paths else {})
     if any(not r.ok for r in results):  # a bad night is a Failed run, with every result as data
         counts = report.totals(results)
         problems = ", ".join(f"{counts[k]} {k}" for k in ("partial", "failed") if counts[k])
@@ -136,13 +138,13 @@ def image_task(source: Source, model_path: str, out: str, config: RunConfig, poo
     """One image's subflow; its failure becomes a failed result instead of an exception,
     so the collection goes on. (A task around the subflow lets images run concurrently.)"""
     start = time.perf_counter()
-    state = segment_image(source.uri, model_path, out, config, source.image_id, pool, return_state=True)
+    state = segment_image(source, model_path, out, config, pool, return_state=True)
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, ImageResult):  # complete, or partial (a Failed state carrying it)
         result = outcome
     else:
         exc = outcome if isinstance(outcome, BaseException) else RuntimeError(state.message or state.name)
-        result = report.failed(source.uri, source.image_id, exc, time.perf_counter() - start)
+        result = report.failed(source.image_id, exc, time.perf_counter() - start)
         get_run_logger().error(result.error)
     progress.emit(progress.Event("finished", source.image_id, state=result.state))
     return result
@@ -169,24 +171,26 @@ def _reusable(sources: list[Source], out: str, wanted: dict[str, Any],
             key = fingerprint(source)
         except Exception:  # gone or unreachable since discovery: the image's own run reports it
             continue
-        candidates[source.uri] = (store, recorded.get("sha256"), input_sha256.submit(source.uri, *key))
-    matching = {uri: store for uri, (store, recorded_sha, digest) in candidates.items()
+        candidates[source.image_id] = (store, recorded.get("sha256"), input_sha256.submit(source, *key))
+    matching = {image_id: store for image_id, (store, recorded_sha, digest) in candidates.items()
                 if digest.result(raise_on_failure=False) == recorded_sha}  # fmt: skip
+    by_id = {s.image_id: s for s in sources}
     intact, reused = _intact(matching)
     exporting: dict[str, tuple[OutputStore, dict[str, str], PrefectFuture | None]] = {}
-    for uri, store in intact.items():
+    for image_id, store in intact.items():
         job = job_for(store)
         planned = stages.planned_exports(job, config.exports)
         missing = tuple(name for name, where in planned.items() if not export_exists(where))
-        exporting[uri] = (store, planned, export_task.submit(job, config, missing) if missing else None)
-    for uri, (store, planned, writing) in exporting.items():
+        writing = export_task.submit(job, config, missing, by_id[image_id]) if missing else None
+        exporting[image_id] = (store, planned, writing)
+    for image_id, (store, planned, writing) in exporting.items():
         failure = writing.result(raise_on_failure=False) if writing is not None else None
         if isinstance(failure, BaseException):
-            reused[uri] = report.failed(uri, store.image_id, failure)
-            get_run_logger().error(reused[uri].error)
+            reused[image_id] = report.failed(store.image_id, failure)
+            get_run_logger().error(reused[image_id].error)
         else:
-            reused[uri] = report.from_summary(uri, store.summary(), 0.0, planned, reused=True)
-        state = "reused" if reused[uri].ok else reused[uri].state
+            reused[image_id] = report.from_summary(store.summary(), 0.0, planned, reused=True)
+        state = "reused" if reused[image_id].ok else reused[image_id].state
         progress.emit(progress.Event("finished", store.image_id, state=state))
     return reused
 
@@ -219,21 +223,21 @@ def _intact(stores: dict[str, OutputStore]) -> tuple[dict[str, OutputStore], dic
     with ThreadPoolExecutor(VERIFY_THREADS) as pool:
         verdicts = dict(zip(stores, pool.map(_cheap_verdict, stores.values()), strict=True))
     intact, failed = {}, {}
-    for uri, found in verdicts.items():
-        store = stores[uri]
+    for image_id, found in verdicts.items():
+        store = stores[image_id]
         try:
             if isinstance(found, Exception):
                 raise found
             if found.ok:
                 if found.moved:  # copied or restored, same bytes: next time, read nothing
                     OutputStore.open(store.path, mode="r+").record_checksums()
-                intact[uri] = store
+                intact[image_id] = store
                 continue
             tiles = schedule_repair(OutputStore.open(store.path, mode="r+"), found)
             logger.warning("%s; %d tiles run again", found.summary(), len(tiles))
         except (StoreError, OSError) as exc:
-            failed[uri] = report.failed(uri, store.image_id, exc)
-            logger.error(failed[uri].error)
+            failed[image_id] = report.failed(store.image_id, exc)
+            logger.error(failed[image_id].error)
             progress.emit(progress.Event("finished", store.image_id, state="failed"))
     return intact, failed
 
@@ -271,9 +275,10 @@ def _ray_pool(model_path: str, config: RunConfig) -> RunPool:
     return ray_pool(model_path, config)
 
 
-def _report(results: list[ImageResult], out: str) -> None:
-    """Log the totals and each problem on one line, write the table artifact and the
-    run record beside the outputs."""
+def _report(results: list[ImageResult], out: str, paths: dict[str, str]) -> list[ImageResult]:
+    """Log the totals and each problem on one line (image ids), write the table artifact
+    and the run record beside the outputs; `paths` (image id -> input, --keep-paths) go
+    into the run record only, never to Prefect."""
     logger = get_run_logger()
     totals = report.totals(results)
     logger.info("run finished: %s", ", ".join(f"{k} {v}" for k, v in totals.items()))
@@ -282,7 +287,9 @@ def _report(results: list[ImageResult], out: str) -> None:
     if results:
         description = ", ".join(f"{v} {k}" for k, v in totals.items())
         create_table_artifact([r.row() for r in results], key=TABLE_KEY, description=description)
+    results = report.with_paths(results, paths)
     report.write_record(out, results)
+    return results
 
 
 def _is_top_level() -> bool:

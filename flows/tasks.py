@@ -5,33 +5,43 @@ Retries: the I/O stages (discovery, ingest, export) retry with exponential backo
 only on errors that may pass (a network or storage hiccup): a corrupt image or a bad
 setting fails the same way every time, so it fails at once.
 
-Caching: only `input_sha256` is cached (Prefect's INPUTS policy, kept across runs): its
-result depends on nothing but its arguments, the source and its size and modification
-marker, so a nightly run does not re-read every unchanged slide to learn that it is
+Identifiers (invariant 8): Prefect stores a flow run's parameters, its tasks' states and
+messages, and the logs sent to it. Inputs reach tasks as `Source`/`Inputs`, which
+serialize without their paths; an error raised by a task that names an input's path says
+the image id in its place (`keep_private`), so state messages and tracebacks carry no path.
+
+Caching: only `input_sha256` is cached (kept across runs, keyed by the image id, the
+input's size and modification marker: never its path): its result depends on nothing
+else, so a nightly run does not re-read every unchanged slide to learn that it is
 unchanged. Every other task writes to or reads from the output store, whose own state
 decides what is left to do: caching them would skip work after an output was deleted.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import INPUTS, NO_CACHE
+from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from flows import progress
-from flows.discover import Source, discover, localize
+from flows.discover import Inputs, Source, discover, localize
 from pipeline import stages
 from pipeline.config import RunConfig
 from pipeline.engine.pool import RunPool
-from pipeline.errors import SegpipeError
+from pipeline.errors import InputError, SegpipeError
 from pipeline.io import location
 from pipeline.job import ImageJob, TileReport, TileStatus
 from pipeline.store import OutputStore
@@ -53,20 +63,28 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
 
 @task(name="discover", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF,
       retry_jitter_factor=IO_JITTER, retry_condition_fn=transient, cache_policy=NO_CACHE)
-def discover_task(inputs: list[str], out: str) -> list[Source]:
+def discover_task(inputs: Inputs, out: str) -> list[Source]:
     """The images of the run (folders, globs, list files, fsspec URLs)."""
-    sources = discover(inputs, out)
+    with keep_private({item: f"input {i + 1}" for i, item in enumerate(inputs.items)}):
+        sources = discover(inputs.items, out)
     get_run_logger().info("%d images to consider", len(sources))
     return sources
 
 
-@task(name="input-sha256", cache_policy=INPUTS, persist_result=True,
+def _hash_key(context: Any, parameters: Mapping[str, Any]) -> str:
+    """input_sha256's cache key: the image id (a keyed hash of the input's location, never
+    the location itself), its size and modification marker."""
+    return f"input-sha256-{parameters['source'].image_id}-{parameters['size']}-{parameters['marker']}"
+
+
+@task(name="input-sha256", cache_key_fn=_hash_key, persist_result=True,
       cache_expiration=timedelta(days=HASH_CACHE_DAYS), retries=IO_RETRIES,
       retry_delay_seconds=IO_BACKOFF, retry_condition_fn=transient)
-def input_sha256(uri: str, size: int, marker: str) -> str:
+def input_sha256(source: Source, size: int, marker: str) -> str:
     """The content hash provenance records for an input (size and marker are the cache key:
     a changed file gets a new key, so a stale hash is never reused)."""
-    return location.content_hash(uri)
+    with keep_private(_private(source)):
+        return location.content_hash(source.uri)
 
 
 @task(name="ingest", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF,
@@ -75,9 +93,10 @@ def ingest_task(source: Source, model_path: str, config: RunConfig, out: str) ->
     """Open the image, create (or reopen) its output store, bring its working level to zarr.
     A remote input is read from this machine's copy (`localize`); its working level then
     always goes into the store, so the tile workers read only the output store."""
-    local = localize(source, _cache_dir(out))
-    fetched_from = source.uri if source.is_remote else None
-    job = stages.ingest(local, model_path, config, out, source.image_id, fetched_from)
+    with keep_private(_private(source)):
+        local = localize(source, _cache_dir(out))
+        fetched_from = source.uri if source.is_remote else None
+        job = stages.ingest(local, model_path, config, out, source.image_id, fetched_from)
     get_run_logger().info("%s: ingested, working level %sx%s, tile %d", job.image_id,
                           *job.work_hw, job.tile)  # fmt: skip
     return job
@@ -86,7 +105,8 @@ def ingest_task(source: Source, model_path: str, config: RunConfig, out: str) ->
 @task(name="plan", cache_policy=NO_CACHE)
 def plan_task(job: ImageJob, config: RunConfig) -> dict[str, int]:
     """Mark background tiles skipped (slides, or with a tissue mask)."""
-    counts = stages.plan(job, config)
+    with keep_private({job.input_path: job.image_id}):
+        counts = stages.plan(job, config)
     get_run_logger().info("%s: %d tiles, %d skipped as background", job.image_id,
                           counts["total"], counts["skipped"])  # fmt: skip
     return counts
@@ -96,7 +116,8 @@ def plan_task(job: ImageJob, config: RunConfig) -> dict[str, int]:
 def infer_task(job: ImageJob, config: RunConfig, pool: RunPool) -> dict[str, int]:
     """Run the image's pending and failed tiles on the run's worker pool and wait."""
     tracker = TileProgress(job)
-    counts = stages.infer(job, config, pool, tracker)
+    with keep_private({job.input_path: job.image_id}):
+        counts = stages.infer(job, config, pool, tracker)
     tracker.close()
     get_run_logger().info("%s: tiles %s", job.image_id, _counts_text(counts))
     return counts
@@ -110,9 +131,15 @@ def finalize_task(job: ImageJob) -> dict[str, Any]:
 
 @task(name="export", retries=IO_RETRIES, retry_delay_seconds=IO_BACKOFF,
       retry_jitter_factor=IO_JITTER, retry_condition_fn=transient, cache_policy=NO_CACHE)
-def export_task(job: ImageJob, config: RunConfig, formats: tuple[str, ...] | None = None) -> dict[str, str]:
-    """Write the requested exports (overlay, png, ome-tiff, dicom-seg) beside the store."""
-    written = stages.export(job, config, formats)
+def export_task(job: ImageJob, config: RunConfig, formats: tuple[str, ...] | None = None,
+                source: Source | None = None) -> dict[str, str]:
+    """Write the requested exports (overlay, png, ome-tiff, dicom-seg) beside the store.
+    `source`: the input of an output reused from an earlier run (DICOM SEG reads the
+    study's identifiers from it; the store records no path unless --keep-paths)."""
+    if source is not None and not job.input_path:
+        job = replace(job, input_path=source.uri)
+    with keep_private({job.input_path: job.image_id, **(_private(source) if source else {})}):
+        written = stages.export(job, config, formats)
     if written:
         get_run_logger().info("%s: exported %s", job.image_id, ", ".join(sorted(written)))
     return written
@@ -150,6 +177,74 @@ class TileProgress:
 
     def _percent(self) -> float:
         return 100.0 * self.settled / self.total if self.total else 100.0
+
+
+_PRIVATE: ContextVar[Mapping[str, str]] = ContextVar("segpipe_private_names", default={})
+
+
+@contextmanager
+def keep_private(names: Mapping[str, str]) -> Iterator[None]:
+    """Nothing raised or logged inside names an input: each key of `names` (a path, a URL,
+    a file name) becomes its value (the image id) in log records made in this context
+    (the readers' warnings start with the file) and in an error's message; the error's
+    cause and context are dropped (Prefect stores and logs the whole chain). The error
+    keeps its kind: a segpipe error stays one (no retry), anything else becomes an OSError
+    (retried, as a storage hiccup would be) or a RuntimeError."""
+    token = _PRIVATE.set({**_PRIVATE.get(), **{k: v for k, v in names.items() if k}})
+    try:
+        yield
+    except Exception as exc:
+        text = _replaced(str(exc), names)
+        if text == str(exc):
+            raise
+        raise _same_kind(exc, text) from None
+    finally:
+        _PRIVATE.reset(token)
+
+
+def _replaced(text: str, names: Mapping[str, str]) -> str:
+    for name in sorted((k for k in names if k and k in text), key=len, reverse=True):
+        text = text.replace(name, names[name])
+    return text
+
+
+def _redacting(factory: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
+    """A log record factory that applies the context's `keep_private` names to the message
+    (context-local: a task's thread sees only its own image's names)."""
+
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        names = _PRIVATE.get()
+        if names:
+            text = record.getMessage()
+            private = _replaced(text, names)
+            if private != text:
+                record.msg, record.args = private, ()
+        return record
+
+    make.segpipe_redacting = True  # type: ignore[attr-defined]
+    return make
+
+
+if not getattr(logging.getLogRecordFactory(), "segpipe_redacting", False):
+    logging.setLogRecordFactory(_redacting(logging.getLogRecordFactory()))
+
+
+def _same_kind(exc: Exception, text: str) -> Exception:
+    if isinstance(exc, SegpipeError):
+        try:
+            return type(exc)(text)
+        except Exception:
+            return InputError(text)
+    if isinstance(exc, OSError):
+        return OSError(f"{type(exc).__name__}: {text}")
+    return RuntimeError(f"{type(exc).__name__}: {text}")
+
+
+def _private(source: Source) -> dict[str, str]:
+    """What of a source's location an error may quote: the location and its file name."""
+    where = source.uri.removeprefix("file://")
+    return {source.uri: source.image_id, where: source.image_id, source.name: source.image_id}
 
 
 def _cache_dir(out: str) -> str:

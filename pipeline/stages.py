@@ -36,6 +36,7 @@ from pipeline.job import ImageJob, TileReport, TileStatus
 from pipeline.store import (
     OutputStore,
     StoreError,
+    output_key,
     safe_image_id,
     store_path,
     verify_store,
@@ -68,7 +69,7 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
     card = cards.read_card(model_path)
     in_place = fetched_from is None
     with _open(input_path, config) as image:
-        image_id = image_id or safe_image_id(fetched_from or input_path)
+        image_id = image_id or safe_image_id(fetched_from or input_path, output_key(out_root))
         level, full_hw, work_hw = working_geometry(image, card)
         check_planned_work(image, level, work_hw, card, config, in_place)
         _check_channels(image, card, config)
@@ -289,8 +290,11 @@ def _group_keys(path: str) -> set[str]:
 
 def _provenance(input_path: str, image: Image, model_path: str, card: ModelCard,
                 config: RunConfig, level: int, fetched_from: str | None) -> dict[str, Any]:
+    """What the store records of its making. The input's path only with `keep_paths`
+    (invariant 8: file and folder names may name the patient)."""
+    where = {"path": fetched_from or str(input_path)} if config.keep_paths else {}
     return {
-        "input": {"path": fetched_from or str(input_path), "sha256": location.content_hash(input_path),
+        "input": {**where, "sha256": location.content_hash(input_path),
                   "image": image.metadata_safe(), "level": level},
         "model": {"path": str(model_path), "sha256": location.sha256(model_path),
                   "card": card.to_dict()},

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from flows import demo
 from flows.cli import app
+from flows.discover import Source
 from flows.report import read_record
 from pipeline.config import FaultInjection, RunConfig
 from pipeline.io import open_image
@@ -91,12 +92,15 @@ def test_run_five_images_one_corrupt(flows_env: None, tiny_checkpoint: Path, tmp
     rows = json.loads(result.stdout)
     assert sorted(r["state"] for r in rows) == ["complete"] * 4 + ["failed"]
     [failed] = [r for r in rows if r["state"] == "failed"]
-    assert failed["error"].startswith(str(tmp_path / "in" / "x4.png")) and "\n" not in failed["error"]
+    bad_id = Source.of(str(tmp_path / "in" / "x4.png"), str(out)).image_id
+    # named by its id, never its path (invariant 8: file names may name the patient)
+    assert failed["error"].startswith(bad_id) and "\n" not in failed["error"] and "x4.png" not in failed["error"]
+    assert failed["input"] is None and "x4.png" not in result.output
     assert len(list(out.glob("*.zarr"))) == 4
 
     status = runner.invoke(app, ["status", str(out)])
     assert status.exit_code == 1
-    assert "x4.png" in status.output  # failed before any output existed: from the run record
+    assert bad_id in status.output  # failed before any output existed: from the run record
 
 
 def test_status_reports_a_partial_image_failed_tiles(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -127,7 +131,7 @@ def test_export_writes_files_of_complete_images(flows_env: None, tiny_checkpoint
     write_png(tmp_path / "in" / "x.png")
     out = tmp_path / "out"
     run = runner.invoke(app, ["run", str(tmp_path / "in"), "-m", str(tiny_checkpoint), "-o", str(out),
-                              "--tile", TILE, "--export", "none"])  # fmt: skip
+                              "--tile", TILE, "--export", "none", "--keep-paths"])  # fmt: skip
     assert run.exit_code == 0, run.output
     assert not list(out.glob("*.png"))
 
@@ -139,7 +143,8 @@ def test_export_writes_files_of_complete_images(flows_env: None, tiny_checkpoint
     assert tifffile.imread(next(out.glob("*.mask.ome.tif"))).shape == (64, 64)
     assert runner.invoke(app, ["export", str(out), "-f", "png", "--image", "nope"]).exit_code == 2
 
-    [result] = read_record(out)  # the demo's full-resolution view of one tile
+    [result] = read_record(out)  # the demo's full-resolution view of one tile (it kept paths)
+    assert result.input == str(tmp_path / "in" / "x.png")
     zoom = demo.zoom_overlay(result)
     assert zoom is not None and PIL.Image.open(zoom).size == (32, 32)
 

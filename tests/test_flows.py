@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from flows import progress, report
-from flows.discover import discover, localize
+from flows.discover import Source, discover, localize
 from pipeline.config import FaultInjection, RunConfig
 from pipeline.engine.pool import SharedBackend
 from pipeline.engine.tiling import Tile
@@ -70,7 +70,17 @@ def test_discover_walks_folders_sniffs_dicom_and_skips_outputs(tmp_path: Path) -
     names = sorted(Path(s.uri).relative_to(root).as_posix() for s in sources)
     assert names == ["a/scan.png", "b/scan.png", "c/IM0001"]
     ids = [s.image_id for s in sources]
-    assert len(set(ids)) == 3 and all(i.startswith(("scan-", "IM0001-")) for i in ids)
+    assert len(set(ids)) == 3 and all("scan" not in i and "IM0001" not in i for i in ids)
+
+
+def test_one_output_id_per_file_however_it_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scan = write_png(tmp_path / "in" / "sub" / "scan.png")
+    (tmp_path / "link.png").symlink_to(scan)
+    out = str(tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
+    named = [["in"], ["in/sub"], [str(scan)], ["in/sub/scan.png"], ["link.png"], [str(tmp_path / "in" / "*" / "*.png")]]
+    ids = {s.image_id for inputs in named for s in discover(inputs, out)}
+    assert len(ids) == 1
 
 
 def test_discover_globs_list_files_and_collisions(tmp_path: Path) -> None:
@@ -78,20 +88,21 @@ def test_discover_globs_list_files_and_collisions(tmp_path: Path) -> None:
     listing = tmp_path / "inputs.txt"
     listing.write_text("# tonight\nx/scan.png\n\n")
 
-    assert [s.uri for s in discover([str(listing)])] == [str(one)]
-    globbed = discover([str(tmp_path / "*" / "*.png")])
+    out = str(tmp_path / "out")
+    assert [s.uri for s in discover([str(listing)], out)] == [str(one)]
+    globbed = discover([str(tmp_path / "*" / "*.png")], out)
     assert [s.uri for s in globbed] == [str(one), str(two)]
-    # two folders given separately: relative names collide, so full paths name them
-    both = discover([str(tmp_path / "x"), str(tmp_path / "y")])
+    # two files of one name in two folders: two ids
+    both = discover([str(tmp_path / "x"), str(tmp_path / "y")], out)
     assert len({s.image_id for s in both}) == 2
     # a named file is always taken, even one that will fail to open
     broken = tmp_path / "broken.dcm"
     broken.write_bytes(b"garbage")
-    assert [s.uri for s in discover([str(broken)])] == [str(broken)]
+    assert [s.uri for s in discover([str(broken)], out)] == [str(broken)]
     with pytest.raises(InputError, match="no such file"):
-        discover([str(tmp_path / "missing")])
+        discover([str(tmp_path / "missing")], out)
     with pytest.raises(InputError, match="no images found"):
-        discover([str(tmp_path / "x" / "*.jpg")])
+        discover([str(tmp_path / "x" / "*.jpg")], out)
 
 
 def test_discover_fsspec_url_and_fetch(tmp_path: Path) -> None:
@@ -100,7 +111,7 @@ def test_discover_fsspec_url_and_fetch(tmp_path: Path) -> None:
     fs.pipe("/bucket/night/scan.png", data)
     fs.pipe("/bucket/night/readme.md", b"text")
 
-    sources = discover(["memory://bucket/night"])
+    sources = discover(["memory://bucket/night"], str(tmp_path / "out"))
 
     assert [s.name for s in sources] == ["scan.png"]
     local = localize(sources[0], tmp_path / "cache")
@@ -177,10 +188,12 @@ def test_shared_backend_routes_results_to_their_image() -> None:
 def test_segment_image_flow(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
     from prefect.client.orchestration import get_client
 
+    from flows.discover import Source
     from flows.segment import segment_image
 
     image = write_png(tmp_path / "in" / "chest.png", (64, 48))
-    result = segment_image(str(image), str(tiny_checkpoint), str(tmp_path / "out"), RunConfig(tile=TILE))
+    source = Source.of(str(image), str(tmp_path / "out"))
+    result = segment_image(source, str(tiny_checkpoint), str(tmp_path / "out"), RunConfig(tile=TILE))
 
     assert result.state == "complete" and result.size == (64, 48)
     assert result.counts["done"] == 4
@@ -251,11 +264,15 @@ def test_collection_isolates_a_corrupt_image(flows_env: None, tiny_checkpoint: P
 
     assert state.is_failed() and "1 failed of 2 images" in state.message  # a bad night is a Failed run
 
-    states = {Path(r.input).name: r.state for r in results}
-    assert states == {"bad.png": "failed", "good.png": "complete"}
+    out = str(tmp_path / "out")
+    ids = {name: Source.of(str(tmp_path / "in" / name), out).image_id for name in ("bad.png", "good.png")}
+    states = {r.image_id: r.state for r in results}
+    assert states == {ids["bad.png"]: "failed", ids["good.png"]: "complete"}
     bad = next(r for r in results if r.state == "failed")
-    assert "\n" not in bad.error and str(tmp_path / "in" / "bad.png") in bad.error
-    assert [r.state for r in report.read_record(tmp_path / "out")] == ["failed", "complete"]
+    # the error names the image by its id, not its path (invariant 8)
+    assert "\n" not in bad.error and bad.error.startswith(ids["bad.png"]) and "bad.png" not in bad.error
+    assert bad.input is None
+    assert sorted(r.state for r in report.read_record(out)) == ["complete", "failed"]
 
 
 def test_failed_tiles_leave_a_partial_image(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
@@ -356,6 +373,109 @@ def test_no_patient_identifier_leaks(flows_env: None, tiny_checkpoint: Path, tmp
             assert value.encode() not in path.read_bytes(), f"{value!r} leaked into {path}"
 
 
+FILE_IDENTIFIERS = ("DOE_JOHN", "ZZPHIA4417", "19800101", "DOE_JANE_BAD")
+
+
+def _prefect_records() -> dict[str, str]:
+    """Everything the Prefect API holds of the runs, as text: flow runs (names,
+    parameters, states), task runs, logs, artifacts, events where readable."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        texts = {
+            "flow runs": "\n".join(r.model_dump_json() for r in client.read_flow_runs(limit=200)),
+            "task runs": "\n".join(r.model_dump_json() for r in client.read_task_runs(limit=200)),
+            "logs": "\n".join(r.model_dump_json() for r in client.read_logs(limit=200)),
+            "artifacts": "\n".join(a.model_dump_json() for a in client.read_artifacts()),
+        }
+        try:
+            events = client.request("POST", "/events/filter", json={"limit": 200})
+            texts["events"] = events.text
+        except Exception:  # events are kept only where the server runs its event pipeline
+            pass
+    return texts
+
+
+def _prefect_home_bytes() -> dict[str, bytes]:
+    """Every file Prefect keeps: under PREFECT_HOME (result storage) and beside its
+    database (the test server's SQLite, with its journal)."""
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    folders = [Path(os.environ["PREFECT_HOME"])]
+    url = str(PREFECT_SERVER_DATABASE_CONNECTION_URL.value() or "")
+    if url.startswith("sqlite"):
+        folders.append(Path(url.split(":///", 1)[1]).parent)
+    return {str(p): p.read_bytes() for folder in folders for p in folder.rglob("*") if p.is_file()}
+
+
+def test_no_identifier_in_file_or_folder_names_leaks(flows_env: None, tiny_checkpoint: Path, tmp_path: Path,
+                                                     every_log_record: Capture) -> None:
+    """Invariant 8 for file and folder names: hospital exports are named after the patient."""
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    folder = tmp_path / "in" / "DOE_JOHN_19800101"
+    scan = write_scan(folder / "DOE_JOHN_ZZPHIA4417_19800101.dcm", (64, 64))
+    (folder / "DOE_JANE_BAD_19800101.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
+    out = tmp_path / "out"
+    runner = CliRunner()
+    args = ["run", str(tmp_path / "in"), "-m", str(tiny_checkpoint), "-o", str(out), "--tile", str(TILE),
+            "--export", "overlay,png,dicom-seg"]  # fmt: skip
+    done = runner.invoke(app, args)
+    assert done.exit_code == 1, done.output  # the garbage file fails, the scan completes
+    again = runner.invoke(app, [*args, "--json"])  # reused: the reuse path too
+
+    image_id = Source.of(str(scan), str(out)).image_id
+    seg = out / f"{image_id}.seg.dcm"
+    assert seg.is_file()  # DICOM SEG carries the study's identifiers, as the standard asks
+    files = [p for p in out.rglob("*") if p.is_file() and p != seg]
+    assert any(p.name == "zarr.json" for p in files) and (out / "segpipe-run.json") in files
+    assert (out / ".segpipe-key").stat().st_mode & 0o777 == 0o600
+    store = OutputStore.open(out / f"{image_id}.zarr")
+    assert "path" not in store.provenance["input"]
+    texts = {
+        "console": done.output,
+        "console (reused)": again.output,
+        "output names": "\n".join(str(p.relative_to(tmp_path)) for p in out.rglob("*")),
+        "log records": "\n".join(every_log_record.lines),
+        **_prefect_records(),
+    }
+    assert every_log_record.lines and texts["flow runs"] and texts["task runs"] and texts["logs"]
+    assert f"{image_id}: " in done.output or image_id in done.output
+    for value in (*FILE_IDENTIFIERS, *PATIENT_VALUES):
+        for where, text in texts.items():
+            assert value not in text, f"{value!r} leaked into {where}"
+        for path in files:
+            assert value.encode() not in path.read_bytes(), f"{value!r} leaked into {path}"
+    for value in FILE_IDENTIFIERS:
+        for path, data in _prefect_home_bytes().items():
+            assert value.encode() not in data, f"{value!r} leaked into Prefect's {path}"
+
+    # --keep-paths: the path in the store's provenance and the local run record, still not in Prefect
+    kept = tmp_path / "kept"
+    done = runner.invoke(app, ["run", str(folder / scan.name), "-m", str(tiny_checkpoint), "-o", str(kept),
+                               "--tile", str(TILE), "--export", "none", "--keep-paths"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    kept_id = Source.of(str(scan), str(kept)).image_id
+    assert OutputStore.open(kept / f"{kept_id}.zarr").provenance["input"]["path"] == str(scan)
+    assert [r.input for r in report.read_record(kept)] == [str(scan)]
+    for where, text in _prefect_records().items():
+        for value in FILE_IDENTIFIERS:
+            assert value not in text, f"{value!r} leaked into {where} (--keep-paths)"
+    for path, data in _prefect_home_bytes().items():
+        for value in FILE_IDENTIFIERS:
+            assert value.encode() not in data, f"{value!r} leaked into Prefect's {path} (--keep-paths)"
+
+    # a later DICOM SEG export finds its input when given it, however it is named
+    seg.unlink()
+    refused = runner.invoke(app, ["export", str(out), "-f", "dicom-seg"])
+    assert refused.exit_code == 1 and "--input" in refused.output
+    exported = runner.invoke(app, ["export", str(out), "-f", "dicom-seg", "--input", str(scan)])
+    assert exported.exit_code == 0, exported.output
+    assert seg.is_file()
+
+
 # -- deployment files -----------------------------------------------------------------------------
 
 
@@ -386,10 +506,10 @@ def test_serve_builds_a_cron_deployment(tiny_checkpoint: Path) -> None:
     assert deployment.parameters["config"] == {"tile": 512, "exports": ["overlay", "png"]}
 
 
-def test_dicom_output_names_come_from_the_file_name(tmp_path: Path) -> None:
+def test_dicom_output_names_do_not_come_from_the_file_name(tmp_path: Path) -> None:
     path = write_scan(tmp_path / "IM0001")
-    [source] = discover([str(path)])
-    assert source.image_id.startswith("IM0001-")
+    [source] = discover([str(path)], str(tmp_path / "out"))
+    assert "IM0001" not in source.image_id and source.image_id == Source.of(str(path), str(tmp_path / "out")).image_id
 
 
 def test_an_unreachable_prefect_api_is_one_line_and_exit_2(tiny_checkpoint: Path, tmp_path: Path) -> None:

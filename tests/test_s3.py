@@ -262,7 +262,7 @@ def test_remote_inputs_are_segmented_from_the_store_alone(bucket: Any, prefect_h
     out = "s3://bucket/remote-out"
 
     result = runner.invoke(app, ["run", "s3://bucket/in", "-m", str(tiny_checkpoint), "-o", out,
-                                 "--tile", TILE, "--json"])  # fmt: skip
+                                 "--tile", TILE, "--json", "--keep-paths"])  # fmt: skip
 
     assert result.exit_code == 0, result.output
     rows = {r["input"]: r for r in json.loads(result.stdout)}

@@ -384,27 +384,54 @@ def test_update_provenance_is_guarded_and_records_versions(tmp_path):
 # output names
 
 
+KEY = bytes(range(32))
+
+
 def test_safe_image_id_never_escapes_the_output_root(tmp_path):
     for name in ["../../etc/passwd", "/abs/scan.dcm", "..", "...", "", "a b/ c?*.png", ".hidden",
                  "Röntgen.jpg", "x" * 300 + ".png"]:  # fmt: skip
-        image_id = safe_image_id(name)
-        assert "/" not in image_id and "\\" not in image_id and not image_id.startswith(".")
-        out = Path(store_path(tmp_path, image_id)).resolve()
-        assert out.parent == tmp_path.resolve()
-    assert safe_image_id("/data/a b/my scan?#1.png").startswith("my_scan_1-")
-    assert safe_image_id("/data/slide.ome.tiff").startswith("slide-")
-    assert safe_image_id("/data/...").startswith("image-")
+        for label in (None, name, "../x"):
+            image_id = safe_image_id(name, KEY, label)
+            assert "/" not in image_id and "\\" not in image_id and not image_id.startswith(".")
+            out = Path(store_path(tmp_path, image_id)).resolve()
+            assert out.parent == tmp_path.resolve()
+    assert safe_image_id("/data/a.png", KEY, "chest AP #1").startswith("chest_AP_1-")
 
 
-def test_safe_image_id_is_deterministic_and_does_not_collide(tmp_path):
-    a, b = tmp_path / "p1" / "scan.dcm", tmp_path / "p2" / "scan.dcm"
-    assert safe_image_id(a) == safe_image_id(a) == safe_image_id(str(a))
-    assert safe_image_id(a) != safe_image_id(b)
-    assert safe_image_id(a).startswith("scan-")
-    # relative to a root, an id survives moving the collection
-    moved = tmp_path / "moved" / "p1" / "scan.dcm"
-    assert safe_image_id(a, root=tmp_path) == safe_image_id(moved, root=tmp_path / "moved")
-    assert safe_image_id("s3://bucket/x/scan.svs") != safe_image_id("s3://bucket/y/scan.svs")
+def test_safe_image_id_names_no_patient(tmp_path):
+    """Invariant 8: the id is a keyed hash of the resolved location, nothing of its name."""
+    scan = tmp_path / "DOE_JOHN_19800101" / "DOE_JOHN_ZZPHIA4417_19800101.dcm"
+    image_id = safe_image_id(scan, KEY)
+    assert len(image_id) == 16 and all(c in "0123456789abcdef" for c in image_id)
+    for part in ("DOE", "JOHN", "19800101", "ZZPHIA4417"):
+        assert part not in image_id
+    assert safe_image_id(scan, bytes(32)) != image_id  # another output root, another id
+
+
+def test_safe_image_id_is_one_per_file_however_it_is_named(tmp_path, monkeypatch):
+    scan = tmp_path / "p1" / "scan.dcm"
+    scan.parent.mkdir()
+    scan.write_bytes(b"x")
+    link = tmp_path / "link.dcm"
+    link.symlink_to(scan)
+    monkeypatch.chdir(tmp_path)
+    names = [scan, str(scan), "p1/scan.dcm", "./p1/../p1/scan.dcm", link]
+    assert len({safe_image_id(n, KEY) for n in names}) == 1
+    assert safe_image_id(scan, KEY) != safe_image_id(tmp_path / "p2" / "scan.dcm", KEY)
+    assert safe_image_id("s3://bucket/x/scan.svs", KEY) != safe_image_id("s3://bucket/y/scan.svs", KEY)
+
+
+def test_output_key_is_created_once_private_and_kept(tmp_path):
+    from pipeline.store import output_key
+
+    out = tmp_path / "out"
+    key = output_key(out)
+    assert len(key) == 32 and output_key(out) == key
+    assert (out / ".segpipe-key").stat().st_mode & 0o777 == 0o600
+    (out / ".segpipe-key").write_text("garbled")
+    with pytest.raises(StoreError, match="not a segpipe id key"):
+        output_key(out)
+    assert len(output_key("memory://keys/out")) == 32 and output_key("memory://keys/out") == output_key("memory://keys/out")
 
 
 def test_store_path_refuses_unsafe_ids(tmp_path):

@@ -13,7 +13,7 @@
 
 from pipeline.store.errors import NotAStoreError, StoreError, storage_refusal
 from pipeline.store.layout import StoreLayout, pyramid_shapes
-from pipeline.store.names import safe_image_id, store_path
+from pipeline.store.names import output_key, safe_image_id, store_path
 from pipeline.store.ngff import ngff_image_label, ngff_multiscales
 from pipeline.store.provenance import check_provenance, same_output
 from pipeline.store.store import OutputStore
@@ -29,6 +29,7 @@ __all__ = [
     "ngff_image_label",
     "ngff_multiscales",
     "pyramid_shapes",
+    "output_key",
     "safe_image_id",
     "same_output",
     "schedule_repair",

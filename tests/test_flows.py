@@ -350,7 +350,7 @@ def test_no_patient_identifier_leaks(flows_env: None, tiny_checkpoint: Path, tmp
     out = tmp_path / "out"
     with progress.listen(events.append):
         results = segment_collection([str(tmp_path / "in")], str(tiny_checkpoint), str(out),
-                                     RunConfig(tile=TILE, exports=("overlay", "png", "ome-tiff")))  # fmt: skip
+                                     RunConfig(tile=TILE, exports=("overlay", "png", "ome-tiff"), allow_grey=True))  # fmt: skip
     assert [r.state for r in results] == ["complete"]
 
     with get_client(sync_client=True) as client:
@@ -420,7 +420,7 @@ def test_no_identifier_in_file_or_folder_names_leaks(flows_env: None, tiny_check
     (folder / "DOE_JANE_BAD_19800101.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"garbage")
     out = tmp_path / "out"
     runner = CliRunner()
-    args = ["run", str(tmp_path / "in"), "-m", str(tiny_checkpoint), "-o", str(out), "--tile", str(TILE),
+    args = ["run", str(tmp_path / "in"), "-m", str(tiny_checkpoint), "-o", str(out), "--tile", str(TILE), "--allow-grey",
             "--export", "overlay,png,dicom-seg"]  # fmt: skip
     done = runner.invoke(app, args)
     assert done.exit_code == 1, done.output  # the garbage file fails, the scan completes
@@ -454,7 +454,7 @@ def test_no_identifier_in_file_or_folder_names_leaks(flows_env: None, tiny_check
 
     # --keep-paths: the path in the store's provenance and the local run record, still not in Prefect
     kept = tmp_path / "kept"
-    done = runner.invoke(app, ["run", str(folder / scan.name), "-m", str(tiny_checkpoint), "-o", str(kept),
+    done = runner.invoke(app, ["run", str(folder / scan.name), "-m", str(tiny_checkpoint), "-o", str(kept), "--allow-grey",
                                "--tile", str(TILE), "--export", "none", "--keep-paths"])  # fmt: skip
     assert done.exit_code == 0, done.output
     kept_id = Source.of(str(scan), str(kept)).image_id

@@ -36,6 +36,7 @@ from pipeline.io.exports import (
 from pipeline.job import ImageJob
 from pipeline.store import OutputStore
 from tests.io_fixtures import dicom_dataset, write_dicom, xray_pixels
+from tests.test_cli import write_png
 
 runner = CliRunner()
 TILE = "32"
@@ -47,13 +48,6 @@ def _mask(height: int, width: int) -> np.ndarray:
     mask[height // 4 : height // 2, width // 4 : width // 2] = 1
     mask[height // 2 :, width // 2 :] = 2
     return mask
-
-
-def write_png(path: Path, seed: int = 0) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)
-    PIL.Image.fromarray(pixels).save(path)
-    return path
 
 
 # -- the writers on an fsspec URL (memory://) ---------------------------------------------------

@@ -16,10 +16,6 @@ import ray
 
 log = logging.getLogger(__name__)
 
-CPU_THREADS_PER_WORKER = 4  # default CPU actor size: torch threads (and CPUs) per actor
-REACH_TIMEOUT_S = 5.0  # a head that takes no TCP connection in this time is not there
-PROBE_TIMEOUT_S = 10.0  # the Ray Client ping that tells a refused token
-RESOURCE_STEP = 1e-4  # Ray keeps resource amounts in units of 1/10000
 
 
 # ---------------------------------------------------------------------------------------

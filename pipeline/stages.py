@@ -69,10 +69,12 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
     card = cards.read_card(model_path)
     in_place = fetched_from is None
     with _open(input_path, config) as image:
-        image_id = image_id or safe_image_id(fetched_from or input_path, output_key(out_root))
         level, full_hw, work_hw = working_geometry(image, card)
         check_planned_work(image, level, work_hw, card, config, in_place)
         _check_channels(image, card, config)
+        # only now, once the image is accepted: a refused one leaves nothing behind, not
+        # even the output root's id key
+        image_id = image_id or safe_image_id(fetched_from or input_path, output_key(out_root))
         path = store_path(out_root, image_id)
         store = OutputStore.create_or_open(
             path, image_id=image_id, full_hw=full_hw, work_hw=work_hw, tile=config.tile,

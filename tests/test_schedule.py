@@ -129,7 +129,7 @@ def test_served_schedule_fires_and_each_run_does_only_what_is_new(
     log = tmp_path / "serve.log"
     serving = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "serve", str(archive), "-m", str(tiny_checkpoint), "-o", str(out),
-         "--interval", str(INTERVAL_S), "--tile", "32", "--export", "none"],
+         "--interval", str(INTERVAL_S), "--tile", "32", "--export", "none", "--keep-paths"],
         env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
         cwd=Path(__file__).resolve().parents[1],
     )  # fmt: skip

@@ -6,14 +6,13 @@ Usage: python benchmarks/memory.py [--sizes 4096 16384 32768] [--quick]
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.sizes import parent_args  # noqa: E402  (light: no torch)
 
 
 def one(size: int, workdir: Path) -> dict:
@@ -41,19 +40,13 @@ def monai_bytes(size: int, in_channels: int = 3, classes: int = 1) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384, 32768])
-    parser.add_argument("--quick", action="store_true", help="sizes 1024 and 4096")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.one:
-        with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(one(args.one, Path(tmp))))
+    args = parent_args(__doc__, [4096, 16384, 32768], one)
+    if args is None:  # a child process: it measured one size
         return
     sys.path.insert(0, str(ROOT))
     from benchmarks.common import goal, load, machine, run_one, table
 
-    sizes = [1024, 4096] if args.quick else args.sizes
+    sizes = args.sizes
     print(f"## Memory: peak RSS of segment() on synthetic slides (tiny U-Net, tile 1024, tissue skipping "
           f"off, one fresh process per size)\n\nMachine: {machine()}\n")
     rows = [run_one(__file__, ["--one", str(size)], worker_env=True) for size in sizes]

@@ -12,14 +12,14 @@ Usage: python benchmarks/memory_xray.py [--sizes 2048 8192 16384] [--quick]
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.sizes import parent_args  # noqa: E402  (light: no torch)
+
 BAND = 1024  # rows per band when writing the synthetic X-ray
 
 
@@ -71,23 +71,13 @@ def one(size: int, workdir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 8192, 16384])
-    parser.add_argument("--quick", action="store_true", help="sizes 1024 and 4096")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--make", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.make:
-        print(json.dumps({"path": str(make(args.make))}))
-        return
-    if args.one:
-        with tempfile.TemporaryDirectory() as tmp:
-            print(json.dumps(one(args.one, Path(tmp))))
+    args = parent_args(__doc__, [2048, 8192, 16384], one, make)
+    if args is None:  # a child process: it measured one size
         return
     sys.path.insert(0, str(ROOT))
     from benchmarks.common import goal, load, machine, run_one, table
 
-    sizes = [1024, 4096] if args.quick else args.sizes
+    sizes = args.sizes
     print(f"## Memory, X-rays: peak RSS of segment() on grey PNG X-rays (shipped lung-xray, working "
           f"size 256², tile 1024, one fresh process per size)\n\nMachine: {machine()}\n")
     for size in sizes:

@@ -338,3 +338,19 @@ def demo_console() -> Any:
     from rich.console import Console
 
     return Console(quiet=True)
+
+
+def test_tables_off_a_terminal_are_never_cut(capsys: pytest.CaptureFixture[str]) -> None:
+    """Piped into a log (not a terminal), rich would fit a table into 80 columns and cut
+    cells short ("com…"); segpipe's consoles give it the width it needs."""
+    from flows.console import _console, results_table
+    from flows.report import ImageResult
+
+    rows = [ImageResult(input=None, image_id=f"{'0123456789abcdef' * 2}-{i}", state="complete", size=(20000, 20000),
+                        counts={"done": 1234, "skipped": 5678, "failed": 0}, seconds=1234.5,
+                        mask_fraction={"lung": 0.123456, "heart": 0.654321}) for i in range(3)]  # fmt: skip
+    console = _console()
+    assert not console.is_terminal
+    console.print(results_table(rows))
+    printed = capsys.readouterr().out
+    assert "…" not in printed and "complete" in printed and all(r.image_id in printed for r in rows)

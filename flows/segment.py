@@ -24,6 +24,7 @@ from prefect.states import Failed, State
 
 from flows import progress, report
 from flows.discover import Inputs, Source, fingerprint
+from flows.outcome import keep, outcome
 from flows.outputs import job_for
 from flows.report import ImageResult
 from flows.tasks import (
@@ -95,8 +96,9 @@ def segment_image(source: Source, model: str, out: str, config: RunConfig | None
     if _is_top_level():
         create_table_artifact([result.row()], key=TABLE_KEY, description=f"segment-image {job.image_id}")
     if not result.ok:  # a partial image is a failed run: automations and the UI must see it
-        return Failed(message=f"{job.image_id}: {result.state}, {summary['failed_total']} tiles failed", data=result)
-    return result
+        failed_tiles = summary["failed_total"]
+        return keep(Failed(message=f"{job.image_id}: {result.state}, {failed_tiles} tiles failed", data=result))
+    return keep(result)
 
 
 @flow(name="segment-collection")
@@ -129,8 +131,8 @@ def segment_collection(inputs: Inputs | list[str], model: str, out: str, config:
     if any(not r.ok for r in results):  # a bad night is a Failed run, with every result as data
         counts = report.totals(results)
         problems = ", ".join(f"{counts[k]} {k}" for k in ("partial", "failed") if counts[k])
-        return Failed(message=f"{problems} of {len(results)} images", data=results)
-    return results
+        return keep(Failed(message=f"{problems} of {len(results)} images", data=results))
+    return keep(results)
 
 
 @task(name="image", cache_policy=NO_CACHE)
@@ -139,11 +141,11 @@ def image_task(source: Source, model_path: str, out: str, config: RunConfig, poo
     so the collection goes on. (A task around the subflow lets images run concurrently.)"""
     start = time.perf_counter()
     state = segment_image(source, model_path, out, config, pool, return_state=True)
-    outcome = state.result(raise_on_failure=False)
-    if isinstance(outcome, ImageResult):  # complete, or partial (a Failed state carrying it)
-        result = outcome
+    value = outcome(state)
+    if isinstance(value, ImageResult):  # complete, or partial (a Failed state carrying it)
+        result = value
     else:
-        exc = outcome if isinstance(outcome, BaseException) else RuntimeError(state.message or state.name)
+        exc = value if isinstance(value, BaseException) else RuntimeError(state.message or state.name)
         result = report.failed(source.image_id, exc, time.perf_counter() - start)
         get_run_logger().error(result.error)
     progress.emit(progress.Event("finished", source.image_id, state=result.state))
@@ -300,9 +302,9 @@ def _is_top_level() -> bool:
 def results(state: State) -> list[ImageResult]:
     """A collection run's results from its final state, Completed or Failed; a run that
     could not go on (bad input list, no cluster) raises its error."""
-    outcome = state.result(raise_on_failure=False)
-    if isinstance(outcome, BaseException):
-        raise outcome
-    if not isinstance(outcome, list):
+    value = outcome(state)
+    if isinstance(value, BaseException):
+        raise value
+    if not isinstance(value, list):
         raise RuntimeError(f"segment-collection ended {state.name}: {state.message}")
-    return outcome
+    return value

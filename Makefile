@@ -13,8 +13,12 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # constraints.txt is the lock: the same versions here, in CI and in deploy/Containerfile.
+# dciodvfy (dicom3tools) checks the DICOM SEG exports in the tests: installed with apt
+# where it is missing and we may (root); elsewhere those checks are skipped, with a reason.
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	command -v dciodvfy >/dev/null || [ "$$(id -u)" != 0 ] || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dicom3tools >/dev/null; }
 	touch $(STAMP)
 
 # pytest exits 5 when it collects nothing: say so and fail, rather than pass silently.

@@ -600,3 +600,57 @@ def test_an_autoscaling_cluster_adds_a_gpu_node_for_the_workers_asked_for(autosc
     assert "1 of 1 tile workers wait for a node after 1 s (each asks CPU 1, GPU 1" in said
     assert sorted(got["gpus"]) == [0, 1]  # the autoscaler added the GPU node
     assert got["done"] == got["total"] == 4
+
+
+# -- a node dying mid-run --------------------------------------------------------------------
+
+
+@pytest.fixture
+def expendable() -> Iterator[LoopbackCluster]:
+    """A two-node cluster of its own: the test kills its node."""
+    yield from _cluster()
+
+
+def _tiles_done(out: Path) -> int:
+    from pipeline.job import TileStatus
+    from pipeline.store import OutputStore
+
+    stores = list(out.glob("*.zarr"))
+    if not stores:
+        return 0
+    with contextlib.suppress(Exception):  # created but not yet written: not yet
+        return int((OutputStore.open(stores[0]).status_grid() == TileStatus.DONE).sum())
+    return 0
+
+
+@pytest.mark.slow  # a cluster of its own, the CLI's whole run, a node killed under it
+def test_a_node_dying_mid_run_costs_no_tile_and_leaves_json_stdout_clean(expendable, tiny_checkpoint, tmp_path):
+    image = tmp_path / "in" / "x.png"
+    image.parent.mkdir()
+    PILImage.fromarray(np.random.default_rng(0).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "out"
+    command = [*expendable.prefix, sys.executable, "-m", "flows.cli", "run", str(image), "-m", str(tiny_checkpoint),
+               "-o", str(out), "--tile", "32", "--export", "none", "--json", "--gpus-per-worker", "0",
+               "--ray-address", expendable.address]  # fmt: skip
+    env = {k: v for k, v in expendable.env().items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect")
+    driver = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while _tiles_done(out) < 16:  # both workers run tiles by now
+            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+            time.sleep(0.1)
+        node = expendable.procs[-1]  # ours, by PID: `ray start --block` with its raylet, agents and worker
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+        stdout, stderr = driver.communicate(timeout=300)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+
+    assert driver.returncode == 0, stderr[-3000:]
+    [result] = json.loads(stdout)  # stdout is the results, and nothing else
+    assert result["state"] == "complete" and result["counts"]["done"] == 32 * 32
+    assert "raylet" not in stderr and "A worker died" not in stderr, stderr[-3000:]  # no -v: none of Ray's dump

@@ -5,6 +5,7 @@ and the likely cause.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -40,7 +41,38 @@ def connect(config: RunConfig) -> WorkerShape:
             ray.init(log_to_driver=_log_to_driver())
         else:
             join(address)
+    route_cluster_messages(verbose=_log_to_driver())
     return plan_workers(config)
+
+
+def route_cluster_messages(verbose: bool) -> None:
+    """Keep what the cluster publishes off stdout, which belongs to the results (--json).
+
+    A Ray driver prints the errors the cluster publishes (a worker died, a dying node's
+    ~40 lines of raylet state) to stdout from a thread of its own, whatever log_to_driver
+    says, and offers no hook for it (Ray 2.60: `listen_error_messages` calls
+    `ray._private.worker.print_to_stdstream` by its module name). That name is rebound
+    here: these messages go to stderr with -v and to this module's debug log without it
+    (the run's own lines already say what a lost worker costs). Workers' own output, which
+    log_to_driver copies only with -v, goes to stderr too."""
+    from ray._private import worker as ray_worker
+
+    printing = getattr(ray_worker.print_to_stdstream, "__wrapped__", ray_worker.print_to_stdstream)
+
+    def route(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if verbose:
+            printing({**data, "is_err": True}, ignore_prefix)
+        elif data.get("pid") == "raylet":
+            for line in data.get("lines", []):
+                log.debug("from the cluster: %s", line)
+
+    route.__wrapped__ = printing  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = route
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    if any(name == "ray_print_logs" for name, _ in dispatcher.handlers):  # log_to_driver's copy
+        ignore = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        dispatcher.remove_handler("ray_print_logs")
+        dispatcher.add_handler("ray_print_logs", functools.partial(route, ignore_prefix=ignore))
 
 
 def join(address: str) -> None:

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -95,8 +96,12 @@ def discover(inputs: Iterable[str], out_root: str) -> list[Source]:
     exclude = _local_root(out_root)
     found: set[str] = set()
     for item in inputs:
-        for location, _root in _expand(str(item), exclude):
+        skipped: Counter[str] = Counter()
+        for location, _root in _expand(str(item), exclude, skipped):
             found.add(location)
+        if skipped:  # by count and reason: a file name may be a patient's (invariant 8)
+            reasons = ", ".join(f"{n} {why}" for why, n in sorted(skipped.items()))
+            log.warning("%s: skipped %d entries that look like images: %s", item, skipped.total(), reasons)
     if not found:
         raise InputError(f"{', '.join(map(str, inputs)) or '(nothing)'}: no images found")
     return _named(found, output_key(out_root))
@@ -106,7 +111,7 @@ def is_url(text: str) -> bool:
     return "://" in text
 
 
-def _expand(item: str, exclude: Path | None) -> Iterator[tuple[str, str | None]]:
+def _expand(item: str, exclude: Path | None, skipped: Counter[str]) -> Iterator[tuple[str, str | None]]:
     if is_url(item) and not item.startswith("file://"):
         yield from _expand_url(item)
         return
@@ -115,22 +120,26 @@ def _expand(item: str, exclude: Path | None) -> Iterator[tuple[str, str | None]]
         root = _glob_root(path)
         for match in sorted(glob.glob(str(path), recursive=True)):
             if Path(match).is_dir():
-                yield from _walk(Path(match), exclude, root)
-            elif _is_image_file(Path(match)):
+                yield from _walk(Path(match), exclude, root, skipped)
+            elif _is_image_file(Path(match), skipped):
                 yield _resolved(match), root
     elif path.is_dir() and not _is_zarr(path):
-        yield from _walk(path, exclude, str(path.resolve()))
+        yield from _walk(path, exclude, str(path.resolve()), skipped)
     elif path.suffix.lower() in LIST_SUFFIXES and path.is_file():
-        yield from _read_list(path, exclude)
+        yield from _read_list(path, exclude, skipped)
     elif path.exists():
+        if not (path.is_file() or path.is_dir()):  # reading a FIFO would block the run
+            raise InputError(f"{item}: not a regular file (a FIFO, socket or device)")
         yield _resolved(path), None
     else:
         raise InputError(f"{item}: no such file, folder or glob match")
 
 
-def _walk(folder: Path, exclude: Path | None, root: str | None) -> Iterator[tuple[str, str | None]]:
+def _walk(folder: Path, exclude: Path | None, root: str | None,
+          skipped: Counter[str]) -> Iterator[tuple[str, str | None]]:  # fmt: skip
     """Images under `folder`: zarr stores are images (not descended into), hidden entries
-    and the output root are left out."""
+    and the output root are left out; files left out that look like images are counted
+    in `skipped` by reason."""
     for current, dirs, files in os.walk(folder):
         here = Path(current)
         kept = []
@@ -145,18 +154,21 @@ def _walk(folder: Path, exclude: Path | None, root: str | None) -> Iterator[tupl
             kept.append(name)
         dirs[:] = kept
         for name in sorted(files):
-            if not name.startswith(".") and _is_image_file(here / name):
+            if name.startswith("."):
+                if _named_like_image(name):  # `..png`, macOS's `._x.png`
+                    skipped["hidden (name starts with '.')"] += 1
+            elif _is_image_file(here / name, skipped):
                 yield _resolved(here / name), root
 
 
-def _read_list(path: Path, exclude: Path | None) -> Iterator[tuple[str, str | None]]:
+def _read_list(path: Path, exclude: Path | None, skipped: Counter[str]) -> Iterator[tuple[str, str | None]]:
     for line in path.read_text().splitlines():
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
         if not is_url(entry) and not Path(entry).expanduser().is_absolute():
             entry = str(path.parent / entry)
-        yield from _expand(entry, exclude)
+        yield from _expand(entry, exclude, skipped)
 
 
 def _expand_url(url: str) -> Iterator[tuple[str, str | None]]:
@@ -185,9 +197,16 @@ def _expand_url(url: str) -> Iterator[tuple[str, str | None]]:
             yield fs.unstrip_protocol(name), None
 
 
-def _is_image_file(path: Path) -> bool:
-    """An image by extension, or (any other name) by its first bytes."""
-    if path.name in _SKIP_NAMES or not path.is_file():
+def _is_image_file(path: Path, skipped: Counter[str]) -> bool:
+    """An image by extension, or (any other name) by its first bytes. A link to nothing
+    and what is not a regular file (a FIFO, a socket, a device) are counted in `skipped`
+    when named like an image: reading a FIFO would block the run."""
+    if path.name in _SKIP_NAMES:
+        return False
+    if not path.is_file():
+        if _named_like_image(path.name):
+            broken = path.is_symlink() and not path.exists()
+            skipped["links to nothing" if broken else "not regular files (FIFO, socket, device)"] += 1
         return False
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return True
@@ -197,6 +216,10 @@ def _is_image_file(path: Path) -> bool:
         return sniff(path) != "zarr"
     except InputError:
         return False
+
+
+def _named_like_image(name: str) -> bool:
+    return name.lower().endswith(tuple(IMAGE_SUFFIXES))  # Path("..png").suffix is ""
 
 
 def _is_zarr(path: Path) -> bool:

@@ -83,6 +83,27 @@ def test_one_output_id_per_file_however_it_is_named(tmp_path: Path, monkeypatch:
     assert len(ids) == 1
 
 
+def test_discover_says_what_it_skips_without_naming_files(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = tmp_path / "in"
+    write_png(root / "a..b.png")  # two dots inside a name: an image like any other
+    (root / "..png").write_bytes((root / "a..b.png").read_bytes())  # hidden
+    (root / "._Doe_Jane.png").write_bytes(b"\0\5\26\7")  # macOS's AppleDouble beside a copied file: hidden
+    os.mkfifo(root / "Doe_Jane.png")  # reading it would block the run
+    (root / "SECRET-4711.png").symlink_to(tmp_path / "gone.png")  # a link to nothing
+    (root / "notes.txt").write_text("not an image, not counted")
+
+    with caplog.at_level(logging.WARNING, logger="flows.discover"):
+        sources = discover([str(root)], str(tmp_path / "out"))
+
+    assert [Path(s.uri).name for s in sources] == ["a..b.png"]
+    [said] = [r.getMessage() for r in caplog.records]
+    assert said == (f"{root}: skipped 4 entries that look like images: 2 hidden (name starts with '.'), "
+                    "1 links to nothing, 1 not regular files (FIFO, socket, device)")  # fmt: skip
+    assert "Doe" not in said and "SECRET" not in said
+    with pytest.raises(InputError, match="Doe_Jane.png: not a regular file"):  # named as an input: refused
+        discover([str(root / "Doe_Jane.png")], str(tmp_path / "out"))
+
+
 def test_discover_globs_list_files_and_collisions(tmp_path: Path) -> None:
     one, two = write_png(tmp_path / "x" / "scan.png"), write_png(tmp_path / "y" / "scan.png")
     listing = tmp_path / "inputs.txt"

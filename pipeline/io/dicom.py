@@ -8,7 +8,9 @@ first read, and kept (X-rays are ~2000^2; the header's size was checked at open)
 
 from __future__ import annotations
 
+import logging
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,14 @@ from pipeline.errors import InputError
 from pipeline.io.image import Image, Kind, Limits, one_line
 
 _COMPRESSED_SYNTAXES = "JPEG baseline, JPEG lossless, JPEG-LS, JPEG 2000, RLE"
+
+# A file cut inside its encapsulated (compressed) pixel data: pydicom drops the element
+# with this warning (and the same log line), and the reader says it in one line of its own
+# (`_checked_geometry`): the warning would only add two lines of pydicom's to the terminal.
+_CUT_MESSAGE = "End of file reached before delimiter"
+warnings.filterwarnings("ignore", message=_CUT_MESSAGE)
+logging.getLogger("pydicom").addFilter(lambda record: _CUT_MESSAGE not in record.getMessage())
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as it lies in a little-endian file
 
 
 class DicomImage(Image):
@@ -77,6 +87,8 @@ def _read_dataset(path: Path) -> Dataset:
 def _checked_geometry(path: Path, ds: Dataset) -> tuple[int, int]:
     """Rows and columns from the header, after refusing what this reader cannot handle."""
     if "PixelData" not in ds:
+        if _PIXEL_DATA_TAG in path.read_bytes():
+            raise InputError(f"{path}: truncated DICOM: the file ends inside its pixel data")
         raise InputError(f"{path}: DICOM without pixel data")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:

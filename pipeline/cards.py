@@ -8,6 +8,7 @@ and the flows read cards; only workers and training build models
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ MAX_CLASSES = 255  # foreground classes in a uint8 mask (0 is background)
 MAX_TILE = 16384
 MAX_HALO = 1024
 IN_CHANNELS = (1, 3)
+MODALITY = re.compile(r"[A-Z0-9]{1,16}")  # a DICOM Modality (CS) value
 
 
 @dataclass
@@ -53,6 +55,10 @@ class ModelCard:
     tile: int | None = None
     halo: int | None = None
     threshold: float = 0.5
+    # DICOM Modality values the model was trained on ([]: any, and non-DICOM inputs carry
+    # none): a DICOM of another modality is refused (a shoulder MR through the lung model
+    # gave a confident 16 % "lung") unless the run says --allow-modality.
+    modalities: list[str] = field(default_factory=list)
     data: str = ""
     license: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -154,6 +160,10 @@ def _card_problems(card: ModelCard) -> list[str]:
         problems.append(f"halo={card.halo!r:.40} not in 0..{MAX_HALO}")
     if not _number_in(card.threshold, 0.0, 1.0):
         problems.append(f"threshold={card.threshold!r:.40} not in [0, 1]")
+    modalities = card.modalities
+    if not (isinstance(modalities, list) and len(modalities) <= 16
+            and all(isinstance(m, str) and MODALITY.fullmatch(m) for m in modalities)):  # fmt: skip
+        problems.append(f"modalities={modalities!r:.80} must list DICOM Modality codes (CR, DX, ...)")
     return problems
 
 

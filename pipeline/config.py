@@ -75,6 +75,7 @@ class RunConfig:
     precision: Precision = setting("auto", panel=MODEL, help="auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16.")
     tta: bool = setting(False, panel=MODEL, help="Average over horizontal and vertical flips (4x the compute).")
     allow_grey: bool = setting(False, panel=MODEL, pixels=False, help="Run grey images through a colour (RGB) model, grey repeated into R, G and B (default: refuse them).")
+    allow_modality: bool = setting(False, panel=MODEL, pixels=False, help="Run DICOM images of a modality the model card does not list (default: refuse them).")
     threshold: float | None = setting(None, panel=MODEL, help="Probability threshold of binary models, in [0, 1] (default: the card's).")
     # -- tissue
     tissue: bool | None = setting(None, panel=TISSUE, help="Skip background tiles (default: on for slides, off for X-rays).")

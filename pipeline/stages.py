@@ -72,6 +72,7 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
         level, full_hw, work_hw = working_geometry(image, card)
         check_planned_work(image, level, work_hw, card, config, in_place)
         _check_channels(image, card, config)
+        _check_modality(image, card, config)
         # only now, once the image is accepted: a refused one leaves nothing behind, not
         # even the output root's id key
         image_id = image_id or safe_image_id(fetched_from or input_path, output_key(out_root))
@@ -190,6 +191,16 @@ def _check_channels(image: Image, card: ModelCard, config: RunConfig) -> None:
         model = f"the model {card.name}" if card.name else "the model"
         raise InputError(f"{image.path}: a grey image, and {model} expects colour (RGB); run with "
                          "--allow-grey to repeat grey into R, G and B")  # fmt: skip
+
+
+def _check_modality(image: Image, card: ModelCard, config: RunConfig) -> None:
+    """A DICOM whose Modality the card does not list is refused unless asked for. A DICOM
+    without the (type 1) attribute goes on: nothing says it is of another kind."""
+    modality = str(image.metadata_safe().get("modality", "")).strip().upper()
+    if card.modalities and modality and modality not in card.modalities and not config.allow_modality:
+        model = f"the model {card.name}" if card.name else "the model"
+        raise InputError(f"{image.path}: a DICOM of modality {modality}, and {model} takes "
+                         f"{', '.join(card.modalities)}; run with --allow-modality to segment it anyway")  # fmt: skip
 
 
 def _open(path: str, config: RunConfig) -> Image:

@@ -53,6 +53,7 @@ def lung_xray(data: Path, out: Path) -> TrainConfig:
         val_masks=str(data / "cxr-txrv" / "16747_3_1_lungmask_v7labs.jpg"),
         out=str(out), name="lung-xray",
         filters=(8, 16, 32, 64, 128), in_channels=1, classes=1, class_names=("lung",),
+        modalities=("CR", "DX"),  # projection radiographs: a chest CT or MR is refused
         size=(256, 256), patch=256,
         normalization={"kind": "percentile", "low": 1, "high": 99},
         # upright films: left-right flips only; zoom and stretch cover other collimations

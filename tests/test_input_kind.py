@@ -30,3 +30,43 @@ def test_alpha_does_not_move_the_normalisation_window() -> None:
     spec = {"kind": "percentile", "low": 1, "high": 99}
     assert image_stats(rgba, spec, 3) == image_stats(rgb, spec, 3)
     assert image_stats(rgba, spec, 1) == image_stats(rgb, spec, 1)
+
+
+@pytest.fixture(scope="module")
+def chest_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny grey U-Net whose card takes projection radiographs only (CR, DX)."""
+    from pipeline import cards
+    from pipeline.models import build_model, checkpoint
+
+    path = tmp_path_factory.mktemp("chest") / "chest.safetensors"
+    model = build_model("unet", in_channels=1, classes=1, filters=[4, 8, 16])
+    checkpoint.save(model, cards.ModelCard(arch="", config={}, name="chest", modalities=["CR", "DX"]), path)
+    return path
+
+
+def test_a_dicom_of_a_modality_the_card_does_not_list_is_refused_unless_allowed(
+    chest_checkpoint: Path, tmp_path: Path
+) -> None:
+    from tests.io_fixtures import dicom_dataset, write_dicom, xray_pixels
+
+    scan = dicom_dataset(xray_pixels(64, 48, 12), 12)
+    scan.Modality = "MR"  # a shoulder MR, say: the lung model gave it a confident 16 % "lung"
+    mr = write_dicom(tmp_path / "mr.dcm", scan)
+    with pytest.raises(InputError, match=r"mr\.dcm: a DICOM of modality MR, and the model chest takes CR, DX; "
+                                         r"run with --allow-modality"):  # fmt: skip
+        pipeline.segment(mr, chest_checkpoint, tmp_path / "out", tile=32, exports=())
+    assert not list(tmp_path.glob("out/*.zarr"))  # refused before anything was written
+    done = pipeline.segment(mr, chest_checkpoint, tmp_path / "out", tile=32, exports=(), allow_modality=True)
+    assert OutputStore.open(done).state == "complete"
+
+    scan.Modality = "DX"
+    dx = write_dicom(tmp_path / "dx.dcm", scan)
+    assert OutputStore.open(pipeline.segment(dx, chest_checkpoint, tmp_path / "out", tile=32, exports=())).state == "complete"
+
+
+def test_the_shipped_lung_model_takes_projection_radiographs_only() -> None:
+    from pipeline import cards
+
+    assert cards.read_card(cards.resolve("lung-xray")).modalities == ["CR", "DX"]
+    with pytest.raises(pipeline.errors.CheckpointError, match="modalities"):
+        cards.ModelCard(arch="unet", config={"filters": [4, 8]}, modalities=["mr; rm -rf"]).validate()

@@ -41,6 +41,7 @@ class TrainConfig:
     in_channels: int = 3
     classes: int = 1
     class_names: tuple[str, ...] = ("foreground",)
+    modalities: tuple[str, ...] = ()  # DICOM Modality values the card accepts (): any
     deep_supervision: bool = True
     checkpointing: bool = False  # activation checkpointing: less memory, ~30% more time
     # data at the model's scale

@@ -42,8 +42,10 @@ from pipeline.engine.pool import RunPool
 from pipeline.io import location
 from pipeline.io.exports import export_exists
 from pipeline.store import (
+    LOCK_POLL_S,
     OutputStore,
     StoreError,
+    StoreLock,
     Verdict,
     same_output,
     schedule_repair,
@@ -124,7 +126,7 @@ def segment_collection(inputs: Inputs | list[str], model: str, out: str, config:
     if todo:
         _connect(run)  # here, in the flow's thread: Ray starts best from the main thread
     with _ray_pool(model_path, run) as pool:
-        fresh = _run_bounded(todo, model_path, out, run, pool, max(1, concurrency))
+        fresh = _run_bounded(todo, model_path, out, run, pool, max(1, concurrency), wanted)
     order = {s.image_id: i for i, s in enumerate(sources)}
     results = sorted([*reused.values(), *fresh], key=lambda r: order[r.image_id])
     results = _report(results, out, {s.image_id: s.uri for s in sources} if run.keep_paths else {})
@@ -252,16 +254,46 @@ def _cheap_verdict(store: OutputStore) -> Verdict | Exception:
 
 
 def _run_bounded(todo: list[Source], model_path: str, out: str, config: RunConfig,
-                 pool: RunPool, limit: int) -> list[ImageResult]:
-    """Run the images, at most `limit` at a time; results in the order they finish."""
-    queue, running, results = deque(todo), set(), []
-    while queue or running:
+                 pool: RunPool, limit: int, wanted: dict[str, Any]) -> list[ImageResult]:  # fmt: skip
+    """Run the images, at most `limit` at a time; results in the order they finish.
+
+    Each image runs under its output's lock (pipeline/store/lock.py). One that another run
+    holds is put aside and taken up when nothing else is left: once its lock is ours, it
+    is reused when that run completed it (no tile runs twice), else it runs here."""
+    queue, running, results = deque(todo), {}, []
+    aside: list[tuple[Source, StoreLock]] = []
+    while queue or running or aside:
         while queue and len(running) < limit:
-            running.add(image_task.submit(queue.popleft(), model_path, out, config, pool))
-        finished = next(iter(as_completed(running)))
-        running.discard(finished)
-        results.append(finished.result())
+            source = queue.popleft()
+            lock = StoreLock(out, source.image_id)
+            if lock.try_acquire():
+                running[image_task.submit(source, model_path, out, config, pool)] = lock
+            else:
+                get_run_logger().info("%s: another run is working on it; taken up last", source.image_id)
+                aside.append((source, lock))
+        if running:
+            finished = next(iter(as_completed(running)))
+            running.pop(finished).release()
+            results.append(finished.result())
+        elif aside:
+            source, lock = _first_released(aside)
+            done = _reusable([source], out, wanted, config)
+            if source.image_id in done:
+                lock.release()
+                results.append(done[source.image_id])
+            else:
+                running[image_task.submit(source, model_path, out, config, pool)] = lock
     return results
+
+
+def _first_released(aside: list[tuple[Source, StoreLock]]) -> tuple[Source, StoreLock]:
+    """Wait until another run lets go of one of the images put aside; take it (its lock
+    now held here) out of the list."""
+    while True:
+        for i, (_, lock) in enumerate(aside):
+            if lock.try_acquire():
+                return aside.pop(i)
+        time.sleep(LOCK_POLL_S)
 
 
 def _connect(config: RunConfig) -> None:

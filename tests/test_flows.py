@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,51 @@ def test_second_collection_run_does_no_inference(flows_env: None, tiny_checkpoin
     third = segment_collection(*args)
     assert [r.reused for r in third] == [True, True, True, False]
     assert counting == {"infer": 4, "pools": 2}
+
+
+@pytest.mark.slow  # a collection run beside "another run" of one of its images
+def test_an_image_another_run_holds_is_taken_up_last_and_not_run_twice(flows_env: None, tiny_checkpoint: Path,
+                                                                       tmp_path: Path, counting: dict[str, int]) -> None:  # fmt: skip
+    import threading
+
+    import pipeline
+    from flows.segment import segment_collection
+    from pipeline.store import StoreLock
+
+    images = [write_png(tmp_path / "in" / f"x{i}.png", seed=i) for i in range(3)]
+    out = str(tmp_path / "out")
+    ids = [Source.of(str(p), out).image_id for p in images]
+    held = StoreLock(out, ids[1])
+    assert held.try_acquire()  # another run (here, this thread) works on x1
+
+    def other_run() -> None:
+        try:
+            deadline = time.monotonic() + 300
+            while not all(_complete(out, i) for i in (ids[0], ids[2])):  # the collection ran the others first
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            pipeline.segment(images[1], tiny_checkpoint, out, tile=TILE, exports=())
+        finally:
+            held.release()
+
+    other = threading.Thread(target=other_run)
+    other.start()
+    results = segment_collection([str(tmp_path / "in")], str(tiny_checkpoint), out, RunConfig(tile=TILE))
+    other.join()
+
+    assert [r.state for r in results] == ["complete"] * 3
+    assert {r.image_id: r.reused for r in results} == {ids[0]: False, ids[1]: True, ids[2]: False}
+    assert counting["infer"] == 3  # x0 and x2 by the collection, x1 once, by the other run
+    assert Path(next(r for r in results if r.image_id == ids[1]).exports["overlay"]).is_file()  # what it lacked
+
+
+def _complete(out: str, image_id: str) -> bool:
+    from pipeline.store import store_path
+
+    try:
+        return OutputStore.open(store_path(out, image_id)).state == "complete"
+    except Exception:  # not there yet
+        return False
 
 
 def test_collection_isolates_a_corrupt_image(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -7,12 +7,15 @@
     status.py      the tile status grid
     checksums.py   per-chunk digests, sizes and modification markers (recorded at finalize)
     verify.py      checking a store against them; scheduling the repair of what fails
+    lock.py        one run at a time on each image's output (StoreLock)
     thumbnail.py   the grey NGFF picture of the input at the group's root
     store.py       OutputStore: opening, metadata, pixels, finalize, summary
 """
 
 from pipeline.store.errors import NotAStoreError, StoreError, storage_refusal
 from pipeline.store.layout import StoreLayout, pyramid_shapes
+from pipeline.store.lock import POLL_S as LOCK_POLL_S
+from pipeline.store.lock import StoreLock
 from pipeline.store.names import output_key, safe_image_id, store_path
 from pipeline.store.ngff import ngff_image_label, ngff_multiscales
 from pipeline.store.provenance import check_provenance, same_output
@@ -20,6 +23,8 @@ from pipeline.store.store import OutputStore
 from pipeline.store.verify import Verdict, schedule_repair, verify_store
 
 __all__ = [
+    "LOCK_POLL_S",
+    "StoreLock",
     "NotAStoreError",
     "OutputStore",
     "StoreError",

@@ -467,17 +467,19 @@ def test_an_output_lock_is_one_holders_and_dies_with_it(tmp_path: Path) -> None:
 
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from pipeline.store import StoreLock; "
-        f"assert StoreLock({str(tmp_path)!r}, 'a1').try_acquire(); print('held', flush=True); time.sleep(600)")],
+        f"lock = StoreLock({str(tmp_path)!r}, 'a1'); assert lock.try_acquire(); print('held', flush=True); "
+        "time.sleep(600)")],
         stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
         mine = StoreLock(tmp_path, "a1")
         assert not mine.try_acquire() and not mine.acquire(timeout=1.5)  # another process holds it
-        assert StoreLock(tmp_path, "b2").try_acquire()  # another image's is free
+        other = StoreLock(tmp_path, "b2")
+        assert other.try_acquire()  # another image's is free
         holder.send_signal(signal.SIGKILL)  # ours, by PID: a run killed any way at all
         holder.wait()
         assert mine.acquire(timeout=10)  # the kernel let go of it
-        assert not StoreLock(tmp_path, "a1").try_acquire()  # and now this object holds it
+        assert not StoreLock(tmp_path, "a1").try_acquire()  # and now `mine` holds it
         mine.release()
         assert StoreLock(tmp_path, "a1").try_acquire()
     finally:

@@ -275,7 +275,47 @@ def test_a_tile_that_keeps_killing_its_worker_is_failed_not_resubmitted_forever(
     )  # fmt: skip
     backend = _LosingBackend()
 
-    counts = run_tiles(None, plan_tiles((32, 32), 16)[:1], backend, store, retries=3)
+    job = ImageJob("s", str(tmp_path / "in.png"), str(tmp_path / "s.zarr"), (32, 32), (32, 32), 16, 0)
+    counts = run_tiles(job, plan_tiles((32, 32), 16)[:1], backend, store, retries=3)
 
     assert counts["failed"] == 1 and backend.sent == [(0, 0)] * MAX_LOSSES
     assert "worker lost" in store.failures()[(0, 0)]["error"]
+
+
+class _NamingBackend:
+    """Workers whose errors name the input, as a reader's do: tile (0, 0) raises, tile
+    (0, 1) reports its failure."""
+
+    slots = 2
+
+    def __init__(self, path: str):
+        self.path, self.pending = path, []
+
+    def submit(self, job, tile, attempt):
+        self.pending.append(tile.index)
+        return tile.index
+
+    def wait(self, timeout):
+        index = self.pending.pop(0)
+        if index == (0, 0):
+            return [(index, OSError(f"{self.path}: cannot decode tile at offset 4096"))]
+        name = self.path.rsplit("/", 1)[-1]
+        return [(index, TileReport(index, TileStatus.FAILED, error=f"{name}: bad strip", attempts=1))]
+
+
+def test_a_tile_error_naming_the_input_is_stored_and_logged_with_the_image_id(tmp_path, caplog):
+    path = str(tmp_path / "Doe^Jane" / "DOE_JANE_19700101.tif")
+    store = OutputStore.create_or_open(
+        tmp_path / "s.zarr", image_id="3f2a91c07d4e0b18", full_hw=(16, 32), work_hw=(16, 32), tile=16,
+        full_chunk=16, classes=["fg"], provenance={},
+    )  # fmt: skip
+    job = ImageJob("3f2a91c07d4e0b18", path, str(tmp_path / "s.zarr"), (16, 32), (16, 32), 16, 0)
+
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        run_tiles(job, plan_tiles((16, 32), 16), _NamingBackend(path), store, retries=0)
+
+    failures = store.failures()
+    assert failures[(0, 0)]["error"] == "OSError: 3f2a91c07d4e0b18: cannot decode tile at offset 4096"
+    assert failures[(0, 1)]["error"] == "3f2a91c07d4e0b18: bad strip"
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "3f2a91c07d4e0b18" in said and "DOE" not in said and "Doe" not in said

@@ -12,7 +12,8 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import PurePath
 from typing import Protocol
 
 from pipeline.engine.tiling import Tile
@@ -71,6 +72,7 @@ def run_tiles(
     progress: Progress | None = None,
 ) -> dict[str, int]:
     """Run `tiles` to DONE or FAILED, recording each in the store; returns the counts."""
+    private = _privacy(job)
     queue = deque(_Pending(t) for t in tiles)
     in_flight: dict[Hashable, _Pending] = {}
     unsaved: list[TileReport] = []
@@ -84,7 +86,7 @@ def run_tiles(
         finished = backend.wait(timeout=0.1 if delay is None else min(delay, 0.1) or 0.01)
         for key, outcome in finished:
             item = in_flight.pop(key)
-            report = _settle(item, outcome, retries, queue)
+            report = _settle(item, outcome, retries, queue, private)
             if report is not None:
                 unsaved.append(report)
                 if progress is not None:
@@ -97,21 +99,36 @@ def run_tiles(
     return store.counts()
 
 
-def _settle(
-    item: _Pending, outcome: TileReport | BaseException, retries: int, queue: deque[_Pending]
-) -> TileReport | None:
+def _privacy(job: ImageJob) -> Callable[[str], str]:
+    """What a tile's error becomes before it is logged or stored: a worker's message may
+    name the input (a reader's errors start with its file), and names stay with the input
+    (invariant 8): the image id stands in for its path and for its file name."""
+    names = sorted({job.input_path, PurePath(job.input_path).name} - {""}, key=len, reverse=True)
+
+    def scrub(text: str) -> str:
+        for name in names:
+            text = text.replace(name, job.image_id)
+        return text
+
+    return scrub
+
+
+def _settle(item: _Pending, outcome: TileReport | BaseException, retries: int,
+            queue: deque[_Pending], private: Callable[[str], str] = str) -> TileReport | None:  # fmt: skip
     """A final report for the tile, or None when it was queued again."""
     if isinstance(outcome, TileReport):
+        if outcome.error:
+            return replace(outcome, error=private(outcome.error))
         return outcome
     if isinstance(outcome, WorkerLost):
         if item.losses + 1 < MAX_LOSSES:
             log.warning("tile %s: worker lost, resubmitting", item.tile.index)
             queue.appendleft(_Pending(item.tile, item.attempt, losses=item.losses + 1))
             return None
-        error = f"worker lost {MAX_LOSSES} times running this tile; last: {outcome}"
+        error = private(f"worker lost {MAX_LOSSES} times running this tile; last: {outcome}")
         log.error("tile %s failed: %s", item.tile.index, error)
         return TileReport(item.tile.index, TileStatus.FAILED, error=error, attempts=item.attempt)
-    error = f"{type(outcome).__name__}: {outcome}".splitlines()[0]
+    error = private(f"{type(outcome).__name__}: {outcome}".splitlines()[0])
     if item.attempt <= retries:
         log.info("tile %s attempt %d failed (%s); retrying", item.tile.index, item.attempt, error)
         wait_s = BACKOFF_BASE_S * 2 ** (item.attempt - 1)

@@ -24,7 +24,8 @@ from pydicom import uid
 from pipeline.cards import ModelId
 from pipeline.display import class_colour
 from pipeline.errors import ConfigError
-from pipeline.io.dicom_seg import NOMINAL_MM, OwnFrame, export_dicom_seg, own_frame
+from pipeline.io.dicom_geometry import NOMINAL_MM, OwnFrame, own_frame
+from pipeline.io.dicom_seg import export_dicom_seg
 from tests.io_fixtures import PATIENT, dicom_dataset, write_dicom, xray_pixels
 
 MODEL = ModelId(name="lung-xray", version="0285f3c1db69")
@@ -320,3 +321,12 @@ def test_the_demo_xray_seg_opens_in_every_reader(rg1: Path, tmp_path: Path) -> N
     _, voxels = read_nrrd(tmp_path / "itk" / "1.nrrd")
     np.testing.assert_array_equal(voxels[0] != 0, mask == 1)
     assert dciodvfy_errors(seg_path) == []
+
+
+def test_model_id_comes_from_the_stores_provenance() -> None:
+    card = {"name": "lung-xray", "weights_sha256": "0285f3c1db69" + "0" * 52}
+    assert ModelId.from_provenance({"path": "/m/x.safetensors", "card": card}) == MODEL
+    # a checkpoint without a card name: its file name, and the file's digest
+    without = {"path": "/m/tiny.safetensors", "sha256": "ab" * 32, "card": {"name": ""}}
+    assert ModelId.from_provenance(without) == ModelId("tiny", "abababababab")
+    assert ModelId.from_provenance({}) == ModelId("unknown", "unknown")

@@ -8,7 +8,6 @@ first read, and kept (X-rays are ~2000^2; the header's size was checked at open)
 
 from __future__ import annotations
 
-import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from pipeline.errors import InputError
+from pipeline.io.dicom_geometry import pixel_spacing
 from pipeline.io.image import Image, Kind, Limits, one_line
 
 _COMPRESSED_SYNTAXES = "JPEG baseline, JPEG lossless, JPEG-LS, JPEG 2000, RLE"
@@ -100,21 +100,6 @@ def _mpp(ds: Dataset) -> float | None:
     """Micrometres per pixel of a column step (the x pixel size), from ``pixel_spacing``."""
     spacing = pixel_spacing(ds)
     return None if spacing is None else spacing[1] * 1000.0
-
-
-def pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
-    """(row, column) spacing in mm: PixelSpacing, else ImagerPixelSpacing (a projection
-    radiograph's spacing at the detector), the first whose two values are finite and
-    positive; None when neither is. Sources do carry invalid ones: pydicom-data's
-    RG1_UNCR (Philips CR) has PixelSpacing [0, 0]."""
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        try:
-            values = [float(v) for v in ds.get(keyword) or ()]
-        except (TypeError, ValueError):  # a malformed DS string
-            continue
-        if len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values):
-            return values[0], values[1]
-    return None
 
 
 def _to_modality(ds: Dataset) -> np.ndarray:

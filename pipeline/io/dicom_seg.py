@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,6 +46,7 @@ import numpy as np
 from pipeline.cards import ModelId
 from pipeline.display import class_colour
 from pipeline.errors import ConfigError
+from pipeline.io.dicom_geometry import NOMINAL_MM, OwnFrame, own_frame
 from pipeline.io.export_files import writing
 from pipeline.io.location import is_remote, local_path
 
@@ -56,7 +55,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-NOMINAL_MM = 1.0  # spacing and thickness where the source gives none (ITK's default)
 SERIES_NUMBER_OFFSET = 1000  # a SEG's series number: its source's plus this
 LO_MAX = 64  # characters of a DICOM LO value (descriptions, algorithm name and version)
 
@@ -128,55 +126,7 @@ def _checked_labels(mask: Any, source: Dataset, n_classes: int, path: str | Path
 
 
 # ---------------------------------------------------------------------------------------
-# Geometry
-
-
-@dataclass(frozen=True)
-class OwnFrame:
-    """The patient geometry a SEG gives itself when its source has none (see the module
-    docstring): identity orientation, origin 0, one frame NOMINAL_MM thick."""
-
-    pixel_spacing: tuple[float, float]  # mm, (row, column)
-    nominal: bool  # the source has no valid spacing: NOMINAL_MM
-
-    orientation = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
-    position = (0.0, 0.0, 0.0)
-    thickness = NOMINAL_MM
-
-
-def own_frame(source: Dataset) -> OwnFrame | None:
-    """None when the source has patient coordinates for highdicom to copy (Frame of
-    Reference UID, Image Position and Orientation (Patient), valid Pixel Spacing and Slice
-    Thickness: a cross-sectional slice); else the frame the SEG gets (a projection
-    radiograph, or a source whose geometry is incomplete)."""
-    from pipeline.io.dicom import pixel_spacing  # pydicom: the optional 'dicom' extra
-
-    if _has_patient_geometry(source):
-        return None
-    spacing = pixel_spacing(source)
-    if spacing is None:
-        return OwnFrame((NOMINAL_MM, NOMINAL_MM), nominal=True)
-    return OwnFrame(spacing, nominal=False)
-
-
-def _has_patient_geometry(source: Dataset) -> bool:
-    try:
-        position = [float(v) for v in source.get("ImagePositionPatient") or ()]
-        orientation = [float(v) for v in source.get("ImageOrientationPatient") or ()]
-        spacing = [float(v) for v in source.get("PixelSpacing") or ()]
-        thickness = float(source.get("SliceThickness") or 0)
-    except (TypeError, ValueError):  # a malformed DS string
-        return False
-    return (
-        "FrameOfReferenceUID" in source
-        and len(position) == 3
-        and len(orientation) == 6
-        and all(math.isfinite(v) for v in position + orientation)
-        and len(spacing) == 2
-        and all(math.isfinite(v) and v > 0 for v in spacing)
-        and math.isfinite(thickness)
-        and thickness > 0
-    )
+# Geometry (the rule: pipeline.io.dicom_geometry)
 
 
 def placed(source: Dataset, frame: OwnFrame) -> Dataset:

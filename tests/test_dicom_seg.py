@@ -88,6 +88,7 @@ def _source(tmp_path: Path, name: str) -> Path:
         else:
             setattr(ds, key, value)
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    tmp_path.mkdir(parents=True, exist_ok=True)
     return write_dicom(tmp_path / "source.dcm", ds)
 
 
@@ -330,3 +331,39 @@ def test_model_id_comes_from_the_stores_provenance() -> None:
     without = {"path": "/m/tiny.safetensors", "sha256": "ab" * 32, "card": {"name": ""}}
     assert ModelId.from_provenance(without) == ModelId("tiny", "abababababab")
     assert ModelId.from_provenance({}) == ModelId("unknown", "unknown")
+
+
+# -- end to end: `segpipe run --export dicom-seg` ---------------------------------------------------
+
+
+@pytest.fixture
+def flows_env(prefect_harness: None, ray_cluster: str) -> None:
+    """Prefect (temporary server) and Ray (local) for the CLI run."""
+
+
+def test_a_run_exports_a_seg_every_reader_opens(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+    from pipeline import cards
+    from pipeline.store import OutputStore
+
+    scan = _source(tmp_path / "in", "CR PixelSpacing [0, 0] (as RG1_UNCR)")
+    out = tmp_path / "out"
+    done = CliRunner().invoke(app, ["run", str(scan), "-m", str(tiny_checkpoint), "-o", str(out), "--tile", "32",
+                                    "--allow-grey", "--export", "dicom-seg"])  # fmt: skip
+    assert done.exit_code == 0, done.output
+
+    [seg_path] = out.glob("*.seg.dcm")
+    mask = OutputStore.open(seg_path.with_suffix("").with_suffix(".zarr")).mask[...]
+    seg = hd.seg.segread(seg_path)
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=[pydicom.dcmread(scan).SOPInstanceUID])
+    np.testing.assert_array_equal(pixels[0, ..., 0], mask == 1)
+    card = cards.read_card(tiny_checkpoint)  # the tiny model's card has no name: its file's
+    [algorithm] = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("tiny", card.weights_sha256[:12])
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == card.class_names
+    dcmqi_convert(seg_path, tmp_path / "itk")
+    _, voxels = read_nrrd(tmp_path / "itk" / "1.nrrd")
+    np.testing.assert_array_equal(voxels[0] != 0, mask == 1)
+    assert dciodvfy_errors(seg_path) == []

@@ -168,18 +168,19 @@ def segment_descriptions(class_names: Sequence[str], model: ModelId) -> list[Any
         family=codes.cid7162.ArtificialIntelligence,
         source="segpipe",
     )
-    return [
-        hd.seg.SegmentDescription(
+    segments = []
+    for number, name in enumerate(class_names, start=1):
+        category, kind = _property_codes(name)
+        segments.append(hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=_lo(name),
-            segmented_property_category=_property_codes(name)[0],
-            segmented_property_type=_property_codes(name)[1],
+            segmented_property_category=category,
+            segmented_property_type=kind,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
             display_color=hd.color.CIELabColor.from_rgb(*class_colour(number)),
-        )
-        for number, name in enumerate(class_names, start=1)
-    ]
+        ))  # fmt: skip
+    return segments
 
 
 def _property_codes(name: str) -> tuple[Any, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,26 @@ class ModelCard:
         """The model's total downsampling, 2^depth: what `SegmentationModel.multiple` of the
         model this card builds is (every model records its `filters`, one per depth + 1)."""
         return 2 ** (len(self.config["filters"]) - 1)
+
+
+@dataclass(frozen=True)
+class ModelId:
+    """How an output names the model that made it (DICOM SEG's algorithm identification and
+    series description). A card has no version of its own: the version is the first 12 hex
+    digits of the weights' digest (the card's ``weights_sha256``, else the checkpoint
+    file's), which changes exactly when the weights do."""
+
+    name: str
+    version: str
+
+    @classmethod
+    def from_provenance(cls, model: Mapping[str, Any]) -> ModelId:
+        """From a store's provenance ``model`` section (path, sha256, card); a store written
+        without a card falls back to the checkpoint's file name."""
+        card = model.get("card") or {}
+        name = card.get("name") or Path(str(model.get("path", ""))).stem or "unknown"
+        digest = str(card.get("weights_sha256") or model.get("sha256") or "")
+        return cls(name=str(name), version=digest[:12] or "unknown")
 
 
 def shipped_models() -> dict[str, Path]:

@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 
 from pipeline import __version__, cards
-from pipeline.cards import ModelCard
+from pipeline.cards import ModelCard, ModelId
 from pipeline.config import RunConfig
 from pipeline.display import as_rgb, window_uint8
 from pipeline.engine.normalization import image_stats
@@ -365,10 +365,12 @@ def _export_input(job: ImageJob, store: OutputStore) -> ExportInput:
     levels open when a writer first reads them."""
     from pipeline.io.exports import ExportInput
 
-    recorded = store.provenance.get("input", {}).get("image") or {}
+    provenance = store.provenance
+    recorded = provenance.get("input", {}).get("image") or {}
     return ExportInput(
         mask_levels=_MaskLevels(store), classes=store.layout.classes, mpp=store.layout.mpp,
         input_path=job.input_path, kind=job.kind, preview=store.preview,
+        model=ModelId.from_provenance(provenance.get("model") or {}),
         input_format=recorded.get("format"),
     )  # fmt: skip
 

@@ -21,7 +21,6 @@ from pipeline.io import open_image
 from pipeline.io.exports import (
     EXPORT_TILE,
     EXPORTS,
-    export_dicom_seg,
     export_ome_tiff,
     export_overlay,
     export_png,
@@ -104,29 +103,6 @@ def test_overlay_is_bounded_tinted_and_outlined(tmp_path: Path) -> None:
     assert background[0] == background[1] == background[2]
 
 
-def test_dicom_seg_reads_back_with_source_references(tmp_path: Path) -> None:
-    source_path = write_dicom(tmp_path / "x.dcm", dicom_dataset(xray_pixels(), 12))
-    mask = _mask(48, 40)
-    path = export_dicom_seg(source_path, mask, ["lung", "heart"], tmp_path / "seg.dcm")
-    seg = hd.seg.segread(path)
-    source = hd.imread(source_path)
-    assert seg.StudyInstanceUID == source.StudyInstanceUID
-    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lung", "heart"]
-    pixels = seg.get_pixels_by_source_instance(
-        source_sop_instance_uids=[source.SOPInstanceUID], combine_segments=True
-    )
-    np.testing.assert_array_equal(pixels[0], mask)
-
-
-def test_dicom_seg_refuses_mismatched_mask(tmp_path: Path) -> None:
-    source_path = write_dicom(tmp_path / "x.dcm", dicom_dataset(xray_pixels(), 12))
-    with pytest.raises(ConfigError, match="does not match the source image"):
-        export_dicom_seg(source_path, _mask(10, 10), ["lung"], tmp_path / "seg.dcm")
-    with pytest.raises(ConfigError, match="label 2 but only 1 class names"):
-        export_dicom_seg(source_path, _mask(48, 40), ["lung"], tmp_path / "seg.dcm")
-
-
 # ---------------------------------------------------------------------------------------
 # the registry, as stages.export uses it
 
@@ -172,5 +148,6 @@ def test_export_writes_dicom_seg_for_a_dicom_xray(tmp_path: Path) -> None:
     assert written == {"dicom-seg": str(tmp_path / "out" / "img.seg.dcm")}
     seg = hd.seg.segread(written["dicom-seg"])
     assert [s.SegmentLabel for s in seg.SegmentSequence] == ["lung", "heart"]
+    assert "cdcdcdcdcdcd" in seg.SeriesDescription  # the model, from the store's provenance
     slide = dataclasses.replace(job, kind="slide")  # a DICOM slide has no X-ray to reference
     assert stages.export(slide, RunConfig(), ("dicom-seg",)) == {}

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.report import read_record
 from pipeline import stages
+from pipeline.cards import ModelId
 from pipeline.config import RunConfig
 from pipeline.io.exports import (
     EXPORTS,
@@ -71,7 +72,8 @@ def test_every_writer_writes_to_an_fsspec_url(memory: Any, tmp_path: Path) -> No
         export_png(mask, f"{url}.mask.png"),
         export_overlay(np.full((48, 40), 90, np.uint8), mask, f"{url}.overlay.png"),
         export_ome_tiff([mask, mask[::2, ::2]], f"{url}.mask.ome.tif", mpp=0.5),
-        export_dicom_seg("memory://segpipe-test/in/x.dcm", mask, ["lung", "heart"], f"{url}.seg.dcm"),
+        export_dicom_seg("memory://segpipe-test/in/x.dcm", mask, ["lung", "heart"], f"{url}.seg.dcm",
+                         ModelId("lung-xray", "0285f3c1db69")),
     ]
 
     assert written == [f"{url}.mask.png", f"{url}.overlay.png", f"{url}.mask.ome.tif", f"{url}.seg.dcm"]

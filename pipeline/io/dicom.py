@@ -19,6 +19,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from pipeline.errors import InputError
+from pipeline.io.dicom_geometry import pixel_spacing
 from pipeline.io.image import Image, Kind, Limits, one_line
 
 _COMPRESSED_SYNTAXES = "JPEG baseline, JPEG lossless, JPEG-LS, JPEG 2000, RLE"
@@ -108,13 +109,9 @@ def _checked_geometry(path: Path, ds: Dataset) -> tuple[int, int]:
 
 
 def _mpp(ds: Dataset) -> float | None:
-    """Micrometres per pixel from PixelSpacing, else ImagerPixelSpacing (mm, row\\column)."""
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        spacing = ds.get(keyword)
-        if spacing and len(spacing) == 2 and float(spacing[1]) > 0:
-            # column spacing (the second value) is the x pixel size
-            return float(spacing[1]) * 1000.0
-    return None
+    """Micrometres per pixel of a column step (the x pixel size), from ``pixel_spacing``."""
+    spacing = pixel_spacing(ds)
+    return None if spacing is None else spacing[1] * 1000.0
 
 
 def _to_modality(ds: Dataset) -> np.ndarray:

@@ -7,39 +7,38 @@
   this refuses masks over PNG_MAX_PIXELS: export a pyramid level of a slide instead.
 - ``export_overlay``: the input with the mask tinted and outlined in class colours, at most
   ``max_size`` on the long side (X-rays and slide thumbnails).
-- ``export_dicom_seg``: a DICOM Segmentation (highdicom, BINARY) referencing the source
-  X-ray's study, series and instance.
+- ``export_dicom_seg`` (``pipeline.io.dicom_seg``): a DICOM Segmentation (highdicom, BINARY)
+  referencing the source X-ray's study, series and instance, naming the model.
 
 ``EXPORTS`` is the registry: export name -> ``ExportFormat`` (writer, file suffix, which
 inputs it applies to). Its writers take an ``ExportInput``: one image's mask pyramid and
 what describes it. Colours and windowing come from ``pipeline.display``.
 
-Every writer takes a local path or any fsspec URL (s3://..., memory://...): the file is
-written to a local temporary file and then renamed into place, or uploaded, so a
-half-written export never lies under its name (a re-run decides what is missing by what
-exists, ``export_exists``). Limit: a remote export needs local temporary space of its
-size (``TMPDIR``). ``export_location`` is the one rule for where an export lies.
+Every writer takes a local path or any fsspec URL (s3://..., memory://...) and writes
+through ``pipeline.io.export_files.writing``, so a half-written export never lies under its
+name; ``export_location`` is the one rule for where an export lies, ``export_exists`` says
+whether it is there (both from ``pipeline.io.export_files``).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import PIL.Image
 import tifffile
 from skimage.segmentation import find_boundaries
 
+from pipeline.cards import ModelId
 from pipeline.display import as_rgb, class_colours, window_uint8
 from pipeline.errors import ConfigError
+from pipeline.io.dicom_seg import export_dicom_seg
+from pipeline.io.export_files import export_exists as export_exists
+from pipeline.io.export_files import export_location as export_location
+from pipeline.io.export_files import writing
 from pipeline.io.location import is_remote, local_path
 from pipeline.io.resample import resize
 from pipeline.io.sniff import sniff
@@ -55,7 +54,7 @@ def export_ome_tiff(mask_levels: Sequence[Any], path: str | Path, mpp: float | N
     the resolution tags carry ``mpp`` (µm per pixel of level 0) when known."""
     width0 = mask_levels[0].shape[1]
     # tifffile seeks back to patch offsets: it writes a local file, uploaded after
-    with _writing(path) as local, tifffile.TiffWriter(local, bigtiff=True, ome=True) as tif:
+    with writing(path) as local, tifffile.TiffWriter(local, bigtiff=True, ome=True) as tif:
         for index, level in enumerate(mask_levels):
             level_mpp = None if mpp is None else mpp * width0 / level.shape[1]
             options = _level_options(index, len(mask_levels), level_mpp)
@@ -102,7 +101,7 @@ def export_png(mask: Any, path: str | Path) -> str:
             f"{path}: a {height}x{width} PNG exceeds {PNG_MAX_PIXELS} pixels; "
             "export a pyramid level or use the OME-TIFF export"
         )
-    with _writing(path) as local:
+    with writing(path) as local:
         PIL.Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(local, format="PNG")
     return str(path)
 
@@ -127,7 +126,7 @@ def export_overlay(
     # padded with background so that objects touching the image edge are outlined there too
     edges = find_boundaries(np.pad(labels, 1), mode="inner")[1:-1, 1:-1] & inside
     rgb[edges] = colours[edges]
-    with _writing(path) as local:
+    with writing(path) as local:
         PIL.Image.fromarray(np.rint(rgb).astype(np.uint8)).save(local, format="PNG")
     return str(path)
 
@@ -137,150 +136,6 @@ def _nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     rows = np.minimum((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0], labels.shape[0] - 1)
     cols = np.minimum((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1], labels.shape[1] - 1)
     return labels[rows.astype(np.int64)[:, None], cols.astype(np.int64)[None, :]]
-
-
-def export_dicom_seg(
-    source_dataset_path: str | Path,
-    mask: np.ndarray,
-    class_names: Sequence[str],
-    path: str | Path,
-) -> str:
-    """Write a BINARY DICOM Segmentation of ``mask`` ((H, W) labels, label k is
-    class_names[k - 1]) that references the source image's study, series and instance
-    (the source is a local path or an fsspec URL)."""
-    import highdicom as hd  # the optional 'dicom' extra
-    from pydicom.sr.codedict import codes
-
-    source = _read_dicom(source_dataset_path)
-    labels = np.asarray(mask, dtype=np.uint8)
-    if labels.shape != (source.Rows, source.Columns):
-        raise ConfigError(
-            f"{path}: mask {labels.shape} does not match the source image "
-            f"{(source.Rows, source.Columns)}"
-        )
-    if labels.max(initial=0) > len(class_names):
-        raise ConfigError(f"{path}: label {labels.max()} but only {len(class_names)} class names")
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name="segpipe",
-        version=_version(),
-        family=codes.cid7162.ArtificialIntelligence,
-    )
-    segments = [
-        hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=name,
-            segmented_property_category=codes.SCT.AnatomicalStructure,
-            segmented_property_type=_property_type(name),
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-        )
-        for number, name in enumerate(class_names, start=1)
-    ]
-    seg = hd.seg.Segmentation(
-        source_images=[source],
-        pixel_array=labels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segments,
-        series_instance_uid=hd.UID(),
-        series_number=int(source.get("SeriesNumber", 0) or 0) + 1000,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="segpipe",
-        manufacturer_model_name="segpipe",
-        software_versions=_version(),
-        device_serial_number="0",
-    )
-    with _writing(path) as local:
-        seg.save_as(local)
-    return str(path)
-
-
-def _read_dicom(location: str | Path) -> Any:
-    """The source dataset, from a local path or through fsspec (pydicom reads a file object)."""
-    import pydicom
-
-    if not is_remote(location):
-        return pydicom.dcmread(local_path(location))
-    with fsspec.open(str(location), "rb") as f:
-        return pydicom.dcmread(f)
-
-
-def _property_type(name: str) -> Any:
-    """SNOMED code for a few known class names; any other class is coded as 'Tissue' and
-    named by its segment label (limit: no full terminology mapping)."""
-    from pydicom.sr.codedict import codes
-
-    known = {
-        "lung": codes.SCT.Lung,
-        "lungs": codes.SCT.Lung,
-        "heart": codes.SCT.Heart,
-        "tumor": codes.SCT.Neoplasm,
-        "tumour": codes.SCT.Neoplasm,
-        "nucleus": codes.SCT.Nucleus,
-    }
-    return known.get(name.lower(), codes.SCT.Tissue)
-
-
-def _version() -> str:
-    try:
-        return metadata.version("segpipe")
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
-# ---------------------------------------------------------------------------------------
-# Where an export lies, and writing it there
-
-
-def export_location(store_path: str | Path, suffix: str) -> str:
-    """The file an export of the store at ``store_path`` is written to: beside the store,
-    ``<out>/<image_id><suffix>`` (a URL stays a URL: no local path join on it)."""
-    text = str(store_path).rstrip("/")
-    if is_remote(text):
-        return f"{text.removesuffix('.zarr')}{suffix}"
-    return f"{local_path(text).with_suffix('')}{suffix}"
-
-
-def export_exists(location: str | Path) -> bool:
-    """True when the export file is there (a local path or any fsspec URL). Listings are
-    read afresh: a long-running process (``segpipe serve``) must see files deleted or
-    written by others since it last looked."""
-    if not is_remote(location):
-        return local_path(location).is_file()
-    fs, path = fsspec.core.url_to_fs(str(location))
-    fs.invalidate_cache(path)
-    return bool(fs.isfile(path))
-
-
-@contextmanager
-def _writing(location: str | Path) -> Iterator[Path]:
-    """A local file for a writer to fill; when the writer is done it becomes ``location``:
-    renamed into place (local) or uploaded (a URL). On an error nothing is left under the
-    export's name, so an existing export is always a whole one."""
-    if not is_remote(location):
-        final = local_path(location)
-        partial = final.with_name(f".{final.name}.part")  # hidden: discovery skips it
-        try:
-            yield partial
-            os.replace(partial, final)
-        finally:
-            partial.unlink(missing_ok=True)
-        return
-    url = str(location)
-    with tempfile.TemporaryDirectory(prefix="segpipe-export-") as folder:
-        local = Path(folder) / PurePosixPath(url).name
-        yield local
-        _upload(local, url)
-
-
-def _upload(local: Path, url: str) -> None:
-    """Put a finished local file at ``url``; a failure names the URL (an OSError, so the
-    export task retries it: storage hiccups pass)."""
-    try:
-        fs, path = fsspec.core.url_to_fs(url)
-        fs.put_file(str(local), path)
-    except Exception as exc:  # botocore, gcsfs, ... raise their own types, not OSError
-        raise OSError(f"{url}: cannot write the export ({type(exc).__name__}: {exc})") from exc
 
 
 # ---------------------------------------------------------------------------------------
@@ -297,6 +152,7 @@ class ExportInput:
     input_path: str  # a local path or an fsspec URL
     kind: str  # "xray" or "slide" (ImageJob.kind)
     preview: Callable[[], np.ndarray]  # the input's colour thumbnail, read only when needed
+    model: ModelId  # the model that made the mask, as exports name it
     input_format: str | None = None  # as provenance records it (pipeline.io.sniff's names)
 
 
@@ -330,7 +186,7 @@ def _write_ome_tiff(source: ExportInput, path: str) -> str:
 
 def _write_dicom_seg(source: ExportInput, path: str) -> str:
     mask = np.asarray(source.mask_levels[0])
-    return export_dicom_seg(source.input_path, mask, list(source.classes), path)
+    return export_dicom_seg(source.input_path, mask, list(source.classes), path, source.model)
 
 
 def _is_dicom_xray(source: ExportInput) -> bool:

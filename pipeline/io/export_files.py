@@ -1,0 +1,71 @@
+"""Where an export lies, and writing it there: the one rule every export writer follows.
+
+Every writer takes a local path or any fsspec URL (s3://..., memory://...): the file is
+written to a local temporary file and then renamed into place, or uploaded, so a
+half-written export never lies under its name (a re-run decides what is missing by what
+exists, ``export_exists``). Limit: a remote export needs local temporary space of its
+size (``TMPDIR``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+
+import fsspec
+
+from pipeline.io.location import is_remote, local_path
+
+
+def export_location(store_path: str | Path, suffix: str) -> str:
+    """The file an export of the store at ``store_path`` is written to: beside the store,
+    ``<out>/<image_id><suffix>`` (a URL stays a URL: no local path join on it)."""
+    text = str(store_path).rstrip("/")
+    if is_remote(text):
+        return f"{text.removesuffix('.zarr')}{suffix}"
+    return f"{local_path(text).with_suffix('')}{suffix}"
+
+
+def export_exists(location: str | Path) -> bool:
+    """True when the export file is there (a local path or any fsspec URL). Listings are
+    read afresh: a long-running process (``segpipe serve``) must see files deleted or
+    written by others since it last looked."""
+    if not is_remote(location):
+        return local_path(location).is_file()
+    fs, path = fsspec.core.url_to_fs(str(location))
+    fs.invalidate_cache(path)
+    return bool(fs.isfile(path))
+
+
+@contextmanager
+def writing(location: str | Path) -> Iterator[Path]:
+    """A local file for a writer to fill; when the writer is done it becomes ``location``:
+    renamed into place (local) or uploaded (a URL). On an error nothing is left under the
+    export's name, so an existing export is always a whole one."""
+    if not is_remote(location):
+        final = local_path(location)
+        partial = final.with_name(f".{final.name}.part")  # hidden: discovery skips it
+        try:
+            yield partial
+            os.replace(partial, final)
+        finally:
+            partial.unlink(missing_ok=True)
+        return
+    url = str(location)
+    with tempfile.TemporaryDirectory(prefix="segpipe-export-") as folder:
+        local = Path(folder) / PurePosixPath(url).name
+        yield local
+        _upload(local, url)
+
+
+def _upload(local: Path, url: str) -> None:
+    """Put a finished local file at ``url``; a failure names the URL (an OSError, so the
+    export task retries it: storage hiccups pass)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.put_file(str(local), path)
+    except Exception as exc:  # botocore, gcsfs, ... raise their own types, not OSError
+        raise OSError(f"{url}: cannot write the export ({type(exc).__name__}: {exc})") from exc

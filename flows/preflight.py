@@ -23,6 +23,13 @@ def quiet_logs(verbose: bool) -> None:
         "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline,flows",
         "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",  # library logs outside runs
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no network here
+        # Prefect must never be the reason a run fails. On a loaded machine the embedded
+        # server took over 20 s (its default) to start, and answered 503 for longer than
+        # the client's 5 retries (2 + 4 + ... + 32 s): 8 retries wait up to ~8.5 min, and
+        # a server that went away is waited for just as long (ConnectError is retried
+        # once the client has connected).
+        "PREFECT_CLIENT_MAX_RETRIES": "8",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
     if not verbose:
         defaults |= {

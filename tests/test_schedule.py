@@ -46,42 +46,56 @@ def _stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float =
     return process.returncode
 
 
+class PrefectServer:
+    """`prefect server start` on 127.0.0.1 with its own database, which can be stopped
+    and started again on the same port and database (an API going away for a while)."""
+
+    def __init__(self, home: Path, port: int | None = None):
+        self.home, self.port = home, port or _free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.log_path = home / "server.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home}/prefect.db",
+            # the scheduler looks for new deployments every 5 s; its full loop every 5 s here
+            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+            "PREFECT_UI_ENABLED": "false",
+        }
+        env.pop("PREFECT_API_URL", None)
+        with open(self.log_path, "a") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.api}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        self.stop()
+        pytest.fail(f"Prefect server did not start: {self.log_path.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop(self.process)
+            self.process = None
+
+
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """`prefect server start` on 127.0.0.1 with its own database; yields the environment a
-    client needs (PREFECT_API_URL...)."""
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
-        # the scheduler looks for new deployments every 5 s; its full loop every 5 s here
-        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
-        "PREFECT_UI_ENABLED": "false",
-    }
-    env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    api = f"http://127.0.0.1:{port}/api"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        _stop(server)
-        pytest.fail(f"Prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+    """A Prefect server for the module; yields the environment a client needs."""
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
+    server.start()
     client_home = tmp_path_factory.mktemp("prefect-client")
-    yield {"PREFECT_API_URL": api, "PREFECT_HOME": str(client_home), "SERVER_LOG": str(home / "server.log")}
-    _stop(server)
-    log.close()
+    yield {"PREFECT_API_URL": server.api, "PREFECT_HOME": str(client_home), "SERVER_LOG": str(server.log_path)}
+    server.stop()
 
 
 def _flow_runs(api: str) -> list[dict]:
@@ -203,3 +217,36 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(prefect_server: dict[str, str
         assert list(out.glob("*.overlay.png"))
     finally:
         _stop(worker, signal.SIGTERM)
+
+
+OUTAGE_S = 70  # longer than Prefect's own retries wait (5 retries: 2 + 4 + ... + 32 = 62 s)
+
+
+def test_a_run_rides_out_its_prefect_api_going_away_for_a_while(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    server = PrefectServer(tmp_path / "server")
+    (tmp_path / "server").mkdir()
+    server.start()
+    for i in range(4):
+        _write_png(tmp_path / "in" / f"x{i}.png", seed=i)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_"))}
+    env.update(PREFECT_API_URL=server.api, PREFECT_HOME=str(tmp_path / "client"))
+    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(tmp_path / "in"), "-m", str(tiny_checkpoint),
+                            "-o", str(out), "--tile", "32", "--export", "none", "--concurrency", "1", "--json"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("*.zarr")):  # the run is under way
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.2)
+        server.stop()
+        time.sleep(OUTAGE_S)
+        server.start()
+        stdout, stderr = run.communicate(timeout=600)
+    finally:
+        _stop(run, signal.SIGKILL)
+        server.stop()
+
+    assert run.returncode == 0, stderr[-3000:]
+    assert [r["state"] for r in json.loads(stdout)] == ["complete"] * 4

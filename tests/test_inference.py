@@ -342,3 +342,32 @@ def test_rerun_of_a_complete_image_changes_nothing(tmp_path):
     segment(tmp_path / "img.png", path, tmp_path / "out", tile=128, **EXACT)
     after = {p.name: p.stat().st_mtime_ns for p in (out / "prob" / "c").rglob("*")}
     assert before == after
+
+
+def test_segment_keeps_the_model_loaded_across_calls_and_reloads_a_rewritten_one(tiny_checkpoint, tmp_path, monkeypatch):
+    import shutil
+
+    from pipeline.models import checkpoint
+    from pipeline.store import OutputStore
+
+    loads = []
+    real = checkpoint.load
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: loads.append(a[0]) or real(*a, **k))
+    model = tmp_path / "model.safetensors"
+    shutil.copy(tiny_checkpoint, model)
+    images = []
+    for i in range(3):
+        images.append(tmp_path / f"x{i}.png")
+        PILImage.fromarray(np.random.default_rng(i).integers(0, 255, (64, 48, 3), dtype=np.uint8)).save(images[-1])
+
+    first = [segment(p, model, tmp_path / "out", tile=32, exports=()) for p in images]
+    assert len(loads) == 1  # loaded once, for three images (it was once per image)
+
+    again = segment(images[0], model, tmp_path / "out", tile=32, exports=(), overwrite=True, tta=True)
+    assert len(loads) == 2  # other settings: another model instance
+    assert OutputStore.open(again).state == "complete"  # the replaced store, not a stale handle
+
+    os.utime(model, ns=(0, 0))  # the checkpoint rewritten (here: only its modification time)
+    segment(images[1], model, tmp_path / "out2", tile=32, exports=())
+    assert len(loads) == 3
+    assert [OutputStore.open(p).state for p in first] == ["complete"] * 3

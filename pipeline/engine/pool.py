@@ -138,13 +138,16 @@ class RunPool:
 
 
 def local_pool(model_path: str, config: RunConfig) -> RunPool:
-    """Tiles in this process: two threads over one TileRunner (the model loaded once, on
-    the first lease, and kept for every image of the run)."""
+    """Tiles in this process: two threads over one TileRunner (the model loaded on the
+    first lease, and kept for every image of the run and for later runs of this process
+    with the same checkpoint and settings: `runner.shared_runner`)."""
 
     def start() -> Backend:
-        from pipeline.engine.runner import TileRunner  # torch: only once there is work
+        from pipeline.engine.runner import (
+            shared_runner,  # torch: only once there is work
+        )
         from pipeline.engine.scheduler import ThreadBackend
 
-        return ThreadBackend(TileRunner(model_path, config))
+        return ThreadBackend(shared_runner(model_path, config))
 
     return RunPool(start)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -145,6 +146,12 @@ class TileRunner:
         for piece, labels in pieces:
             store.write_mask_piece(tile, piece, labels)
 
+    def forget_stores(self) -> None:
+        """Drop the open stores: a runner kept across runs (`shared_runner`) must not write
+        through the handle of a store that was replaced since (--overwrite)."""
+        with self._open_lock:
+            self._open.clear()
+
     def _resources(self, job: ImageJob) -> tuple[Any, OutputStore]:
         with self._open_lock:
             if job.image_id not in self._open:
@@ -194,3 +201,26 @@ def _needed_region(job: ImageJob, tile: Tile, full_box: Box) -> Box:
         return tile.region
     extra = work_box_for_full(full_box, job.work_hw, job.full_hw)
     return bounding_box([tile.region, extra])
+
+
+# -- one loaded model per checkpoint and settings, for the calls of a process --------------
+
+SHARED_RUNNERS = 2  # models kept loaded at once (the shipped ones are a few MB each)
+_shared: OrderedDict[tuple[Any, ...], TileRunner] = OrderedDict()
+_shared_lock = threading.Lock()
+
+
+def shared_runner(model_path: str, config: RunConfig) -> TileRunner:
+    """A TileRunner for this checkpoint and these settings, kept for the later calls of
+    this process (`pipeline.segment` image after image): loading a checkpoint and folding
+    its BatchNorm took half of a small image's time. Keyed by the file's real path, size
+    and modification time as well, so a rewritten checkpoint is loaded again."""
+    stat = os.stat(model_path)
+    key = (os.path.realpath(model_path), stat.st_size, stat.st_mtime_ns, config)
+    with _shared_lock:  # one load at a time: two threads asking for a model load it once
+        runner = _shared.pop(key, None) or TileRunner(model_path, config)
+        _shared[key] = runner
+        while len(_shared) > SHARED_RUNNERS:
+            _shared.popitem(last=False)
+    runner.forget_stores()
+    return runner

@@ -237,7 +237,7 @@ def test_finalize_records_checksums_that_a_rewrite_and_refinalize_keep(tmp_path)
     store.set_many([TileReport(t.index, TileStatus.DONE) for t in _all_tiles(store)])
     store.finalize()
     names = list(store.checked_arrays())
-    assert names == ["prob", "labels/mask/0", "labels/mask/1", "labels/mask/2"]
+    assert names == ["prob/0", "prob/1", "labels/mask/0", "labels/mask/1", "labels/mask/2"]
     before = {n: store.checksum_records(n)[:, [DIGEST, SIZE]].copy() for n in names}
 
     _write(store, _all_tiles(store)[5], prob, mask)
@@ -255,8 +255,9 @@ def test_uint8_probabilities_round_and_float32_is_exact(tmp_path):
     for s in (store, exact):
         for tile in _all_tiles(s):
             _write(s, tile, prob, mask)
-    assert store.prob.dtype == np.uint8
-    np.testing.assert_array_equal(store.prob[...], np.rint(prob * 255).astype(np.uint8))
+    assert store.prob.dtype == np.uint8 and store.prob.metadata.dimension_names == ("c", "y", "x")
+    stored = np.moveaxis(store.prob[...], 0, -1)  # (C, h, w) on disk, the NGFF axis order
+    np.testing.assert_array_equal(stored, np.rint(prob * 255).astype(np.uint8))
     assert np.abs(store.read_prob() - prob).max() <= 0.5 / 255 + 1e-7
     np.testing.assert_array_equal(exact.read_prob(), prob)
     np.testing.assert_array_equal(exact.mask[...], mask)
@@ -276,7 +277,7 @@ def test_two_processes_writing_their_own_tiles_lose_no_pixel(tmp_path):
     assert [w.exitcode for w in workers] == [0, 0]
 
     prob, mask = _expected(store)
-    np.testing.assert_array_equal(store.prob[...], np.rint(prob * 255).astype(np.uint8))
+    np.testing.assert_array_equal(np.moveaxis(store.prob[...], 0, -1), np.rint(prob * 255).astype(np.uint8))
     np.testing.assert_array_equal(store.mask[...], mask)
 
 

@@ -338,7 +338,8 @@ def test_rerun_of_a_complete_image_changes_nothing(tmp_path):
     write_png(tmp_path / "img.png", (300, 300))
     path = save(tiny("unet"), tmp_path / "m.safetensors")
     out = segment(tmp_path / "img.png", path, tmp_path / "out", tile=128, **EXACT)
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "prob" / "c").rglob("*")}
+    chunks = [out / "prob" / "0" / "c", out / "labels" / "mask" / "0" / "c", out / "0" / "c"]
+    before = {p: p.stat().st_mtime_ns for c in chunks for p in c.rglob("*") if p.is_file()}
     segment(tmp_path / "img.png", path, tmp_path / "out", tile=128, **EXACT)
-    after = {p.name: p.stat().st_mtime_ns for p in (out / "prob" / "c").rglob("*")}
-    assert before == after
+    after = {p: p.stat().st_mtime_ns for c in chunks for p in c.rglob("*") if p.is_file()}
+    assert before == after and len(before) >= 3  # prob, mask and picture chunks, untouched

@@ -17,6 +17,8 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from pipeline.store.checksums import decode_error
+
 Halve = Callable[[da.Array], da.Array]
 
 
@@ -37,6 +39,17 @@ def halve_mean(level: da.Array) -> da.Array:
         info = np.iinfo(level.dtype)
         return da.clip(da.rint(means), info.min, info.max).astype(level.dtype)
     return means.astype(level.dtype)
+
+
+def build_levels(levels: dict[str, zarr.Array], halve: Halve, where: str) -> None:
+    """Fill each of ``levels`` (by path, finest first) but the first from the one before;
+    a chunk that does not decode is one StoreError naming it."""
+    pairs = list(levels.items())
+    for (name, src), (_, dst) in zip(pairs, pairs[1:], strict=False):
+        try:
+            build_level(src, dst, halve)
+        except (RuntimeError, ValueError) as exc:  # numcodecs' zstd raises RuntimeError
+            raise decode_error(where, name, src, exc) from exc
 
 
 def build_level(src: zarr.Array, dst: zarr.Array, halve: Halve) -> None:

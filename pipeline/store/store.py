@@ -39,8 +39,9 @@ from pipeline.store.layout import (
 from pipeline.store.names import store_location
 from pipeline.store.picture import picture_written, write_picture
 from pipeline.store.provenance import as_json, check_provenance, identity, versions
-from pipeline.store.pyramid import Halve, build_level, halve_mean, halve_nearest
+from pipeline.store.pyramid import build_levels, halve_mean, halve_nearest
 from pipeline.store.status import StatusGrid
+from pipeline.store.tile_checks import check_mask, check_piece, encode_prob
 
 log = logging.getLogger(__name__)
 
@@ -213,56 +214,27 @@ class OutputStore:
         pieces by ``write_mask_piece`` (the engine's way: the full-res box grows with the
         model's scale, a piece does not).
         """
+        self._check_writable()
         work, full = self.owned_boxes(tile)
         where = f"{self.path}: tile {tile.index}"
-        self._check_writable()
         if tile.region != work:
             raise StoreError(f"{where}: region {tile.region} is not its prob chunk {work}")
         if full_box != full:
             raise StoreError(f"{where}: full_box {full_box} is not its own mask chunks {full}")
-        prob = self._encode_prob(prob_work, work, where)
-        mask = None if mask_full is None else self._check_mask(mask_full, full, where)
-        self.prob[:, work.y0 : work.y1, work.x0 : work.x1] = prob.transpose(2, 0, 1)
+        prob = encode_prob(prob_work, work, self.layout, where)
+        mask = None if mask_full is None else check_mask(mask_full, full, self.layout, where)
+        self.prob[:, work.y0 : work.y1, work.x0 : work.x1] = prob
         if mask is not None and not full.is_empty:
             self.mask[full.y0 : full.y1, full.x0 : full.x1] = mask
 
     def write_mask_piece(self, tile: Tile, box: Box, mask: np.ndarray) -> None:
-        """Write whole chunks ``box`` of the tile's own full-resolution mask chunks.
-
-        Invariant 1 is checked: ``box`` must lie inside the tile's full-res box, start on the
-        chunk grid and end on it or at the image's edge."""
+        """Write whole chunks ``box`` of the tile's own full-resolution mask chunks (a tile
+        may own several; tile_checks.check_piece says which boxes it may write)."""
         self._check_writable()
         _, full = self.owned_boxes(tile)
         where = f"{self.path}: tile {tile.index}"
-        chunk, (height, width) = self.layout.full_chunk, self.layout.full_hw
-        aligned = (box.y0 % chunk == 0 and box.x0 % chunk == 0
-                   and (box.y1 % chunk == 0 or box.y1 == height)
-                   and (box.x1 % chunk == 0 or box.x1 == width))  # fmt: skip
-        if box.is_empty or not aligned or not full.contains(box):
-            raise StoreError(f"{where}: mask piece {box} is not whole chunks of its own {full}")
-        self.mask[box.y0 : box.y1, box.x0 : box.x1] = self._check_mask(mask, box, where)
-
-    def _encode_prob(self, prob: np.ndarray, box: Box, where: str) -> np.ndarray:
-        expected = (*box.shape, len(self.layout.classes))
-        if prob.shape != expected:
-            raise StoreError(f"{where}: prob shape {prob.shape}, expected {expected}")
-        if not np.isfinite(prob).all():
-            raise StoreError(f"{where}: prob holds NaN or inf")
-        if self.layout.prob_dtype == "uint8":
-            return np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
-        return prob.astype(self.layout.prob_dtype)
-
-    def _check_mask(self, mask: np.ndarray, box: Box, where: str) -> np.ndarray:
-        if box.is_empty:
-            return mask
-        if mask.shape != box.shape or mask.dtype != np.uint8:
-            raise StoreError(
-                f"{where}: mask {mask.shape} {mask.dtype}, expected {box.shape} uint8"
-            )
-        n = len(self.layout.classes)
-        if mask.size and int(mask.max()) > n:
-            raise StoreError(f"{where}: mask label {int(mask.max())} > {n} classes")
-        return mask
+        check_piece(box, full, self.layout, where)
+        self.mask[box.y0 : box.y1, box.x0 : box.x1] = check_mask(mask, box, self.layout, where)
 
     def read_prob(self, box: Box | None = None) -> np.ndarray:
         """Probabilities of a working-level box as float32 in [0, 1], (h, w, C)."""
@@ -288,7 +260,7 @@ class OutputStore:
 
     def write_preview(self, image: np.ndarray) -> None:
         """Keep the input's colour thumbnail (h, w, C) uint8 for tissue detection and
-        overlays; write_thumbnail's NGFF copy is grey."""
+        overlays (viewers show the picture, write_picture)."""
         arr = self._group.create_array(
             "preview", shape=image.shape, dtype=np.uint8, chunks=image.shape,
             compressors=COMPRESSORS, overwrite=True,
@@ -353,16 +325,8 @@ class OutputStore:
     def build_pyramid(self) -> None:
         """Fill levels 1.. of the mask (every 2nd pixel: labels stay labels) and of the
         probabilities (2x2 means), each from the level above, chunk by chunk (pyramid.py)."""
-        self._build(self.mask_levels(), halve_nearest)
-        self._build(self.prob_levels(), halve_mean)
-
-    def _build(self, levels: dict[str, zarr.Array], halve: Halve) -> None:
-        pairs = list(levels.items())
-        for (name, src), (_, dst) in zip(pairs, pairs[1:], strict=False):
-            try:
-                build_level(src, dst, halve)
-            except (RuntimeError, ValueError) as exc:
-                raise decode_error(self.path, name, src, exc) from exc
+        build_levels(self.mask_levels(), halve_nearest, self.path)
+        build_levels(self.prob_levels(), halve_mean, self.path)
 
     def mask_levels(self) -> dict[str, zarr.Array]:
         """Every mask level by path, full resolution first."""
@@ -440,7 +404,6 @@ class OutputStore:
             name: round(float(counts[i]) / labels.size, 6)
             for i, name in enumerate(self.layout.classes, start=1)
         }
-
 
     def _check_writable(self) -> None:
         if self.outdated:

@@ -8,16 +8,23 @@ array, so no chunk is cached by zarr; the page cache is warm after the first).
 A figure, not a test: it reads stores of any format (those from before and after a
 layout change alike) and never fails on what it finds.
 
+``--chunks MASK`` times the same 512² reads of one full-resolution mask copied at several
+chunk sides (16384: what tile x scale gave the tissue model, 1024 tiles at 16x, before
+the 2048 bound; 2048; 1024), into a temporary folder.
+
 Usage: python benchmarks/ngff_stores.py demo-out [more folders]
+       python benchmarks/ngff_stores.py --chunks demo-out/tissue-he/<id>.zarr/labels/mask/0
 """
 
 from __future__ import annotations
 
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import zarr
 
@@ -90,6 +97,21 @@ def report(path: Path) -> None:
         print(f"   full-res mask {shape}, chunks {chunks}: 512² read {ms:.1f} ms (median of {READS})")
 
 
+def chunk_figure(mask: Path, sides: tuple[int, ...] = (16384, 2048, 1024)) -> None:
+    """512² read time of ``mask`` stored at each chunk side (zstd level 3, as segpipe)."""
+    from zarr.codecs import ZstdCodec
+
+    source = da.from_zarr(str(mask))
+    with tempfile.TemporaryDirectory() as tmp:
+        for side in sides:
+            copy = Path(tmp) / f"c{side}"
+            target = zarr.create_array(copy, shape=source.shape, dtype=source.dtype, chunks=(side, side),
+                                       compressors=(ZstdCodec(level=3),), fill_value=0)  # fmt: skip
+            da.store(source.rechunk((side, side)), target, lock=False)
+            ms, _ = read_time_ms(copy)
+            print(f"   {source.shape} in {side}² chunks: 512² read {ms:.1f} ms (median of {READS})")
+
+
 def main(folders: list[str]) -> None:
     for folder in folders:
         for path in sorted(Path(folder).rglob("*.zarr")):
@@ -98,4 +120,7 @@ def main(folders: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["demo-out"])
+    if sys.argv[1:2] == ["--chunks"]:
+        chunk_figure(Path(sys.argv[2]))
+    else:
+        main(sys.argv[1:] or ["demo-out"])

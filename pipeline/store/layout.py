@@ -55,7 +55,8 @@ both readers hide label layers by default (tick the layer).
 
 No array is sharded: a zarr 3 shard written by two processes loses pixels.
 
-Format 1 (before 2026-12: ``prob`` an (h, w, C) array, a grey thumbnail at the root) is
+Format 1 (``prob`` an (h, w, C) array, a grey thumbnail at the root, colours without a
+background property: invalid for the NGFF validator) is
 still opened for reading (status, verify, exports); a run re-runs such an output in
 format 2 (OutputStore.create_or_open).
 

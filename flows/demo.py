@@ -288,7 +288,8 @@ def _where_to_look(out: Path, results: list[Any], zooms: list[Path], console: Co
         console.print("[yellow]nothing ran: no demo model is shipped in this installation[/]")
         return
     console.print(f"\n[bold]Outputs[/] in {out}/<model>/: one <image>.zarr per image (OME-Zarr: "
-                  "mask pyramid, probabilities, tile status, provenance)")  # fmt: skip
+                  "the input in colour with its mask pyramid as labels, probabilities, tile status, "
+                  "provenance; napari <image>.zarr and <image>.zarr/prob)")  # fmt: skip
     for path in overlays:
         console.print(f"  overlay  {escape(str(path))}", highlight=False)
     for path in zooms:

@@ -200,13 +200,14 @@ def _reusable(sources: list[Source], out: str, wanted: dict[str, Any],
 
 
 def _complete_store(out: str, image_id: str) -> OutputStore | None:
-    """The image's store when it is marked complete (metadata only: its chunks are checked
-    by `_intact` once its input and settings match, its exports by `_reusable`)."""
+    """The image's store when it is marked complete in the current store format (metadata
+    only: its chunks are checked by `_intact` once its input and settings match, its
+    exports by `_reusable`); an older format's output runs again (ingest remakes it)."""
     try:
         store = OutputStore.open(store_path(out, image_id))
     except StoreError:  # none, or damaged metadata: the image's own run says which
         return None
-    return store if store.state == "complete" else None
+    return store if store.state == "complete" and not store.outdated else None
 
 
 VERIFY_THREADS = 8  # stores checked at once before reuse: the checks wait on storage

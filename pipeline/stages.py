@@ -18,7 +18,7 @@ import zarr
 from pipeline import __version__, cards
 from pipeline.cards import ModelCard, ModelId
 from pipeline.config import RunConfig
-from pipeline.display import as_rgb, window_uint8
+from pipeline.display import as_rgb, display_window, window_uint8
 from pipeline.engine.normalization import image_stats
 from pipeline.engine.tiling import (
     effective_halo,
@@ -28,7 +28,14 @@ from pipeline.engine.tiling import (
     work_shape_for,
 )
 from pipeline.errors import InputError
-from pipeline.io import Image, location, open_image, preview
+from pipeline.io import (
+    Image,
+    location,
+    open_image,
+    picture_level,
+    picture_source,
+    preview,
+)
 from pipeline.io import ingest as ingest_level
 from pipeline.io.ingest import preview_level
 from pipeline.io.levels import working_level
@@ -37,6 +44,8 @@ from pipeline.store import (
     OutputStore,
     StoreError,
     output_key,
+    picture_from,
+    pyramid_shapes,
     safe_image_id,
     store_path,
     verify_store,
@@ -88,7 +97,9 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
         overview = preview(image)
         if "preview" not in _group_keys(path):
             store.write_preview(window_uint8(overview))
-            store.write_thumbnail(window_uint8(overview))
+        if not store.has_picture():  # the preview's window, so both look alike
+            lay = store.layout
+            store.write_picture(picture_source(image, lay.levels[lay.picture_from]), display_window(overview))
         multiple = card.multiple
         halo = config.halo if config.halo is not None else (card.halo or DEFAULT_HALO)
         return ImageJob(
@@ -256,12 +267,17 @@ def planned_work(image: Image, level: int, work_hw: tuple[int, int], card: Model
     reads = [("the working level", level, source_hw)]
     # A slide's preview reads its level whole (level 0 when there is no pyramid); an X-ray
     # decoded whole is decoded once, and its preview reads that copy.
+    levels = pyramid_shapes((full_h, full_w))
+    picture = levels[picture_from(levels)]  # the store picture's first level
     if image.kind == "slide":
         at = preview_level(image)
         reads.append(("the preview", at, tuple(image.levels[at][:2])))
+        at = picture_level(image, picture)
+        reads.append(("the picture", at, tuple(image.levels[at][:2])))
     work_pixels = work_hw[0] * work_hw[1]
-    prob_bytes = work_pixels * len(card.class_names) * np.dtype(config.prob_dtype).itemsize
+    prob_bytes = work_pixels * len(card.class_names) * np.dtype(config.prob_dtype).itemsize * 4 // 3
     written = prob_bytes + full_h * full_w * 4 // 3  # uint8 mask and its pyramid
+    written += picture[0] * picture[1] * min(channels, 3) * 4 // 3  # the picture's pyramid
     if not _reads_in_place(image, level, work_hw, in_place):
         itemsize = image.dtype.itemsize if source_hw == work_hw else 4  # resampled: float32
         written += work_pixels * channels * itemsize

@@ -63,8 +63,9 @@ def peak_rss_mb() -> float:
 
 
 def test_huge_declared_tiled_tiff_is_refused_before_anything_is_written(tmp_path):
-    """262144² at max_slide_pixels with no pyramid: its tiles would read all 2^36 pixels and
-    its preview all of them again. Ran for over 10 minutes; now one line, nothing written."""
+    """262144² at max_slide_pixels with no pyramid: its tiles would read all 2^36 pixels, and
+    its preview and its picture all of them again. Ran for over 10 minutes; now one line,
+    nothing written."""
     path = write_empty_tiled_tiff(tmp_path / "huge.tif", 262144)
     assert path.stat().st_size < 600_000
     model = save(tiny("unet"), tmp_path / "m.safetensors")
@@ -72,16 +73,16 @@ def test_huge_declared_tiled_tiff_is_refused_before_anything_is_written(tmp_path
         segment(path, model, tmp_path / "out", **EXACT)
     message = str(info.value)
     assert "\n" not in message and str(path) in message
-    assert "planned reads of 137438953472 pixels" in message and "--max-slide-pixels" in message
+    assert "planned reads of 206158430208 pixels" in message and "--max-slide-pixels" in message
     assert not (tmp_path / "out").exists()
 
 
 def test_a_smaller_tiff_without_a_pyramid_within_the_limit_runs(tmp_path):
     path = write_empty_tiled_tiff(tmp_path / "flat.tif", 512, tile=256)
     model = save(tiny("unet", in_channels=1), tmp_path / "m.safetensors")
-    with pytest.raises(InputError, match="planned reads of 524288 pixels"):
-        segment(path, model, tmp_path / "refused", max_slide_pixels=512 * 512, **EXACT)
-    out = segment(path, model, tmp_path / "out", max_slide_pixels=2 * 512 * 512, tile=256, **EXACT)
+    with pytest.raises(InputError, match="planned reads of 786432 pixels"):  # tiles, preview, picture
+        segment(path, model, tmp_path / "refused", max_slide_pixels=2 * 512 * 512, **EXACT)
+    out = segment(path, model, tmp_path / "out", max_slide_pixels=3 * 512 * 512, tile=256, **EXACT)
     assert OutputStore.open(out).state == "complete"
 
 

@@ -6,12 +6,12 @@ import json
 import multiprocessing as mp
 from pathlib import Path
 
+import dask.array as da
 import numpy as np
 import pytest
 import zarr
 
 from pipeline.config import RunConfig
-from pipeline.display import GREY_WEIGHTS
 from pipeline.engine.tiling import Box, Tile, plan_tiles
 from pipeline.job import TileReport, TileStatus
 from pipeline.store import (
@@ -237,7 +237,7 @@ def test_finalize_records_checksums_that_a_rewrite_and_refinalize_keep(tmp_path)
     store.set_many([TileReport(t.index, TileStatus.DONE) for t in _all_tiles(store)])
     store.finalize()
     names = list(store.checked_arrays())
-    assert names == ["prob", "labels/mask/0", "labels/mask/1", "labels/mask/2"]
+    assert names == ["prob/0", "prob/1", "labels/mask/0", "labels/mask/1", "labels/mask/2"]
     before = {n: store.checksum_records(n)[:, [DIGEST, SIZE]].copy() for n in names}
 
     _write(store, _all_tiles(store)[5], prob, mask)
@@ -255,8 +255,9 @@ def test_uint8_probabilities_round_and_float32_is_exact(tmp_path):
     for s in (store, exact):
         for tile in _all_tiles(s):
             _write(s, tile, prob, mask)
-    assert store.prob.dtype == np.uint8
-    np.testing.assert_array_equal(store.prob[...], np.rint(prob * 255).astype(np.uint8))
+    assert store.prob.dtype == np.uint8 and store.prob.metadata.dimension_names == ("c", "y", "x")
+    stored = np.moveaxis(store.prob[...], 0, -1)  # (C, h, w) on disk, the NGFF axis order
+    np.testing.assert_array_equal(stored, np.rint(prob * 255).astype(np.uint8))
     assert np.abs(store.read_prob() - prob).max() <= 0.5 / 255 + 1e-7
     np.testing.assert_array_equal(exact.read_prob(), prob)
     np.testing.assert_array_equal(exact.mask[...], mask)
@@ -276,7 +277,7 @@ def test_two_processes_writing_their_own_tiles_lose_no_pixel(tmp_path):
     assert [w.exitcode for w in workers] == [0, 0]
 
     prob, mask = _expected(store)
-    np.testing.assert_array_equal(store.prob[...], np.rint(prob * 255).astype(np.uint8))
+    np.testing.assert_array_equal(np.moveaxis(store.prob[...], 0, -1), np.rint(prob * 255).astype(np.uint8))
     np.testing.assert_array_equal(store.mask[...], mask)
 
 
@@ -287,7 +288,7 @@ def test_two_processes_writing_their_own_tiles_lose_no_pixel(tmp_path):
 def test_ngff_metadata_and_nearest_pyramid(tmp_path):
     full_hw = (2200, 1100)
     store = _create(
-        tmp_path / "a.zarr", full_hw=full_hw, work_hw=(550, 275), tile=128, full_chunk=512,
+        tmp_path / "a.zarr", full_hw=full_hw, work_hw=(1100, 551), tile=128, full_chunk=512,
         classes=["lung", "heart"],
     )  # fmt: skip
     assert pyramid_shapes(full_hw) == [(2200, 1100), (1100, 550), (550, 275)]
@@ -308,8 +309,8 @@ def test_ngff_metadata_and_nearest_pyramid(tmp_path):
     assert scales == [[0.5, 0.5], [1.0, 1.0], [2.0, 2.0]]
     label = ome["image-label"]
     assert label["source"] == {"image": "../../"}
-    assert [p["class"] for p in label["properties"]] == ["lung", "heart"]
-    assert [c["label-value"] for c in label["colors"]] == [0, 1, 2]
+    assert [p["class"] for p in label["properties"]] == ["background", "lung", "heart"]
+    assert [c["label-value"] for c in label["colors"]] == [p["label-value"] for p in label["properties"]] == [0, 1, 2]
 
     for k, shape in enumerate(pyramid_shapes(full_hw)):
         level = store.mask_level(k)
@@ -317,6 +318,12 @@ def test_ngff_metadata_and_nearest_pyramid(tmp_path):
         np.testing.assert_array_equal(level[...], mask[:: 2**k, :: 2**k])
     with pytest.raises(StoreError, match="no mask level 3"):
         store.mask_level(3)
+    # the probabilities' pyramid: 2x2 means (an odd edge averaged with itself), rounded
+    assert [a.shape for a in store.prob_levels().values()] == [(2, 1100, 551), (2, 550, 276)]
+    level0 = store.prob_levels()["prob/0"][...].astype(np.float64)
+    padded = np.pad(level0, ((0, 0), (0, 0), (0, 1)), mode="edge")
+    means = (padded[:, ::2, ::2] + padded[:, 1::2, ::2] + padded[:, ::2, 1::2] + padded[:, 1::2, 1::2]) / 4
+    np.testing.assert_array_equal(store.prob_levels()["prob/1"][...], np.rint(means).astype(np.uint8))
 
     coarse = mask[::4, ::4]
     fractions = store.summary()["mask_fraction"]
@@ -326,19 +333,32 @@ def test_ngff_metadata_and_nearest_pyramid(tmp_path):
     }
 
 
-def test_thumbnail_is_the_root_ngff_image(tmp_path):
-    store = _create(tmp_path / "a.zarr", full_hw=(1200, 1000))
-    rgb = np.zeros((600, 500, 3), np.uint8)
-    rgb[..., 1] = 200
-    store.write_thumbnail(rgb)
+def test_picture_is_the_root_ngff_image_at_the_mask_levels(tmp_path):
+    store = _create(tmp_path / "a.zarr", full_hw=(2000, 1000))  # mask levels 2000, 1000
+    rgba = np.zeros((2000, 1000, 4), np.uint8)
+    rgba[..., 1], rgba[..., 3] = 200, 255
+    rgba[::2, :, 0] = 100
+    assert not store.has_picture()
+    store.write_picture(da.from_array(rgba, chunks=(700, 300, 4)), None)
+    assert store.has_picture()
     root = zarr.open_group(tmp_path / "a.zarr", mode="r")
     (ms,) = root.attrs["ome"]["multiscales"]
-    assert [d["path"] for d in ms["datasets"]] == ["0", "1", "2"]  # 600 -> 300 -> 150
-    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 1.0]  # 2 px * 0.5
-    assert root["0"].shape == (600, 500) and root["2"].shape == (150, 125)
-    assert int(root["0"][300, 250]) == round(200 * GREY_WEIGHTS[1])  # pipeline.display's grey
-    store.write_thumbnail(np.zeros((200, 100), np.uint8))  # a smaller one replaces every level
-    assert sorted(root.array_keys()) == ["0", "prob", "status", "tile_seconds"]
+    assert [a["name"] for a in ms["axes"]] == ["c", "y", "x"]
+    assert [d["path"] for d in ms["datasets"]] == ["0", "1"]  # the mask's levels
+    assert [d["coordinateTransformations"][0]["scale"] for d in ms["datasets"]] == [[1.0, 0.5, 0.5], [1.0, 1.0, 1.0]]
+    assert [c["color"] for c in root.attrs["ome"]["omero"]["channels"]] == ["FF0000", "00FF00", "0000FF"]
+    assert root["0"].shape == (3, 2000, 1000) and root["1"].shape == (3, 1000, 500)  # alpha dropped
+    np.testing.assert_array_equal(root["0"][...], np.moveaxis(rgba[..., :3], -1, 0))
+    assert (root["1"][0] == 50).all() and (root["1"][1] == 200).all()  # means of 100 and 0
+
+
+def test_a_deep_grey_picture_goes_through_the_display_window(tmp_path):
+    store = _create(tmp_path / "a.zarr", full_hw=(40, 30))
+    grey = np.arange(1200, dtype=np.uint16).reshape(40, 30, 1) * 3
+    store.write_picture(da.from_array(grey, chunks=(16, 16, 1)), (300.0, 3300.0))
+    picture = zarr.open_group(tmp_path / "a.zarr", mode="r")["0"][...]
+    assert picture.shape == (1, 40, 30)
+    np.testing.assert_array_equal(picture[0], np.rint(np.clip((grey[..., 0] - 300.0) / 3000, 0, 1) * 255))
 
 
 def test_mpp_unknown_gives_pixel_scales_without_unit(tmp_path):

@@ -371,6 +371,38 @@ def test_full_res_chunks_each_have_one_owner_tile(full_hw, work_hw, tile, chunk)
     assert_single_owner(owned, full_hw, chunk)
 
 
+def _random_geometries(n: int, seed: int = 7):
+    """(full_hw, work_hw, tile): working levels from 1/200 of the image to twice it, tiles
+    from 16 to 4096, integer and awkward scales alike (a seeded draw: the same every run)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        full_hw = tuple(int(v) for v in rng.integers(1, 40_000, 2))
+        factor = float(np.exp(rng.uniform(np.log(0.5), np.log(200))))
+        if rng.random() < 0.3:  # whole factors make tile * scale whole: the aligned case
+            factor = float(rng.choice([1, 2, 4, 8, 16, 32, 64]))
+        work_hw = tuple(max(1, round(v / factor)) for v in full_hw)
+        yield full_hw, work_hw, int(rng.choice([16, 100, 256, 512, 1000, 1024, 2048, 4096]))
+
+
+def test_full_res_chunks_are_bounded_and_each_has_one_owner_over_many_geometries():
+    """Whatever the model's scale (a 1024 tile at 16x was a 16384² chunk), the full-resolution
+    chunk is at most 2048 a side, and every chunk of the mask has exactly one owner tile,
+    whose pieces are whole chunks of it at most 2048² (invariants 1 and 3)."""
+    for full_hw, work_hw, tile in _random_geometries(300):
+        scale = (full_hw[0] / work_hw[0], full_hw[1] / work_hw[1])
+        chunk = full_res_chunk(tile, scale)
+        assert 1 <= chunk <= MAX_FULL_CHUNK, (full_hw, work_hw, tile)
+        if grid_shape(work_hw, tile)[0] * grid_shape(work_hw, tile)[1] > 4096:
+            continue  # the ownership check below is per tile; keep the test quick
+        owners = np.zeros(grid_shape(full_hw, chunk), np.int64)
+        for t in plan_tiles(work_hw, tile):
+            box = full_res_owned(t, work_hw, full_hw, chunk)
+            for p in full_res_pieces(box, chunk):
+                assert max(p.shape) <= MAX_FULL_CHUNK
+                owners[p.y0 // chunk : -(-p.y1 // chunk), p.x0 // chunk : -(-p.x1 // chunk)] += 1
+        assert (owners == 1).all(), (full_hw, work_hw, tile, chunk)
+
+
 def test_full_res_owned_lines_up_with_tiles_for_integer_factor():
     work_hw, full_hw, tile = (48, 40), (96, 80), 16
     chunk = full_res_chunk(tile, (2.0, 2.0))

@@ -127,7 +127,7 @@ def test_finalize_records_every_chunk_and_a_clean_output_verifies(clean: OutputS
     for name, array in clean.checked_arrays().items():
         records = clean.checksum_records(name)
         assert records is not None and records.shape == (int(np.prod(array.cdata_shape)), 3)
-    for name in ("prob", "labels/mask/0"):  # every chunk holds data: the tests can damage any
+    for name in ("prob/0", "labels/mask/0"):  # every chunk holds data: the tests can damage any
         assert (clean.checksum_records(name)[:, checks.SIZE] > 0).all()
     for full in (True, False):
         verdict = verify_store(clean, full=full)
@@ -147,11 +147,11 @@ def test_a_deleted_mask_chunk_names_its_tile(image: Path, model: Path, tmp_path:
 
 def test_flipped_prob_bytes_name_the_tile(image: Path, model: Path, tmp_path: Path) -> None:
     store = run(image, model, tmp_path)
-    flip(chunk(store, "prob", 2, 1, 0))
+    flip(chunk(store, "prob/0", 0, 2, 1))
 
     full = verify_store(store, full=True)
     assert full.damaged_tiles == [(2, 1)]
-    assert "prob chunk 2/1/0: content differs from its checksum" in full.lines()[0]
+    assert "prob/0 chunk 0/2/1: content differs from its checksum" in full.lines()[0]
     # the reuse check reads it too: the file was written after finalize (new mtime/ctime)
     assert verify_store(store, full=False).damaged_tiles == [(2, 1)]
 
@@ -190,7 +190,7 @@ def test_a_rerun_recomputes_only_the_damaged_tiles_to_the_clean_arrays(
     store = run(image, model, tmp_path)
     computed.clear()
     chunk(store, "labels/mask/0", 3, 0).unlink()
-    flip(chunk(store, "prob", 0, 2, 0))
+    flip(chunk(store, "prob/0", 0, 0, 2))
     OutputStore.open(store.path, mode="r+").set_many([TileReport((1, 1), TileStatus.FAILED, error="lost")])
 
     # what the collection flow does before reusing an output (flows/segment.py `_intact`)
@@ -212,7 +212,7 @@ def test_rerunning_a_damaged_complete_store_in_process_repairs_it(
     """`pipeline.segment` has no reuse check: its finalize verifies a store that infer left
     alone (never re-records it), marks the damage, and the next call repairs it."""
     store = run(image, model, tmp_path)
-    chunk(store, "prob", 1, 0, 0).unlink()
+    chunk(store, "prob/0", 0, 1, 0).unlink()
     computed.clear()
 
     run(image, model, tmp_path)
@@ -251,16 +251,16 @@ def test_pyramid_damage_is_repaired_by_finalize_without_a_tile(
 def test_a_chunk_found_in_a_skipped_tile_is_removed(image: Path, model: Path, tmp_path: Path) -> None:
     store = OutputStore.open(run(image, model, tmp_path).path, mode="r+")
     store.set_many([TileReport((3, 2), TileStatus.SKIPPED)])
-    chunk(store, "prob", 3, 2, 0).unlink()
+    chunk(store, "prob/0", 0, 3, 2).unlink()
     chunk(store, "labels/mask/0", 3, 2).unlink()
     store.finalize()  # the tile is skipped: no chunk of it is stored
     assert verify_store(store).ok
-    store.prob[96:100, 64:90, :] = 7  # a stray write
+    store.prob[:, 96:100, 64:90] = 7  # a stray write
 
     verdict = verify_store(store)
     assert verdict.damaged_tiles == [(3, 2)] and "where none was written" in verdict.lines()[0]
     assert schedule_repair(store, verdict) == []  # nothing to compute: the chunk goes
-    assert not chunk(store, "prob", 3, 2, 0).exists()
+    assert not chunk(store, "prob/0", 0, 3, 2).exists()
     assert store.finalize() == "complete" and verify_store(store).ok
 
 
@@ -304,9 +304,9 @@ def test_an_fsspec_store_verifies_through_its_listing(where: str, request: pytes
         assert verify_store(store).ok
 
         fs.rm(f"{root}/img.zarr/labels/mask/0/c/2/1")
-        data = bytearray(fs.cat(f"{root}/img.zarr/prob/c/0/1/0"))
+        data = bytearray(fs.cat(f"{root}/img.zarr/prob/0/c/0/0/1"))
         data[len(data) // 2] ^= 0xFF
-        fs.pipe(f"{root}/img.zarr/prob/c/0/1/0", bytes(data))
+        fs.pipe(f"{root}/img.zarr/prob/0/c/0/0/1", bytes(data))
 
         assert verify_store(store, full=False).damaged_tiles == [(0, 1), (2, 1)]
         assert verify_store(store, full=True).damaged_tiles == [(0, 1), (2, 1)]
@@ -317,10 +317,10 @@ def test_an_fsspec_store_verifies_through_its_listing(where: str, request: pytes
 
 def test_a_chunk_that_does_not_decode_is_one_store_error_naming_it(image: Path, model: Path, tmp_path: Path) -> None:
     store = run(image, model, tmp_path)
-    truncate(chunk(store, "prob", 2, 1, 0))
+    truncate(chunk(store, "prob/0", 0, 2, 1))
     truncate(chunk(store, "labels/mask/0", 0, 0))
 
-    with pytest.raises(StoreError, match=r"[0-9a-f]{16}\.zarr: prob chunk c/2/1/0 cannot be decoded"):
+    with pytest.raises(StoreError, match=r"[0-9a-f]{16}\.zarr: prob/0 chunk c/0/2/1 cannot be decoded"):
         store.read_prob()
     summary = store.summary()  # a status listing goes on, naming the damage
     assert summary["mask_fraction"] is None
@@ -358,13 +358,13 @@ def test_status_verify_reports_damage_exits_1_and_marks_it_for_the_next_run(
 
 def test_export_refuses_a_damaged_store_on_one_line(image: Path, model: Path, tmp_path: Path) -> None:
     store = run(image, model, tmp_path)
-    flip(chunk(store, "prob", 0, 0, 0))
+    flip(chunk(store, "prob/0", 0, 0, 0))
 
     result = runner.invoke(app, ["export", str(tmp_path), "-f", "png"])
 
     assert result.exit_code == 1
     line = one_line(result.output)
-    assert line.startswith(f"✗ {store.image_id}: not exported, damaged: tile (0, 0): prob chunk 0/0/0: ")
+    assert line.startswith(f"✗ {store.image_id}: not exported, damaged: tile (0, 0): prob/0 chunk 0/0/0: ")
     assert line.endswith("; the next run repairs it")
     assert not list(tmp_path.glob("*.png"))
 

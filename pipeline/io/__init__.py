@@ -12,7 +12,13 @@ from pathlib import Path
 
 from pipeline.config import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SLIDE_PIXELS
 from pipeline.io.image import Image, Limits, level_mpp, select_level, to_channels
-from pipeline.io.ingest import ingest, preview, read_in_place
+from pipeline.io.ingest import (
+    ingest,
+    picture_level,
+    picture_source,
+    preview,
+    read_in_place,
+)
 from pipeline.io.raster import RasterImage
 from pipeline.io.resample import resize
 from pipeline.io.sniff import check_extension, sniff
@@ -25,6 +31,8 @@ __all__ = [
     "ingest",
     "level_mpp",
     "open_image",
+    "picture_level",
+    "picture_source",
     "preview",
     "read_in_place",
     "resize",

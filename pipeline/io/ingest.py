@@ -71,12 +71,11 @@ def ingest(
     source = da.from_array(
         _LevelView(image, level), chunks=(chunk, chunk, -1), asarray=False, fancy=False, name=False
     )
+    if resampled:
+        source = resampled_level(image, level, target_shape, chunk)
     for row in range(0, target_shape[0], chunk):
         rows = (row, min(row + chunk, target_shape[0]))
-        if resampled:
-            band = _resampled_band(image, level, target_shape, rows, chunk)
-        else:
-            band = source[rows[0] : rows[1]]
+        band = source[rows[0] : rows[1]]
         # chunk-aligned regions: every zarr chunk is written whole by one task, no lock needed
         da.store(band, target, regions=(slice(*rows), slice(None), slice(None)), lock=False)
     return target
@@ -110,25 +109,46 @@ class _LevelView:
         return region[:, :, index[2]] if len(index) > 2 else region
 
 
-def _resampled_band(
-    image: Image, level: int, target_shape: tuple[int, ...], rows: tuple[int, int], chunk: int
-) -> da.Array:
-    """Rows ``rows`` of resize(level, target_shape), each block computed from its own
-    source rectangle (resample_block)."""
+def resampled_level(image: Image, level: int, target_hw: tuple[int, ...], chunk: int) -> da.Array:
+    """resize(level, target_hw) as a lazy float32 (H, W, C) array in chunk² blocks, each
+    computed from its own source rectangle (resample_block) when it is read."""
     channels = image.levels[level][2]
-    col_chunks = tuple(min(chunk, target_shape[1] - c) for c in range(0, target_shape[1], chunk))
+
+    def sides(length: int) -> tuple[int, ...]:
+        return tuple(min(chunk, length - start) for start in range(0, length, chunk))
 
     def block(block_info: dict[Any, Any] | None = None) -> np.ndarray:
         assert block_info is not None
-        (r0, r1), (c0, c1), _ = block_info[None]["array-location"]
-        return resample_block(image, level, target_shape[:2], (rows[0] + r0, rows[0] + r1), (c0, c1))
+        rows, cols, _ = block_info[None]["array-location"]
+        return resample_block(image, level, (target_hw[0], target_hw[1]), rows, cols)
 
     return da.map_blocks(
         block,
-        chunks=((rows[1] - rows[0],), col_chunks, (channels,)),
+        chunks=(sides(target_hw[0]), sides(target_hw[1]), (channels,)),
         dtype=np.float32,
         meta=np.empty((0, 0, 0), dtype=np.float32),
     )
+
+
+def picture_source(image: Image, target_hw: tuple[int, int], chunk: int = 1024) -> da.Array:
+    """The whole image at ``target_hw`` as a lazy (H, W, C) array for the store's picture:
+    the level of that shape read as it is (in place, or chunk by chunk through read_region),
+    else the coarsest level at least as large, resampled (resampled_level)."""
+    level = picture_level(image, target_hw)
+    if tuple(image.levels[level][:2]) != tuple(target_hw):
+        return resampled_level(image, level, target_hw, chunk)
+    lazy = image.lazy_level(level)
+    if lazy is None:
+        lazy = da.from_array(_LevelView(image, level), chunks=(chunk, chunk, -1), asarray=False,
+                             fancy=False, name=False)  # fmt: skip
+    return lazy
+
+
+def picture_level(image: Image, target_hw: tuple[int, int]) -> int:
+    """The level ``picture_source`` reads: the coarsest one at least ``target_hw`` (level 0
+    when none is, the picture is then upsampled)."""
+    fits = [i for i, (h, w, _) in enumerate(image.levels) if h >= target_hw[0] and w >= target_hw[1]]
+    return fits[-1] if fits else 0
 
 
 # The most source pixels (per axis) one resize_region call reads: a strong downsample (a

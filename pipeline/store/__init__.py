@@ -2,18 +2,19 @@
 
     names.py       output names and paths (safe_image_id, store_path)
     layout.py      the on-disk layout: StoreLayout, pyramid_shapes, creating the arrays
-    ngff.py        OME-NGFF metadata (multiscales, image-label)
+    ngff.py        OME-NGFF metadata (multiscales, image-label, omero)
     provenance.py  identifier scrubbing, versions, same_output
     status.py      the tile status grid
     checksums.py   per-chunk digests, sizes and modification markers (recorded at finalize)
     verify.py      checking a store against them; scheduling the repair of what fails
     lock.py        one run at a time on each image's output (StoreLock)
-    thumbnail.py   the grey NGFF picture of the input at the group's root
+    picture.py     the input's picture: the NGFF image at the group's root, in colour
+    pyramid.py     pyramid levels from the level above (nearest for labels, means else)
     store.py       OutputStore: opening, metadata, pixels, finalize, summary
 """
 
 from pipeline.store.errors import NotAStoreError, StoreError, storage_refusal
-from pipeline.store.layout import StoreLayout, pyramid_shapes
+from pipeline.store.layout import StoreLayout, picture_from, pyramid_shapes
 from pipeline.store.lock import POLL_S as LOCK_POLL_S
 from pipeline.store.lock import StoreLock
 from pipeline.store.names import output_key, safe_image_id, store_path
@@ -35,6 +36,7 @@ __all__ = [
     "ngff_multiscales",
     "pyramid_shapes",
     "output_key",
+    "picture_from",
     "safe_image_id",
     "same_output",
     "schedule_repair",

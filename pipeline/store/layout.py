@@ -1,33 +1,67 @@
 """The on-disk layout of one image's output store, and the code that creates it.
 
 Layout of ``OUT/<image-id>.zarr`` (OME-NGFF 0.5, the NGFF version defined on zarr v3: 0.4's
-multiscales / labels metadata under an ``ome`` attribute):
+multiscales / labels metadata under an ``ome`` attribute), format 2:
 
-    zarr.json          ``ome``: the thumbnail's multiscales (once ingest wrote it);
-                       ``segpipe``: format, layout, provenance and the completion ``state``
-    0, 1, ...          grey thumbnail pyramid of the input, so viewers show the image
+    zarr.json          ``ome``: the picture's multiscales and omero rendering (written by
+                       ingest, last); ``segpipe``: format, layout, provenance, ``state``
+    k0, k0+1, ...      the picture: the input in its own colours, uint8 (c, y, x), c = 3
+                       (RGB; alpha dropped) or 1 (grey, windowed for display); array k has
+                       the shape of mask level k (picture.py)
     labels/            ``ome.labels == ["mask"]``
     labels/mask/0      uint8 label image at the input's full resolution, 0 = background,
-                       1..C = classes; square chunks of ``full_chunk``; the chunks tile
-                       (r, c) owns are ``tiling.full_res_owned`` (invariant 1)
-    labels/mask/1...   x2 nearest-neighbour downsamples until the long side <= 1024
-    prob               class probabilities at the working level, (y, x, c), chunks
-                       (tile, tile, C): chunk (r, c) is tile (r, c)'s. uint8 holds
-                       round(p * 255); one channel per foreground class (one class: the
-                       foreground probability). float16 / float32 store p itself.
+                       1..C = classes; square chunks of ``full_chunk`` (at most 2048, see
+                       tiling.full_res_chunk); the chunks tile (r, c) owns are
+                       ``tiling.full_res_owned`` (invariant 1: a tile may own several
+                       chunks, a chunk has one owner)
+    labels/mask/1...   x2 nearest-neighbour downsamples (level k = level 0[::2^k, ::2^k],
+                       scale 2^k) until the long side <= 1024; all stored, NGFF lists k0..
+    prob/              an NGFF image of its own: probabilities at the working level as
+                       channels (c, y, x) with ``omero`` heat-map colours, so viewers show
+                       them (``napari OUT/<id>.zarr/prob``)
+    prob/0             (C, h, w), chunks (C, tile, tile): chunk (0, r, c) is tile (r, c)'s.
+                       uint8 holds round(p * 255); one channel per foreground class (one
+                       class: the foreground probability). float16 / float32 store p itself
+    prob/1...          x2 means (finalize) until the long side <= 1024
     status             uint8 tile grid of TileStatus; its ``failures`` attribute holds each
                        failed tile's error and attempt count
     tile_seconds       float32 tile grid: seconds each tile took (NaN: not recorded)
     preview            the input's colour thumbnail (h, w, C) uint8, once ingest wrote it
-    checksums/         written by finalize: one int64 array per checked array (``prob``,
-                       ``labels.mask.0``, ``labels.mask.1``, ...), a row per chunk in chunk
-                       order: digest of its stored bytes, size (-1 absent), modification
-                       marker (checksums.py); what verify.py checks a finished store against
+    checksums/         written by finalize: one int64 array per checked array (``prob.0``,
+                       ``prob.1``, ``labels.mask.0``, ...), a row per chunk in chunk order:
+                       digest of its stored bytes, size (-1 absent), modification marker
+                       (checksums.py); what verify.py checks a finished store against
+
+The picture and the labels share their levels, as NGFF wants (a label image has as many
+levels as its image, "usually" with the same shapes and transforms): level k of both has
+the same shape, path and scale 2^k (times µm/px when known), so they overlay in any
+viewer. The picture starts at level k0, the first level whose long side is at most
+PICTURE_MAX_SIDE (8192): level 0 (the full input) for every X-ray in practice and for
+small slides; a large slide's picture is bounded (a 100k² slide copied whole would be
+30 GB of RGB). The mask's NGFF multiscales then lists levels k0.. too, the ones the picture
+has: NGFF has no image level without pixels, and a label image with more levels than its
+image is invalid. Levels 0..k0-1 of the mask are still stored (level 0 is the output);
+exports (OME-TIFF, PNG, DICOM SEG) and ``OutputStore.mask`` read them, and a viewer shows
+the mask at the picture's finest resolution. Why not other layouts: a picture of the whole
+slide at full resolution costs a second copy of the slide; a picture with empty fine
+levels shows blank glass when zoomed in; a label pyramid copied at the picture's scales
+doubles what finalize writes and verifies for no pixel a viewer would not already show.
+
+The label's axes are (y, x) where the picture's are (c, y, x): NGFF says a label's
+dimension SHOULD equal its image's or be 1 where irrelevant; viewers split the picture's
+channels into (y, x) layers and overlay the mask on each. Labels open hidden in napari
+and ome-zarr-py whatever the metadata says: NGFF has no visibility field for labels, and
+both readers hide label layers by default (tick the layer).
 
 No array is sharded: a zarr 3 shard written by two processes loses pixels.
 
+Format 1 (``prob`` an (h, w, C) array, a grey thumbnail at the root, colours without a
+background property: invalid for the NGFF validator) is
+still opened for reading (status, verify, exports); a run re-runs such an output in
+format 2 (OutputStore.create_or_open).
+
 ``StoreLayout`` holds the shapes and settings the layout is made from (fixed at creation);
-``create_layout`` creates every array and the metadata.
+``create_layout`` creates every array and the metadata but the picture's.
 """
 
 from __future__ import annotations
@@ -42,11 +76,20 @@ from zarr.codecs import ZstdCodec
 from pipeline.config import ProbDtype
 from pipeline.engine.tiling import grid_shape
 from pipeline.store.errors import StoreError
-from pipeline.store.ngff import NGFF_VERSION, ngff_image_label, ngff_multiscales
+from pipeline.store.ngff import (
+    NGFF_VERSION,
+    class_channels,
+    ngff_image_label,
+    ngff_multiscales,
+    ngff_omero,
+)
 from pipeline.store.provenance import as_json
 
-FORMAT = 1
-PYRAMID_MAX_SIDE = 1024  # the mask pyramid stops at the first level this small
+FORMAT = 2
+READABLE_FORMATS = (1, 2)  # format 1: prob (h, w, C) at "prob"; opened read-only
+PYRAMID_MAX_SIDE = 1024  # the mask and prob pyramids stop at the first level this small
+PICTURE_MAX_SIDE = 8192  # the picture's finest level: the first mask level this small
+PYRAMID_CHUNK = 1024  # chunk side of pyramid levels 1.. (and of the picture)
 PROB_DTYPES: tuple[str, ...] = get_args(ProbDtype)
 
 # A fixed codec, not zarr's configurable default: a rewritten tile gives identical bytes.
@@ -89,12 +132,28 @@ class StoreLayout:
         return pyramid_shapes(self.full_hw)
 
     @property
+    def picture_from(self) -> int:
+        """The first level the picture (and the mask's NGFF multiscales) has."""
+        return picture_from(self.levels)
+
+    @property
+    def shown_levels(self) -> range:
+        """The levels NGFF lists, for the picture and the mask alike."""
+        return range(self.picture_from, len(self.levels))
+
+    @property
+    def prob_levels(self) -> list[tuple[int, int]]:
+        """Shapes of the probability pyramid, the working level first."""
+        return pyramid_shapes(self.work_hw)
+
+    @property
     def scale(self) -> tuple[float, float]:
         """Full-resolution pixels per working-level pixel, per axis."""
         return (self.full_hw[0] / self.work_hw[0], self.full_hw[1] / self.work_hw[1])
 
     def to_dict(self) -> dict[str, Any]:
-        return {**as_json(asdict(self), self.image_id), "scale": list(self.scale)}
+        return {**as_json(asdict(self), self.image_id), "scale": list(self.scale),
+                "picture_from": self.picture_from}  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> StoreLayout:
@@ -121,31 +180,49 @@ def pyramid_shapes(
     return shapes
 
 
+def picture_from(levels: list[tuple[int, int]]) -> int:
+    """The picture's first level among the mask's ``levels``: the first whose long side is
+    at most PICTURE_MAX_SIDE."""
+    return next(k for k, hw in enumerate(levels) if max(hw) <= PICTURE_MAX_SIDE)
+
+
+def level_scales(levels: range) -> list[tuple[float, float]]:
+    """Full-resolution pixels per pixel of mask (and picture) level k: 2^k exactly (mask
+    level k is level 0[::2^k, ::2^k])."""
+    return [(2.0**k, 2.0**k) for k in levels]
+
+
+def prob_transforms(layout: StoreLayout) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """Scales and translations (full-resolution pixels) of the probability levels.
+
+    A working-level pixel i is full-resolution (i + 0.5) * s - 0.5 (the align_corners=False
+    mapping the mask is delivered with), and a mean of 2^k of them sits at their centre:
+    level k has scale S = s * 2^k and its first pixel's centre at (S - 1) / 2."""
+    sy, sx = layout.scale
+    scales = [(sy * 2**k, sx * 2**k) for k in range(len(layout.prob_levels))]
+    return scales, [((y - 1) / 2, (x - 1) / 2) for y, x in scales]
+
+
 def create_layout(group: zarr.Group, layout: StoreLayout, record: Mapping[str, Any]) -> None:
-    """Create every array and the NGFF metadata; the segpipe attributes go last."""
+    """Create every array and the NGFF metadata (the picture's comes with its pixels,
+    picture.py); the segpipe attributes go last."""
     ome = {"version": NGFF_VERSION}
     labels = group.create_group("labels", attributes={"ome": {**ome, "labels": ["mask"]}})
-    scales = [(2.0**k, 2.0**k) for k in range(len(layout.levels))]
+    shown = layout.shown_levels
     mask_attrs = {
         **ome,
-        "multiscales": ngff_multiscales("mask", layout.mpp, scales),
+        "multiscales": ngff_multiscales("mask", layout.mpp, level_scales(shown),
+                                        paths=[str(k) for k in shown]),
         "image-label": ngff_image_label(layout.classes),
-    }
+    }  # fmt: skip
     mask_group = labels.create_group("mask", attributes={"ome": mask_attrs})
     for k, shape in enumerate(layout.levels):
-        chunks = (layout.full_chunk,) * 2 if k == 0 else _level_chunks(layout.full_chunk, shape)
+        chunks = (layout.full_chunk,) * 2 if k == 0 else level_chunks(shape, layout.full_chunk)
         mask_group.create_array(
             str(k), shape=shape, dtype="uint8", chunks=chunks, fill_value=0,
             compressors=COMPRESSORS, dimension_names=("y", "x"),
         )  # fmt: skip
-    n = len(layout.classes)
-    encoding = _prob_encoding(layout.prob_dtype)
-    group.create_array(
-        "prob", shape=(*layout.work_hw, n), dtype=layout.prob_dtype,
-        chunks=(layout.tile, layout.tile, n), fill_value=0, compressors=COMPRESSORS,
-        dimension_names=("y", "x", "c"),
-        attributes={"channels": list(layout.classes), "encoding": encoding},
-    )  # fmt: skip
+    _create_prob(group, layout)
     for name, dtype, fill in (("status", "uint8", 0), ("tile_seconds", "float32", float("nan"))):
         group.create_array(
             name, shape=layout.grid, dtype=dtype, chunks=layout.grid, fill_value=fill,
@@ -155,8 +232,30 @@ def create_layout(group: zarr.Group, layout: StoreLayout, record: Mapping[str, A
     group.attrs.update({"segpipe": meta})
 
 
-def _level_chunks(full_chunk: int, shape: tuple[int, int]) -> tuple[int, int]:
-    side = min(full_chunk, PYRAMID_MAX_SIDE)
+def _create_prob(group: zarr.Group, layout: StoreLayout) -> None:
+    """The probability image: its pyramid's arrays, multiscales and heat-map rendering."""
+    n = len(layout.classes)
+    scales, translations = prob_transforms(layout)
+    window = (0.0, 255.0) if layout.prob_dtype == "uint8" else (0.0, 1.0)
+    attrs = {
+        "version": NGFF_VERSION,
+        "multiscales": ngff_multiscales("probabilities", layout.mpp, scales, channel=True,
+                                        translations=translations),
+        "omero": ngff_omero(class_channels(layout.classes), window),
+    }  # fmt: skip
+    prob = group.create_group("prob", attributes={"ome": attrs})
+    for k, shape in enumerate(layout.prob_levels):
+        chunks = (n, layout.tile, layout.tile) if k == 0 else (n, *level_chunks(shape))
+        prob.create_array(
+            str(k), shape=(n, *shape), dtype=layout.prob_dtype, chunks=chunks, fill_value=0,
+            compressors=COMPRESSORS, dimension_names=("c", "y", "x"),
+            attributes={"channels": list(layout.classes), "encoding": _prob_encoding(layout.prob_dtype)},
+        )  # fmt: skip
+
+
+def level_chunks(shape: tuple[int, int], side: int = PYRAMID_CHUNK) -> tuple[int, int]:
+    """Chunks of a pyramid level (1.., and of the picture): at most PYRAMID_CHUNK a side."""
+    side = min(side, PYRAMID_CHUNK)
     return (min(side, shape[0]), min(side, shape[1]))
 
 

@@ -2,10 +2,10 @@
 pixels, status grid, completion state and summary. The layout it creates and reads is
 described in layout.py.
 
-Writers: workers call only ``write_tile``, which writes the tile's own chunks of ``prob``
-and ``labels/mask/0`` and never metadata. Everything else (status, provenance, state,
-pyramid, thumbnail, chunk checksums) is written by the driver alone, so no object has two
-writers.
+Writers: workers call only ``write_tile`` and ``write_mask_piece``, which write the tile's
+own chunks of ``prob/0`` and ``labels/mask/0`` and never metadata. Everything else (status,
+provenance, state, pyramids, picture, chunk checksums) is written by the driver alone, so
+no object has two writers. A format-1 store (layout.py) is read, never written.
 
 Reads of pixels go through ``_read``: a chunk that does not decode (a zstd error deep in
 zarr) becomes one StoreError naming the store, the array and the chunk.
@@ -24,15 +24,24 @@ import zarr
 import zarr.errors
 
 from pipeline.config import ProbDtype
+from pipeline.display import Window
 from pipeline.engine.tiling import Box, Tile, full_res_owned
 from pipeline.job import TileReport, is_complete
 from pipeline.store.checksums import decode_error, measure, read_records, write_records
 from pipeline.store.errors import NotAStoreError, StoreError
-from pipeline.store.layout import COMPRESSORS, FORMAT, StoreLayout, create_layout
+from pipeline.store.layout import (
+    COMPRESSORS,
+    FORMAT,
+    READABLE_FORMATS,
+    StoreLayout,
+    create_layout,
+)
 from pipeline.store.names import store_location
+from pipeline.store.picture import picture_written, write_picture
 from pipeline.store.provenance import as_json, check_provenance, identity, versions
+from pipeline.store.pyramid import build_levels, halve_mean, halve_nearest
 from pipeline.store.status import StatusGrid
-from pipeline.store.thumbnail import write_thumbnail
+from pipeline.store.tile_checks import check_mask, check_piece, encode_prob
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +57,16 @@ class OutputStore:
 
     def __init__(self, group: zarr.Group, path: str) -> None:
         meta = group.attrs.get("segpipe")
-        if not isinstance(meta, Mapping) or meta.get("format") != FORMAT:
+        if not isinstance(meta, Mapping) or meta.get("format") not in READABLE_FORMATS:
             raise NotAStoreError(f"{path}: not a segpipe output store (format {FORMAT})")
         self.path = path
         self._group = group
+        self.format: int = meta["format"]
         self.layout = StoreLayout.from_dict(meta["layout"])
+        # the working-level probabilities: (C, h, w) at prob/0; format 1: (h, w, C) at prob
+        self.prob_name = "prob/0" if self.format == FORMAT else "prob"
         try:
-            self.prob: zarr.Array = group["prob"]  # type: ignore[assignment]
+            self.prob: zarr.Array = group[self.prob_name]  # type: ignore[assignment]
             self._status: zarr.Array = group["status"]  # type: ignore[assignment]
             self._seconds: zarr.Array = group["tile_seconds"]  # type: ignore[assignment]
         except KeyError as exc:
@@ -104,10 +116,13 @@ class OutputStore:
                     f"{where}: existing output differs: {'; '.join(diffs)}; "
                     "run with --overwrite (RunConfig overwrite=True) to replace it"
                 )
-            if not diffs:  # the same output: resume it, whatever overwrite says
+            if not diffs and store.format == FORMAT:  # the same output: resume it
                 log.info("%s: resuming, %s", where, store.counts())
                 return store
-            log.warning("%s: overwriting the existing output (%s)", where, "; ".join(diffs))
+            if not diffs:  # the same output in an older layout: made again in this one
+                log.warning("%s: output in store format %d, run again in format %d", where, store.format, FORMAT)
+            else:
+                log.warning("%s: overwriting the existing output (%s)", where, "; ".join(diffs))
         group = zarr.open_group(where, mode="w", zarr_format=3)
         create_layout(group, layout, record)
         return cls(group, where)
@@ -136,6 +151,11 @@ class OutputStore:
     @property
     def image_id(self) -> str:
         return self.layout.image_id
+
+    @property
+    def outdated(self) -> bool:
+        """Made in an older store format: read, never written; a run makes it again."""
+        return self.format != FORMAT
 
     @property
     def state(self) -> State:
@@ -194,71 +214,53 @@ class OutputStore:
         pieces by ``write_mask_piece`` (the engine's way: the full-res box grows with the
         model's scale, a piece does not).
         """
+        self._check_writable()
         work, full = self.owned_boxes(tile)
         where = f"{self.path}: tile {tile.index}"
         if tile.region != work:
             raise StoreError(f"{where}: region {tile.region} is not its prob chunk {work}")
         if full_box != full:
             raise StoreError(f"{where}: full_box {full_box} is not its own mask chunks {full}")
-        prob = self._encode_prob(prob_work, work, where)
-        mask = None if mask_full is None else self._check_mask(mask_full, full, where)
-        self.prob[work.y0 : work.y1, work.x0 : work.x1, :] = prob
+        prob = encode_prob(prob_work, work, self.layout, where)
+        mask = None if mask_full is None else check_mask(mask_full, full, self.layout, where)
+        self.prob[:, work.y0 : work.y1, work.x0 : work.x1] = prob
         if mask is not None and not full.is_empty:
             self.mask[full.y0 : full.y1, full.x0 : full.x1] = mask
 
     def write_mask_piece(self, tile: Tile, box: Box, mask: np.ndarray) -> None:
-        """Write whole chunks ``box`` of the tile's own full-resolution mask chunks.
-
-        Invariant 1 is checked: ``box`` must lie inside the tile's full-res box, start on the
-        chunk grid and end on it or at the image's edge."""
+        """Write whole chunks ``box`` of the tile's own full-resolution mask chunks (a tile
+        may own several; tile_checks.check_piece says which boxes it may write)."""
+        self._check_writable()
         _, full = self.owned_boxes(tile)
         where = f"{self.path}: tile {tile.index}"
-        chunk, (height, width) = self.layout.full_chunk, self.layout.full_hw
-        aligned = (box.y0 % chunk == 0 and box.x0 % chunk == 0
-                   and (box.y1 % chunk == 0 or box.y1 == height)
-                   and (box.x1 % chunk == 0 or box.x1 == width))  # fmt: skip
-        if box.is_empty or not aligned or not full.contains(box):
-            raise StoreError(f"{where}: mask piece {box} is not whole chunks of its own {full}")
-        self.mask[box.y0 : box.y1, box.x0 : box.x1] = self._check_mask(mask, box, where)
-
-    def _encode_prob(self, prob: np.ndarray, box: Box, where: str) -> np.ndarray:
-        expected = (*box.shape, len(self.layout.classes))
-        if prob.shape != expected:
-            raise StoreError(f"{where}: prob shape {prob.shape}, expected {expected}")
-        if not np.isfinite(prob).all():
-            raise StoreError(f"{where}: prob holds NaN or inf")
-        if self.layout.prob_dtype == "uint8":
-            return np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
-        return prob.astype(self.layout.prob_dtype)
-
-    def _check_mask(self, mask: np.ndarray, box: Box, where: str) -> np.ndarray:
-        if box.is_empty:
-            return mask
-        if mask.shape != box.shape or mask.dtype != np.uint8:
-            raise StoreError(
-                f"{where}: mask {mask.shape} {mask.dtype}, expected {box.shape} uint8"
-            )
-        n = len(self.layout.classes)
-        if mask.size and int(mask.max()) > n:
-            raise StoreError(f"{where}: mask label {int(mask.max())} > {n} classes")
-        return mask
+        check_piece(box, full, self.layout, where)
+        self.mask[box.y0 : box.y1, box.x0 : box.x1] = check_mask(mask, box, self.layout, where)
 
     def read_prob(self, box: Box | None = None) -> np.ndarray:
         """Probabilities of a working-level box as float32 in [0, 1], (h, w, C)."""
         b = box or Box(0, 0, *self.layout.work_hw)
-        raw = self._read("prob", self.prob, (slice(b.y0, b.y1), slice(b.x0, b.x1), slice(None)))
+        axes = {"y": slice(b.y0, b.y1), "x": slice(b.x0, b.x1), "c": slice(None)}
+        names = self.prob.metadata.dimension_names or ("y", "x", "c")  # format 1: (y, x, c)
+        raw = self._read(self.prob_name, self.prob, tuple(axes[n] for n in names))
+        raw = np.moveaxis(raw, names.index("c"), -1)
         if self.layout.prob_dtype == "uint8":
             return raw.astype(np.float32) / np.float32(255.0)
         return raw.astype(np.float32)
 
-    def write_thumbnail(self, image: np.ndarray) -> None:
-        """Store a small picture of the input as the group's NGFF image pyramid (see
-        thumbnail.py). Driver only."""
-        write_thumbnail(self._group, image, self.layout, self.path)
+    def write_picture(self, source: da.Array, window: Window) -> None:
+        """Write the input's picture, the group's NGFF image (picture.py), from a lazy
+        (h, w, C) view of it at the shape of mask level ``layout.picture_from``, through
+        the display ``window``. Driver only."""
+        self._check_writable()
+        write_picture(self._group, source, window, self.layout, self.path)
+
+    def has_picture(self) -> bool:
+        """Whether the picture was written whole (ingest writes it once)."""
+        return picture_written(self._group)
 
     def write_preview(self, image: np.ndarray) -> None:
         """Keep the input's colour thumbnail (h, w, C) uint8 for tissue detection and
-        overlays; write_thumbnail's NGFF copy is grey."""
+        overlays (viewers show the picture, write_picture)."""
         arr = self._group.create_array(
             "preview", shape=image.shape, dtype=np.uint8, chunks=image.shape,
             compressors=COMPRESSORS, overwrite=True,
@@ -310,9 +312,10 @@ class OutputStore:
         self._update_meta(state=state)
 
     def finalize(self) -> State:
-        """Build the mask pyramid, record every chunk's checksum, then write the state,
-        last: "complete" when every tile is done or skipped, else "partial" (failed or
-        never-run tiles remain)."""
+        """Build the mask and probability pyramids, record every chunk's checksum, then
+        write the state, last: "complete" when every tile is done or skipped, else
+        "partial" (failed or never-run tiles remain)."""
+        self._check_writable()
         self.build_pyramid()
         self.record_checksums()
         state: State = "complete" if is_complete(self.status_grid()) else "partial"
@@ -320,22 +323,31 @@ class OutputStore:
         return state
 
     def build_pyramid(self) -> None:
-        """Fill levels 1.. by taking every 2nd pixel of the level above (nearest, never an
-        average: labels stay labels), chunk by chunk with dask."""
-        for k in range(1, len(self.layout.levels)):
-            src, dst = self.mask_level(k - 1), self.mask_level(k)
-            down = da.from_zarr(src)[::2, ::2].rechunk(dst.chunks)
-            try:
-                da.store(down, dst, lock=False)
-            except (RuntimeError, ValueError) as exc:
-                raise decode_error(self.path, f"labels/mask/{k - 1}", src, exc) from exc
+        """Fill levels 1.. of the mask (every 2nd pixel: labels stay labels) and of the
+        probabilities (2x2 means), each from the level above, chunk by chunk (pyramid.py)."""
+        build_levels(self.mask_levels(), halve_nearest, self.path)
+        build_levels(self.prob_levels(), halve_mean, self.path)
+
+    def mask_levels(self) -> dict[str, zarr.Array]:
+        """Every mask level by path, full resolution first."""
+        return {f"labels/mask/{k}": self.mask_level(k) for k in range(len(self.layout.levels))}
+
+    def prob_levels(self) -> dict[str, zarr.Array]:
+        """Every probability level by path, the working level first (format 1: one)."""
+        if self.outdated:
+            return {self.prob_name: self.prob}
+        names = [f"prob/{k}" for k in range(len(self.layout.prob_levels))]
+        try:
+            return {n: self._group[n] for n in names}  # type: ignore[misc]
+        except KeyError as exc:
+            raise StoreError(f"{self.path}: damaged output store, no {exc} array") from exc
 
     # -- verification (pipeline/store/verify.py) ---------------------------------------------
 
     def checked_arrays(self) -> dict[str, zarr.Array]:
-        """The arrays whose chunks carry checksums: prob and every mask level, by path."""
-        levels = {f"labels/mask/{k}": self.mask_level(k) for k in range(len(self.layout.levels))}
-        return {"prob": self.prob, **levels}
+        """The arrays whose chunks carry checksums, by path: every probability level and
+        every mask level (the first of each has owner tiles, verify.py)."""
+        return {**self.prob_levels(), **self.mask_levels()}
 
     def record_checksums(self) -> None:
         """Record each checked chunk's digest, size and modification marker (driver only,
@@ -392,6 +404,11 @@ class OutputStore:
             name: round(float(counts[i]) / labels.size, 6)
             for i, name in enumerate(self.layout.classes, start=1)
         }
+
+    def _check_writable(self) -> None:
+        if self.outdated:
+            raise StoreError(f"{self.path}: an output in store format {self.format} is read only; "
+                             f"run the image again to make it in format {FORMAT}")  # fmt: skip
 
 
 def _open_group(where: str, mode: Literal["r", "r+"]) -> zarr.Group | None:

@@ -3,8 +3,9 @@ scheduling the repair of what does not verify (invariant 5: outputs are verified
 trusted).
 
 What is checked (``verify_store``):
-- every chunk of ``prob`` and ``labels/mask/0`` owned by a DONE or SKIPPED tile (a FAILED
-  or PENDING tile is recomputed anyway), and every chunk of the pyramid levels 1..;
+- every chunk of ``prob/0`` and ``labels/mask/0`` owned by a DONE or SKIPPED tile (a FAILED
+  or PENDING tile is recomputed anyway; a tile may own several mask chunks, a chunk has one
+  owner), and every chunk of the pyramid levels 1.. of both;
 - the status grid's consistency: a store marked complete whose grid holds a FAILED or
   PENDING tile is damaged.
 
@@ -61,6 +62,7 @@ class CheckedStore(Protocol):
     path: str
     layout: StoreLayout
     prob: zarr.Array
+    prob_name: str
 
     @property
     def state(self) -> str: ...
@@ -78,7 +80,7 @@ class CheckedStore(Protocol):
 class Damage:
     """One chunk that does not match its record."""
 
-    array: str  # "prob", "labels/mask/0", ...
+    array: str  # "prob/0", "labels/mask/0", ...
     key: str  # the chunk's key in the store
     reason: str
     tile: tuple[int, int] | None  # its owner tile; None for a pyramid level
@@ -215,10 +217,13 @@ def _size_reason(record: np.ndarray, size: int) -> str | None:
 
 def _owners(store: CheckedStore) -> dict[str, np.ndarray]:
     """Per checked array with owner tiles, each chunk record's owner (row, col): prob chunk
-    (r, c) is tile (r, c)'s; a full-resolution chunk is the tile's whose owned box holds it
-    (OutputStore.owned_boxes, the rule write_tile enforces)."""
+    (r, c) (its grid position along y and x; the channels are one chunk) is tile (r, c)'s; a
+    full-resolution chunk is the tile's whose owned box holds it (OutputStore.owned_boxes,
+    the rule write_tile enforces)."""
     lay = store.layout
-    prob_owner = np.array([c[:2] for c in np.ndindex(*store.prob.cdata_shape)], np.int64)
+    names = store.prob.metadata.dimension_names or ("y", "x", "c")  # format 1: (y, x, c)
+    yx = [names.index("y"), names.index("x")]
+    prob_owner = np.array([[c[i] for i in yx] for c in np.ndindex(*store.prob.cdata_shape)], np.int64)
     mask = store.mask
     mask_owner = np.full((*mask.cdata_shape, 2), -1, np.int64)
     for tile in plan_tiles(lay.work_hw, lay.tile):
@@ -229,7 +234,7 @@ def _owners(store: CheckedStore) -> dict[str, np.ndarray]:
     if (mask_owner < 0).any():  # full_res_owned partitions the chunks: a broken layout
         orphan = tuple(int(i) for i in np.argwhere(mask_owner[..., 0] < 0)[0])
         raise StoreError(f"{store.path}: labels/mask/0 chunk {orphan} has no owner tile")
-    return {"prob": prob_owner, "labels/mask/0": mask_owner.reshape(-1, 2)}
+    return {store.prob_name: prob_owner, "labels/mask/0": mask_owner.reshape(-1, 2)}
 
 
 def _tile(owner: np.ndarray) -> tuple[int, int]:

@@ -1,0 +1,64 @@
+"""Pyramid levels, each made from the level above, chunk by chunk (dask): memory holds a
+few chunks whatever the image's size (invariant 3). Level k+1 has level k's last two axes
+halved, rounding up (layout.pyramid_shapes); leading axes (channels) are kept.
+
+Two ways to halve:
+- ``halve_nearest`` takes every second pixel: labels stay labels (an average of labels 1 and
+  2 is no class), and level k is exactly level 0[::2^k, ::2^k] (scale 2^k, no offset);
+- ``halve_mean`` averages 2x2 blocks (an odd last row or column averaged with itself): a
+  picture or a probability map, where an average is what a coarser look should show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from pipeline.store.checksums import decode_error
+
+Halve = Callable[[da.Array], da.Array]
+
+
+def halve_nearest(level: da.Array) -> da.Array:
+    """Every second pixel of the last two axes."""
+    return level[..., ::2, ::2]
+
+
+def halve_mean(level: da.Array) -> da.Array:
+    """2x2 means over the last two axes, in the level's dtype (integers rounded)."""
+    h, w = level.shape[-2:]
+    pad = [(0, 0)] * (level.ndim - 2) + [(0, h % 2), (0, w % 2)]
+    even = da.pad(level, pad, mode="edge") if h % 2 or w % 2 else level
+    # coarsen needs every chunk divisible by 2 along the halved axes
+    even = even.rechunk({level.ndim - 2: _even(even.chunksize[-2]), level.ndim - 1: _even(even.chunksize[-1])})
+    means = da.coarsen(np.mean, even.astype(np.float32), {level.ndim - 2: 2, level.ndim - 1: 2})
+    if np.issubdtype(level.dtype, np.integer):
+        info = np.iinfo(level.dtype)
+        return da.clip(da.rint(means), info.min, info.max).astype(level.dtype)
+    return means.astype(level.dtype)
+
+
+def build_levels(levels: dict[str, zarr.Array], halve: Halve, where: str) -> None:
+    """Fill each of ``levels`` (by path, finest first) but the first from the one before;
+    a chunk that does not decode is one StoreError naming it."""
+    pairs = list(levels.items())
+    for (name, src), (_, dst) in zip(pairs, pairs[1:], strict=False):
+        try:
+            build_level(src, dst, halve)
+        except (RuntimeError, ValueError) as exc:  # numcodecs' zstd raises RuntimeError
+            raise decode_error(where, name, src, exc) from exc
+
+
+def build_level(src: zarr.Array, dst: zarr.Array, halve: Halve) -> None:
+    """Write ``dst`` as ``src`` halved; each of dst's chunks is written whole by one task."""
+    down = halve(da.from_zarr(src)).rechunk(dst.chunks)
+    if down.shape != dst.shape:  # a layout bug, not the data's fault
+        raise ValueError(f"halving {src.shape} gives {down.shape}, the next level is {dst.shape}")
+    da.store(down, dst, lock=False)
+
+
+def _even(side: int) -> int:
+    return max(2, side + side % 2)

@@ -74,10 +74,15 @@ def settings_options() -> list[inspect.Parameter]:
 
 
 def run_config(**given: Any) -> Any:
-    """RunConfig from the command line's settings options (None: the default)."""
+    """RunConfig from the command line's settings options (None: the default); `--select
+    @FILE` becomes the rules in FILE (the run records rules, not a file's path)."""
     from pipeline.config import RunConfig
+    from pipeline.selection import expand_files
 
-    return RunConfig().with_(**options.given(RunConfig, given))
+    settings = options.given(RunConfig, given)
+    if settings.get("select") is not None:
+        settings["select"] = expand_files(settings["select"])
+    return RunConfig().with_(**settings)
 
 
 @app.callback()

@@ -52,9 +52,12 @@ class Source(BaseModel):
 
     uri: str = Field(exclude=True, repr=False)
     image_id: str
+    # DICOM attributes known without reading the image (a DICOMweb query's answer), for
+    # the selection rules; None: read from the file when the rules need it
+    header: dict[str, tuple[str, ...]] | None = Field(default=None, exclude=True, repr=False)
 
-    def __init__(self, uri: str, image_id: str) -> None:
-        super().__init__(uri=uri, image_id=image_id)
+    def __init__(self, uri: str, image_id: str, header: dict[str, tuple[str, ...]] | None = None) -> None:
+        super().__init__(uri=uri, image_id=image_id, header=header)
 
     @classmethod
     def of(cls, location: str, out_root: str, label: str | None = None) -> Source:

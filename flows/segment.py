@@ -35,8 +35,9 @@ from flows.tasks import (
     ingest_task,
     input_sha256,
     plan_task,
+    select_task,
 )
-from pipeline import cards, stages
+from pipeline import cards, selection, stages
 from pipeline.config import RunConfig
 from pipeline.engine.pool import RunPool
 from pipeline.io import location
@@ -108,33 +109,49 @@ def segment_collection(inputs: Inputs | list[str], model: str, out: str, config:
                        concurrency: int = DEFAULT_CONCURRENCY) -> list[ImageResult] | State:
     """Segment every image under `inputs` (folders, globs, list files, fsspec URLs) into
     OUT. Given as `Inputs` (as the CLI does), the inputs stay out of Prefect's stored
-    parameters; a deployment's list is its operator's, stored with the deployment. Images whose output is already complete for the same input content, model and
-    settings are reported and not run again; up to `concurrency` images run at once, all
-    on one pool of Ray workers; a failed image is reported and the others go on. Any
-    partial or failed image ends the run Failed, the results list as the state's data
-    (`results(state)`)."""
+    parameters; a deployment's list is its operator's, stored with the deployment. Images
+    the selection rules (`--select`, else the model card's) do not take are reported
+    skipped with the reason, and nothing of them is read past the header. Images whose
+    output is already complete for the same input content, model and settings are reported
+    and not run again; up to `concurrency` images run at once, all on one pool of Ray
+    workers; a failed image is reported and the others go on. Any partial or failed image
+    ends the run Failed, the results list as the state's data (`results(state)`)."""
     run = config or RunConfig()
     logger = get_run_logger()
     model_path = str(cards.resolve(model))
-    cards.check_settings(cards.read_card(model_path), run.mode, run.prune_level, model_path)
+    card = cards.read_card(model_path)
+    cards.check_settings(card, run.mode, run.prune_level, model_path)
     sources = discover_task(inputs if isinstance(inputs, Inputs) else Inputs(inputs), out)
     progress.emit(progress.Event("discovered", total=len(sources)))
+    skipped = _not_selected(sources, run.select if run.select is not None else tuple(card.selection))
+    selected = [s for s in sources if s.image_id not in skipped]
     wanted = {"model": {"sha256": location.sha256(model_path)}, "run": run.to_dict()}
-    reused = _reusable(sources, out, wanted, run)
-    todo = [s for s in sources if s.image_id not in reused]
-    logger.info("%d images: %d already complete, %d to run", len(sources), len(reused), len(todo))
+    reused = _reusable(selected, out, wanted, run)
+    todo = [s for s in selected if s.image_id not in reused]
+    logger.info("%d images: %d not selected, %d already complete, %d to run", len(sources), len(skipped),
+                len(reused), len(todo))  # fmt: skip
     if todo:
         _connect(run)  # here, in the flow's thread: Ray starts best from the main thread
     with _ray_pool(model_path, run) as pool:
         fresh = _run_bounded(todo, model_path, out, run, pool, max(1, concurrency), wanted)
     order = {s.image_id: i for i, s in enumerate(sources)}
-    results = sorted([*reused.values(), *fresh], key=lambda r: order[r.image_id])
+    results = sorted([*skipped.values(), *reused.values(), *fresh], key=lambda r: order[r.image_id])
     results = _report(results, out, {s.image_id: s.uri for s in sources} if run.keep_paths else {})
     if any(not r.ok for r in results):  # a bad night is a Failed run, with every result as data
         counts = report.totals(results)
         problems = ", ".join(f"{counts[k]} {k}" for k in ("partial", "failed") if counts[k])
         return keep(Failed(message=f"{problems} of {len(results)} images", data=results))
     return keep(results)
+
+
+def _not_selected(sources: list[Source], rules: tuple[str, ...]) -> dict[str, ImageResult]:
+    """The skipped result of each source the rules do not select (none without rules)."""
+    if not selection.parse_rules(rules) or not sources:
+        return {}
+    reasons = select_task(sources, rules)
+    for image_id in reasons:
+        progress.emit(progress.Event("finished", image_id, state="skipped"))
+    return {image_id: report.skipped(image_id, why) for image_id, why in reasons.items()}
 
 
 @task(name="image", cache_policy=NO_CACHE)

@@ -71,6 +71,17 @@ def discover_task(inputs: Inputs, out: str) -> list[Source]:
     return sources
 
 
+@task(name="select", cache_policy=NO_CACHE)
+def select_task(sources: list[Source], rules: tuple[str, ...]) -> dict[str, str]:
+    """image id -> skip reason of each image the selection rules do not take (from header
+    attributes only; the reasons quote codes such as BodyPartExamined=EXTREMITY, never an
+    identifier: pipeline.selection)."""
+    from flows.select import not_selected_sources
+    from pipeline.selection import parse_rules
+
+    return not_selected_sources(sources, parse_rules(rules))
+
+
 def _hash_key(context: Any, parameters: Mapping[str, Any]) -> str:
     """input_sha256's cache key: the image id (a keyed hash of the input's location, never
     the location itself), its size and modification marker."""

@@ -76,6 +76,7 @@ class RunConfig:
     tta: bool = setting(False, panel=MODEL, help="Average over horizontal and vertical flips (4x the compute).")
     allow_grey: bool = setting(False, panel=MODEL, pixels=False, help="Run grey images through a colour (RGB) model, grey repeated into R, G and B (default: refuse them).")
     allow_modality: bool = setting(False, panel=MODEL, pixels=False, help="Run DICOM images of a modality the model card does not list (default: refuse them).")
+    select: tuple[str, ...] | None = setting(None, panel=MODEL, pixels=False, help="Selection rules over DICOM attributes, e.g. 'Modality in [CR, DX]', 'BodyPartExamined == CHEST', 'ViewPosition in [PA, AP] if present'; @FILE reads them from a file; all: every image. A DICOM they do not select is skipped with the reason (default: the model card's rules).")
     threshold: float | None = setting(None, panel=MODEL, help="Probability threshold of binary models, in [0, 1] (default: the card's).")
     # -- tissue
     tissue: bool | None = setting(None, panel=TISSUE, help="Skip background tiles (default: on for slides, off for X-rays).")
@@ -135,6 +136,8 @@ class RunConfig:
         if self.retries < 0:
             raise ConfigError(f"retries must be >= 0 (got {self.retries})")
         _check_exports(self.exports)
+        if self.select is not None:
+            _check_selection(self.select)
 
     def with_(self, **changes: Any) -> RunConfig:
         """A copy with some settings changed (validated again)."""
@@ -162,6 +165,14 @@ def _choices(annotation: Any) -> tuple[Any, ...]:
     literal = {"Blend": Blend, "Precision": Precision, "Mode": Mode, "ProbDtype": ProbDtype}
     name = str(annotation).removesuffix(" | None")
     return get_args(literal[name]) if name in literal else ()
+
+
+def _check_selection(rules: tuple[str, ...]) -> None:
+    from pipeline.selection import (
+        parse_rules,  # the rules' own module (pydicom's dictionary)
+    )
+
+    parse_rules(rules)
 
 
 def _check_exports(names: tuple[str, ...]) -> None:

@@ -52,6 +52,7 @@ class ImageResult:
     error: str | None = None
     reused: bool = False
     reason: str | None = None
+    stored: str | None = None  # --store: "sent" (this run) or "stored before"
 
     @property
     def ok(self) -> bool:
@@ -134,12 +135,14 @@ def all_complete(results: Iterable[ImageResult]) -> bool:
 
 
 def totals(results: Sequence[ImageResult]) -> dict[str, int]:
-    """Images per outcome: complete (of which reused), skipped, partial, failed."""
+    """Images per outcome: complete (of which reused), skipped, partial, failed; and DICOM
+    SEGs sent to a PACS (--store)."""
     return {
         "images": len(results),
         "complete": sum(r.state == "complete" for r in results),
         "reused": sum(r.reused for r in results),
         "skipped": sum(r.state == "skipped" for r in results),
+        "stored": sum(r.stored == "sent" for r in results),
         "partial": sum(r.state == "partial" for r in results),
         "failed": sum(r.state == "failed" for r in results),
     }

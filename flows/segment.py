@@ -22,7 +22,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
-from flows import progress, report
+from flows import pacs, progress, report
 from flows.discover import Inputs, Source, fingerprint
 from flows.outcome import keep, outcome
 from flows.outputs import job_for
@@ -41,6 +41,7 @@ from pipeline import cards, selection, stages
 from pipeline.config import RunConfig
 from pipeline.engine.pool import RunPool
 from pipeline.io import location
+from pipeline.io.dicomweb import is_dicomweb, split_inputs
 from pipeline.io.exports import export_exists
 from pipeline.store import (
     LOCK_POLL_S,
@@ -94,7 +95,7 @@ def segment_image(source: Source, model: str, out: str, config: RunConfig | None
     else:
         logger.warning("%s: %d tiles failed; exports wait for a complete output",
                        job.image_id, summary["failed_total"])  # fmt: skip
-    result = report.from_summary(summary, time.perf_counter() - start, exports)
+    result = pacs.stored(report.from_summary(summary, time.perf_counter() - start, exports), item, run)
     logger.info("%s: %s in %.1f s", job.image_id, result.state, result.seconds)
     if _is_top_level():
         create_table_artifact([result.row()], key=TABLE_KEY, description=f"segment-image {job.image_id}")
@@ -121,9 +122,10 @@ def segment_collection(inputs: Inputs | list[str], model: str, out: str, config:
     model_path = str(cards.resolve(model))
     card = cards.read_card(model_path)
     cards.check_settings(card, run.mode, run.prune_level, model_path)
-    sources = discover_task(inputs if isinstance(inputs, Inputs) else Inputs(inputs), out)
+    rules = run.select if run.select is not None else tuple(card.selection)
+    sources, queries = _sources(inputs if isinstance(inputs, Inputs) else Inputs(inputs), out, rules, run)
     progress.emit(progress.Event("discovered", total=len(sources)))
-    skipped = _not_selected(sources, run.select if run.select is not None else tuple(card.selection))
+    skipped = _not_selected(sources, rules)
     selected = [s for s in sources if s.image_id not in skipped]
     wanted = {"model": {"sha256": location.sha256(model_path)}, "run": run.to_dict()}
     reused = _reusable(selected, out, wanted, run)
@@ -137,11 +139,22 @@ def segment_collection(inputs: Inputs | list[str], model: str, out: str, config:
     order = {s.image_id: i for i, s in enumerate(sources)}
     results = sorted([*skipped.values(), *reused.values(), *fresh], key=lambda r: order[r.image_id])
     results = _report(results, out, {s.image_id: s.uri for s in sources} if run.keep_paths else {})
+    pacs.advance_watermarks(out, queries, results)
     if any(not r.ok for r in results):  # a bad night is a Failed run, with every result as data
         counts = report.totals(results)
         problems = ", ".join(f"{counts[k]} {k}" for k in ("partial", "failed") if counts[k])
         return keep(Failed(message=f"{problems} of {len(results)} images", data=results))
     return keep(results)
+
+
+def _sources(inputs: Inputs, out: str, rules: tuple[str, ...], run: RunConfig) -> tuple[list[Source], list[pacs.Query]]:
+    """The run's images: discovered under its folders, globs, list files and fsspec URLs,
+    and queried from its DICOMweb sources (each query kept, for its watermark)."""
+    local, remote = split_inputs(inputs.items)
+    sources = discover_task(Inputs(local), out) if local else []
+    queries = [pacs.query_task(Inputs([item]), out, rules, run) for item in remote]
+    found = {s.image_id: s for s in [*sources, *(s for q in queries for s in q.sources)]}  # each image once
+    return list(found.values()), queries
 
 
 def _not_selected(sources: list[Source], rules: tuple[str, ...]) -> dict[str, ImageResult]:
@@ -177,8 +190,11 @@ def _reusable(sources: list[Source], out: str, wanted: dict[str, Any],
     hash (cached across runs by size and modification marker) is the one recorded and whose
     chunks pass the reuse check (`_intact`). Such an output gets the exports the run asks
     for that it lacks (no tile runs: only the export task). An output that cannot be
-    checked is a failed result: running it would re-finalize what was not verified."""
+    checked is a failed result: running it would re-finalize what was not verified.
+    A DICOMweb instance is not hashed (that would fetch it): its id is a keyed hash of its
+    UIDs, and a SOP Instance UID names one content (PS3.3 C.12.1.1.1)."""
     candidates: dict[str, tuple[OutputStore, str | None, PrefectFuture]] = {}
+    matching: dict[str, OutputStore] = {}
     for source in sources:
         store = _complete_store(out, source.image_id)
         if store is None:
@@ -188,13 +204,16 @@ def _reusable(sources: list[Source], out: str, wanted: dict[str, Any],
         # model and settings first: the input is hashed only when they match
         if not same_output(stored, {**wanted, "input": recorded}):
             continue
+        if is_dicomweb(source.uri):
+            matching[source.image_id] = store
+            continue
         try:
             key = fingerprint(source)
         except Exception:  # gone or unreachable since discovery: the image's own run reports it
             continue
         candidates[source.image_id] = (store, recorded.get("sha256"), input_sha256.submit(source, *key))
-    matching = {image_id: store for image_id, (store, recorded_sha, digest) in candidates.items()
-                if digest.result(raise_on_failure=False) == recorded_sha}  # fmt: skip
+    matching |= {image_id: store for image_id, (store, recorded_sha, digest) in candidates.items()
+                 if digest.result(raise_on_failure=False) == recorded_sha}  # fmt: skip
     by_id = {s.image_id: s for s in sources}
     intact, reused = _intact(matching)
     exporting: dict[str, tuple[OutputStore, dict[str, str], PrefectFuture | None]] = {}
@@ -210,7 +229,8 @@ def _reusable(sources: list[Source], out: str, wanted: dict[str, Any],
             reused[image_id] = report.failed(store.image_id, failure)
             get_run_logger().error(reused[image_id].error)
         else:
-            reused[image_id] = report.from_summary(store.summary(), 0.0, planned, reused=True)
+            done = report.from_summary(store.summary(), 0.0, planned, reused=True)
+            reused[image_id] = pacs.stored(done, by_id[image_id], config)
         state = "reused" if reused[image_id].ok else reused[image_id].state
         progress.emit(progress.Event("finished", store.image_id, state=state))
     return reused

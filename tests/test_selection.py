@@ -190,18 +190,6 @@ def test_pydicom_data_radiographs_when_installed() -> None:
 # -- a run ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def chest_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny grey U-Net whose card is for chest radiographs (the lung model's rules)."""
-    from pipeline.models import build_model, checkpoint
-
-    path = tmp_path_factory.mktemp("chest") / "chest.safetensors"
-    model = build_model("unet", in_channels=1, classes=1, filters=[4, 8, 16])
-    card = cards.ModelCard(arch="", config={}, name="chest", modalities=["CR", "DX"], selection=list(CHEST_RULES))
-    checkpoint.save(model, card, path)
-    return path
-
-
 @pytest.fixture
 def flows_env(prefect_harness: None, ray_cluster: str) -> None:
     """Prefect (temporary server) and Ray (local)."""

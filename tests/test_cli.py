@@ -223,11 +223,15 @@ def test_every_run_setting_is_an_option(command: str, tiny_checkpoint: Path, tmp
     # values the settings checks accept: lung-xray is a UNet++ of depth 4 with deep
     # supervision, and a tissue mask must be an image
     valid = {"prune_level": (["--prune-level", "2"], 2),
-             "tissue_mask": (["--tissue-mask", str(write_png(tmp_path / "mask.png"))], str(tmp_path / "mask.png"))}
+             "tissue_mask": (["--tissue-mask", str(write_png(tmp_path / "mask.png"))], str(tmp_path / "mask.png")),
+             "select": (["--select", "Modality in [CR, DX]", "--select", "ViewPosition exists"],
+                        ["Modality in [CR, DX]", "ViewPosition exists"]),
+             "store": (["--store", "dicomweb+https://pacs.example/dicom-web"], "dicomweb+https://pacs.example/dicom-web")}
     for field in fields:
         given, value = valid.get(field.name) or _other_value(field, hints[field.name])
         args += given
         expected[field.name] = value
+    expected["exports"] = [*expected["exports"], "dicom-seg"]  # what --store sends
     configs: list[Any] = []
     monkeypatch.setattr(prefect, "serve", lambda *deployments, **kw: configs.append(deployments[0].parameters["config"]))
     monkeypatch.setattr(cli, "run_collection", lambda inputs, model, out, config, *a, **k: configs.append(

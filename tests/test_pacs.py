@@ -236,3 +236,77 @@ def test_serve_takes_a_dicomweb_source(chest_model: Path) -> None:
     assert deployment.parameters["inputs"] == [source]
     assert deployment.parameters["config"]["store"] == "dicomweb"
     assert "dicom-seg" in deployment.parameters["config"]["exports"]
+
+
+# -- the client's rules (no server) -----------------------------------------------------------------
+
+
+def test_a_source_url_parses_and_never_carries_credentials() -> None:
+    from pipeline.io.dicomweb import Endpoint, PacsError, split_instance
+
+    endpoint = Endpoint.parse("dicomweb+https://pacs.example:8443/dicom-web/?StudyDescription=THORAX&Modality=CR")
+    assert endpoint.root == "https://pacs.example:8443/dicom-web"
+    assert endpoint.filters == (("StudyDescription", "THORAX"), ("Modality", "CR"))
+    assert Endpoint.parse(endpoint.text) == endpoint
+    uri = endpoint.instance_uri(pacs.dicomweb.Instance("1.2", "1.2.3", "1.2.3.4"))
+    assert uri == "dicomweb+https://pacs.example:8443/dicom-web/studies/1.2/series/1.2.3/instances/1.2.3.4"
+    assert split_instance(uri) == (Endpoint(endpoint.root), pacs.dicomweb.Instance("1.2", "1.2.3", "1.2.3.4"))
+    with pytest.raises(PacsError, match="credentials in the URL are refused") as caught:
+        Endpoint.parse("dicomweb+https://alice:hunter2@pacs.example/dicom-web")
+    assert "hunter2" not in str(caught.value)
+    with pytest.raises(PacsError, match="not a DICOMweb source"):
+        Endpoint.parse("dicomweb+ftp://pacs.example/dicom-web")
+    with pytest.raises(ValueError, match="store must be dicomweb or a dicomweb"):
+        RunConfig(store="https://pacs.example/dicom-web")
+
+
+def test_credentials_come_from_the_environment_or_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    import base64
+
+    from pipeline.io import dicomweb
+
+    for name in (dicomweb.TOKEN_ENV, dicomweb.USER_ENV, dicomweb.PASSWORD_ENV, dicomweb.AUTH_FILE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    assert dicomweb._authorization() is None
+    monkeypatch.setenv(dicomweb.USER_ENV, "alice")
+    monkeypatch.setenv(dicomweb.PASSWORD_ENV, "s3cret")
+    assert dicomweb._authorization() == "Basic " + base64.b64encode(b"alice:s3cret").decode()
+    monkeypatch.setenv(dicomweb.TOKEN_ENV, "tok")
+    assert dicomweb._authorization() == "Bearer tok"  # a token wins
+    for name in (dicomweb.TOKEN_ENV, dicomweb.USER_ENV, dicomweb.PASSWORD_ENV):
+        monkeypatch.delenv(name)
+    secret = tmp_path / "pacs"
+    secret.write_text("Bearer from-a-file\n")
+    secret.chmod(0o600)
+    monkeypatch.setenv(dicomweb.AUTH_FILE_ENV, str(secret))
+    assert dicomweb._authorization() == "Bearer from-a-file" and not caplog.records
+    secret.write_text("bob:pw:with:colons\n")
+    secret.chmod(0o644)
+    assert dicomweb._authorization() == "Basic " + base64.b64encode(b"bob:pw:with:colons").decode()
+    assert "readable by others" in caplog.text and "pw:with" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "text"),
+    [
+        (401, "PacsError", "HTTP 401 Unauthorized; no credentials given"),
+        (404, "PacsGone", "HTTP 404 Not Found"),
+        (503, "OSError", "HTTP 503 Service Unavailable"),
+    ],
+)
+def test_http_errors_are_one_line_without_the_request_url(status: int, kind: str, text: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import requests
+
+    from pipeline.io import dicomweb
+
+    for name in (dicomweb.TOKEN_ENV, dicomweb.USER_ENV, dicomweb.AUTH_FILE_ENV):
+        monkeypatch.delenv(name, raising=False)
+    response = requests.Response()
+    response.status_code, response.reason = status, requests.status_codes._codes[status][0].replace("_", " ").title()
+    response.url = "https://pacs.example/dicom-web/studies/1.2.840.99/series"
+    error = requests.HTTPError(f"{status} for url: {response.url}", response=response)
+    found = dicomweb._failure(dicomweb.Endpoint("https://pacs.example/dicom-web"), "QIDO-RS search", error)
+    assert type(found).__name__ == kind and text in str(found)
+    assert str(found).startswith("https://pacs.example/dicom-web: QIDO-RS search: ") and "1.2.840.99" not in str(found)

@@ -35,6 +35,8 @@ from pipeline.errors import SegpipeError
 if TYPE_CHECKING:
     from dicomweb_client import DICOMwebClient
 
+log = logging.getLogger(__name__)
+
 PREFIX = "dicomweb+"
 TOKEN_ENV, USER_ENV, PASSWORD_ENV = "SEGPIPE_DICOMWEB_TOKEN", "SEGPIPE_DICOMWEB_USER", "SEGPIPE_DICOMWEB_PASSWORD"
 AUTH_FILE_ENV = "SEGPIPE_DICOMWEB_AUTH_FILE"
@@ -56,6 +58,10 @@ for _name in ("dicomweb_client", "urllib3.connectionpool"):
 class PacsError(SegpipeError):
     """The PACS answered, and a retry would get the same answer (refused credentials, not
     found, an untrusted certificate, a refused store)."""
+
+
+class PacsGone(PacsError):
+    """What was asked for is not (or no longer) in the PACS: HTTP 404 or 410."""
 
 
 @dataclass(frozen=True)
@@ -145,7 +151,11 @@ def search(endpoint: Endpoint, study_dates: str | None, modalities: Sequence[str
                 series[(_values(item, "StudyInstanceUID")[0], _values(item, "SeriesInstanceUID")[0])] = None
     wanted = tuple(dict.fromkeys(("Modality", *keywords)))
     for study, serie in series:
-        metadata = _call(endpoint, "WADO-RS series metadata", lambda c, s=study, e=serie: c.retrieve_series_metadata(s, e))
+        try:
+            metadata = _call(endpoint, "WADO-RS series metadata", lambda c, s=study, e=serie: c.retrieve_series_metadata(s, e))
+        except PacsGone:  # deleted between the query and now: nothing to segment
+            log.warning("%s: a series found by the query is gone from the PACS; left out", endpoint.root)
+            continue
         for item in metadata:
             header = {k: v for k in wanted if (v := _values(item, k))}
             yield Instance(study, serie, _values(item, "SOPInstanceUID")[0], header)
@@ -284,7 +294,7 @@ def _read_auth_file(path: Path) -> str:
     except OSError as exc:
         raise PacsError(f"{path}: cannot read the DICOMweb credentials ({exc.strerror or exc})") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        logging.getLogger(__name__).warning("%s: DICOMweb credentials readable by others (chmod 600 it)", path)
+        log.warning("%s: DICOMweb credentials readable by others (chmod 600 it)", path)
     return text[0].strip() if text else ""
 
 
@@ -314,7 +324,7 @@ def _failure(endpoint: Endpoint, what: str, exc: Exception) -> Exception:
             return PacsError(f"{where}: {status}; {hint}")
         if response.status_code in (408, 429) or response.status_code >= 500:
             return OSError(f"{where}: {status}")
-        return PacsError(f"{where}: {status}")
+        return (PacsGone if response.status_code in (404, 410) else PacsError)(f"{where}: {status}")
     if isinstance(exc, requests.exceptions.SSLError):
         return PacsError(f"{where}: TLS certificate not trusted (give your CA's bundle in REQUESTS_CA_BUNDLE)")
     if isinstance(exc, requests.RequestException | OSError):

@@ -14,7 +14,7 @@ source was written with (Inputs hides them, as it hides paths).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import date
 
@@ -113,17 +113,37 @@ def record_of(seg: str) -> str:
     return f"{seg.removesuffix('.dcm')}{RECORD_SUFFIX}"
 
 
-def stored(result: ImageResult, source: Source, config: RunConfig) -> ImageResult:
-    """`result` once its SEG is stored (`stored` says sent now or before), or a failed
-    result naming the image when STOW-RS failed (its output stays complete: the next run
-    sends it)."""
-    seg = result.exports.get("dicom-seg")
-    if not (config.store and result.state == "complete" and seg):
-        return result
-    state = store_task(seg, source, config, return_state=True)
-    sent = state.result(raise_on_failure=False)
-    if isinstance(sent, BaseException):
-        error = dicomweb.PacsError(f"{result.image_id}: DICOM SEG not stored: {' '.join(str(sent).split())}")
-        failed = report.failed(result.image_id, error)
-        return replace(failed, output=result.output, exports=result.exports, size=result.size, counts=result.counts)
-    return replace(result, stored="sent" if sent else "stored before")
+def stored(results: Sequence[ImageResult], sources: Mapping[str, Source], config: RunConfig) -> list[ImageResult]:
+    """`results` once their SEGs are stored (--store): each complete image's SEG that its
+    PACS has not acknowledged as it is is sent (store tasks, all at once); `stored` says
+    sent now or before. A send that failed makes a failed result naming the image (its
+    output stays complete: the next run sends it)."""
+    if not config.store:
+        return list(results)
+    done, sending = {}, {}
+    for result in results:
+        seg = result.exports.get("dicom-seg")
+        if result.state != "complete" or not seg:
+            continue
+        source = sources[result.image_id]
+        try:
+            before = dicomweb.acknowledged(destination(config.store, source), seg, record_of(seg))
+        except (dicomweb.PacsError, OSError) as exc:
+            done[result.image_id] = _not_stored(result, exc)
+            continue
+        if before:
+            done[result.image_id] = replace(result, stored="stored before")
+        else:
+            sending[result.image_id] = store_task.submit(seg, source, config)
+    for image_id, future in sending.items():
+        result = next(r for r in results if r.image_id == image_id)
+        sent = future.result(raise_on_failure=False)
+        done[image_id] = _not_stored(result, sent) if isinstance(sent, BaseException) else replace(result, stored="sent")
+    return [done.get(r.image_id, r) for r in results]
+
+
+def _not_stored(result: ImageResult, exc: BaseException) -> ImageResult:
+    error = dicomweb.PacsError(f"{result.image_id}: DICOM SEG not stored: {' '.join(str(exc).split())}")
+    get_run_logger().error(str(error))
+    failed = report.failed(result.image_id, error)
+    return replace(failed, output=result.output, exports=result.exports, size=result.size, counts=result.counts)

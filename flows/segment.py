@@ -95,7 +95,7 @@ def segment_image(source: Source, model: str, out: str, config: RunConfig | None
     else:
         logger.warning("%s: %d tiles failed; exports wait for a complete output",
                        job.image_id, summary["failed_total"])  # fmt: skip
-    result = pacs.stored(report.from_summary(summary, time.perf_counter() - start, exports), item, run)
+    [result] = pacs.stored([report.from_summary(summary, time.perf_counter() - start, exports)], {item.image_id: item}, run)
     logger.info("%s: %s in %.1f s", job.image_id, result.state, result.seconds)
     if _is_top_level():
         create_table_artifact([result.row()], key=TABLE_KEY, description=f"segment-image {job.image_id}")
@@ -229,10 +229,11 @@ def _reusable(sources: list[Source], out: str, wanted: dict[str, Any],
             reused[image_id] = report.failed(store.image_id, failure)
             get_run_logger().error(reused[image_id].error)
         else:
-            done = report.from_summary(store.summary(), 0.0, planned, reused=True)
-            reused[image_id] = pacs.stored(done, by_id[image_id], config)
+            reused[image_id] = report.from_summary(store.summary(), 0.0, planned, reused=True)
+    reused = {r.image_id: r for r in pacs.stored(list(reused.values()), by_id, config)}  # --store: SEGs not yet sent
+    for image_id in exporting:  # those that _intact failed were reported there
         state = "reused" if reused[image_id].ok else reused[image_id].state
-        progress.emit(progress.Event("finished", store.image_id, state=state))
+        progress.emit(progress.Event("finished", image_id, state=state))
     return reused
 
 

@@ -226,18 +226,36 @@ def store_once(endpoint: Endpoint, seg: str, record: str) -> bool:
     from pipeline.io.location import sha256
 
     digest = sha256(seg)
-    try:
-        with fsspec.open(record, "r") as f:
-            acknowledged = dict(json.load(f).get("acknowledged", {}))
-    except (FileNotFoundError, ValueError, AttributeError):  # none yet, or unreadable: send
-        acknowledged = {}
-    if acknowledged.get(endpoint.root) == digest:
+    done = _acknowledgements(record)
+    if done.get(endpoint.root) == digest:
         return False
     with fsspec.open(seg, "rb") as f:
         store(endpoint, f)
     with fsspec.open(record, "w") as f:
-        json.dump({"acknowledged": {**acknowledged, endpoint.root: digest}}, f)
+        json.dump({"acknowledged": {**done, endpoint.root: digest}}, f)
     return True
+
+
+def acknowledged(endpoint: Endpoint, seg: str, record: str) -> bool:
+    """Whether `record` says `endpoint` acknowledged the SEG at `seg` as it is now (a
+    re-run asks this before it sends anything)."""
+    from pipeline.io.location import sha256
+
+    done = _acknowledgements(record)
+    return endpoint.root in done and done[endpoint.root] == sha256(seg)
+
+
+def _acknowledgements(record: str) -> dict[str, str]:
+    """service root -> sha256 of the SEG it acknowledged, from `record` (none: empty)."""
+    import json
+
+    import fsspec
+
+    try:
+        with fsspec.open(record, "r") as f:
+            return {str(k): str(v) for k, v in json.load(f).get("acknowledged", {}).items()}
+    except (FileNotFoundError, ValueError, AttributeError):  # none yet, or unreadable: send
+        return {}
 
 
 # -- the client, credentials and errors ------------------------------------------------------------

@@ -28,7 +28,14 @@ from flows.console import (
     run_collection,
     usage_error,
 )
-from flows.preflight import absolute, check_model, check_run, quiet_logs, usage_checked
+from flows.preflight import (
+    absolute,
+    check_model,
+    check_run,
+    check_sources,
+    quiet_logs,
+    usage_checked,
+)
 from flows.train_cli import train_command
 from pipeline.errors import InputError, SegpipeError
 
@@ -312,6 +319,7 @@ def serve(inputs: list[str], model: str, out: str, cron: str = "0 2 * * *", name
 
     config = usage_checked(lambda: run_config(**settings))
     model_path = usage_checked(lambda: check_model(model))
+    usage_checked(lambda: check_sources(inputs, config))
     deployment = usage_checked(lambda: build_deployment(
         [absolute(i) for i in inputs], model_path, absolute(out), cron, config, name, concurrency,
         interval))  # fmt: skip

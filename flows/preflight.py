@@ -66,20 +66,32 @@ def check_run(inputs: list[str], model: str, out: str, config: Any) -> str:
 
 
 def check_inputs(inputs: list[str], out: str, config: Any) -> None:
-    """The inputs name at least one image, or a DICOMweb source that answers (a night with
-    nothing new is no error); `--store dicomweb` needs a DICOMweb source to send back to."""
+    """The inputs name at least one image, or DICOMweb sources that answer (a night with
+    nothing new is no error); `check_sources` first."""
     from flows.discover import discover
+    from pipeline.io import dicomweb
+
+    local, remote = check_sources(inputs, config)
+    for item in remote:
+        dicomweb.probe(dicomweb.Endpoint.parse(item))
+    if local or not remote:
+        discover(local, out)
+
+
+def check_sources(inputs: list[str], config: Any) -> tuple[list[str], list[str]]:
+    """Without the network (`serve` checks this at its start, `run` before its probes): each
+    DICOMweb source is a URL without credentials, and `--store dicomweb` has a DICOMweb
+    source to send back to. Returns (other inputs, DICOMweb sources)."""
     from pipeline.errors import ConfigError
     from pipeline.io import dicomweb
 
     local, remote = dicomweb.split_inputs(inputs)
     for item in remote:
-        dicomweb.probe(dicomweb.Endpoint.parse(item))
+        dicomweb.Endpoint.parse(item)
     if config.store == "dicomweb" and not remote:
         raise ConfigError("--store dicomweb sends each SEG back to the DICOMweb source of its image, and no "
                           "input is one: give the endpoint, --store dicomweb+https://host/path")  # fmt: skip
-    if local or not remote:
-        discover(local, out)
+    return local, remote
 
 
 def check_model(model: str) -> str:

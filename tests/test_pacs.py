@@ -310,3 +310,12 @@ def test_http_errors_are_one_line_without_the_request_url(status: int, kind: str
     found = dicomweb._failure(dicomweb.Endpoint("https://pacs.example/dicom-web"), "QIDO-RS search", error)
     assert type(found).__name__ == kind and text in str(found)
     assert str(found).startswith("https://pacs.example/dicom-web: QIDO-RS search: ") and "1.2.840.99" not in str(found)
+
+
+def test_serve_refuses_a_store_with_nowhere_to_send_and_credentials_in_a_url(chest_model: Path, tmp_path: Path) -> None:
+    folder = runner.invoke(app, ["serve", str(tmp_path), "-m", str(chest_model), "-o", str(tmp_path / "out"),
+                                 "--store", "dicomweb"])  # fmt: skip
+    assert folder.exit_code == 2 and "no input is one" in " ".join(folder.output.split())
+    url = runner.invoke(app, ["serve", "dicomweb+https://u:pw-4711@pacs.example/dicom-web", "-m", str(chest_model),
+                              "-o", str(tmp_path / "out")])  # fmt: skip
+    assert url.exit_code == 2 and "credentials in the URL are refused" in url.output and "pw-4711" not in url.output

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 HEADER_THREADS = 8  # headers read at once: remote ones wait on storage
 _PREAMBLE = 128  # 'DICM' follows a 128-byte preamble (PS3.10 7.1)
+_DICOM_SUFFIXES = ("", ".dcm", ".dicom")  # remote objects worth a ranged read of their header
 
 
 def not_selected_sources(sources: Sequence[Source], rules: Sequence[Rule]) -> dict[str, str]:
@@ -51,6 +52,8 @@ def header_of(source: Source, keywords: Sequence[str]) -> Header | None:
         return source.header
     try:
         if source.is_remote:
+            if Path(source.name).suffix.lower() not in _DICOM_SUFFIXES:  # a PNG on S3: no request for it
+                return None
             with fsspec.open(source.uri, "rb") as f:
                 if f.read(_PREAMBLE + 4)[_PREAMBLE:] != b"DICM":
                     return None

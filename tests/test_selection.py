@@ -165,6 +165,11 @@ def test_headers_are_read_without_pixels(tmp_path: Path) -> None:
     assert header == {"Modality": ("CR",), "BodyPartExamined": ("CHEST",), "ViewPosition": ("PA",),
                       "ImageType": ("ORIGINAL", "PRIMARY")}  # fmt: skip
     assert header_of(Source.of(str(png), out), ("Modality",)) is None
+    import fsspec  # an object on object storage: a ranged read of its header
+
+    with fsspec.open("memory://selection/chest.dcm", "wb") as f:
+        f.write(chest.read_bytes())
+    assert header_of(Source("memory://selection/chest.dcm", "c"), ("BodyPartExamined",)) == {"BodyPartExamined": ("CHEST",)}
 
 
 def test_pydicom_data_radiographs_when_installed() -> None:

@@ -95,13 +95,15 @@ def segment_image(source: Source, model: str, out: str, config: RunConfig | None
     else:
         logger.warning("%s: %d tiles failed; exports wait for a complete output",
                        job.image_id, summary["failed_total"])  # fmt: skip
-    [result] = pacs.stored([report.from_summary(summary, time.perf_counter() - start, exports)], {item.image_id: item}, run)
+    made = report.from_summary(summary, time.perf_counter() - start, exports)
+    [result] = pacs.stored([made], {item.image_id: item}, run)  # --store: its SEG to the PACS
     logger.info("%s: %s in %.1f s", job.image_id, result.state, result.seconds)
     if _is_top_level():
         create_table_artifact([result.row()], key=TABLE_KEY, description=f"segment-image {job.image_id}")
     if not result.ok:  # a partial image is a failed run: automations and the UI must see it
-        failed_tiles = summary["failed_total"]
-        return keep(Failed(message=f"{job.image_id}: {result.state}, {failed_tiles} tiles failed", data=result))
+        failed_tiles = summary["failed_total"]  # or, complete, its SEG not stored (result.error)
+        message = result.error or f"{job.image_id}: {result.state}, {failed_tiles} tiles failed"
+        return keep(Failed(message=message, data=result))
     return keep(result)
 
 

@@ -178,7 +178,8 @@ def _choices(annotation: Any) -> tuple[Any, ...]:
 
 
 def _check_store(store: str) -> None:
-    from pipeline.io.dicomweb import Endpoint, PacsError, is_dicomweb  # the client's rules for a URL
+    # the client's own rules for an endpoint's URL
+    from pipeline.io.dicomweb import Endpoint, PacsError, is_dicomweb
 
     if store != "dicomweb":
         if not is_dicomweb(store):

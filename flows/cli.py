@@ -1,7 +1,8 @@
 """`segpipe`: the command line.
 
-Exit codes: 0 every image complete; 1 some image or tile failed (each listed on one
-line); 2 a usage or configuration error (bad option, unknown model, no inputs).
+Exit codes: 0 every image complete or skipped (not selected); 1 some image or tile failed
+(each listed on one line); 2 a usage or configuration error (bad option, unknown model, no
+inputs, a PACS that cannot be reached or refuses the credentials).
 
 Prefect is imported only by the commands that run flows (run, serve, demo): status,
 export and models answer at once.
@@ -27,7 +28,14 @@ from flows.console import (
     run_collection,
     usage_error,
 )
-from flows.preflight import absolute, check_model, check_run, quiet_logs, usage_checked
+from flows.preflight import (
+    absolute,
+    check_model,
+    check_run,
+    check_sources,
+    quiet_logs,
+    usage_checked,
+)
 from flows.train_cli import train_command
 from pipeline.errors import InputError, SegpipeError
 
@@ -46,7 +54,7 @@ Model = Annotated[str, typer.Option("--model", "-m", help="A shipped model name 
 Out = Annotated[str, typer.Option("--out", "-o", help="Output folder (or fsspec URL): one <image>.zarr per image, exports beside it.")]
 Concurrency = Annotated[int, typer.Option(min=1, help="Images processed at once (all share the Ray workers).", rich_help_panel="Execution")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's and the pipeline's logs.")]
-Inputs = Annotated[list[str], typer.Argument(help="Images, folders, globs, list files (.txt) or fsspec URLs.", show_default=False)]
+Inputs = Annotated[list[str], typer.Argument(help="Images, folders, globs, list files (.txt), fsspec URLs or DICOMweb sources (dicomweb+https://host/dicom-web).", show_default=False)]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")]
 Cron = Annotated[str, typer.Option(help="When to run (cron, server time zone).")]
 Name = Annotated[str, typer.Option(help="Deployment name.")]
@@ -74,10 +82,15 @@ def settings_options() -> list[inspect.Parameter]:
 
 
 def run_config(**given: Any) -> Any:
-    """RunConfig from the command line's settings options (None: the default)."""
+    """RunConfig from the command line's settings options (None: the default); `--select
+    @FILE` becomes the rules in FILE (the run records rules, not a file's path)."""
     from pipeline.config import RunConfig
+    from pipeline.selection import expand_files
 
-    return RunConfig().with_(**options.given(RunConfig, given))
+    settings = options.given(RunConfig, given)
+    if settings.get("select") is not None:
+        settings["select"] = expand_files(settings["select"])
+    return RunConfig().with_(**settings)
 
 
 @app.callback()
@@ -87,7 +100,7 @@ def main(verbose: Verbose = False) -> None:
     runs their tiles, zarr holds every pixel.
 
     Start with [bold]segpipe demo[/], then [bold]segpipe run[/] on your own images.
-    Exit codes: 0 every image complete, 1 some image or tile failed, 2 usage or configuration error.
+    Exit codes: 0 every image complete or skipped, 1 some image or tile failed, 2 usage or configuration error.
     """
     quiet_logs(verbose)
 
@@ -101,6 +114,8 @@ def main(verbose: Verbose = False) -> None:
   segpipe run big.svs -m my.safetensors -o out/ --tile 2048 --mode fast --prune-level 2 --precision bf16
 
   RAY_ADDRESS=ray://head:10001 segpipe run /nfs/archive -m lung-xray -o /nfs/out --concurrency 8
+
+  SEGPIPE_DICOMWEB_AUTH_FILE=~/.pacs segpipe run dicomweb+https://pacs/dicom-web -m lung-xray -o out --store dicomweb
 """)
 def run(inputs: list[str], model: str, out: str, concurrency: int = 2, as_json: bool = False,
         **settings: Any) -> None:
@@ -292,6 +307,8 @@ def export(
   segpipe serve /archive/xrays --model lung-xray --out /results/xrays --cron "0 2 * * *"
 
   PREFECT_API_URL=http://prefect:4200/api segpipe serve s3://archive/slides -m nuclei-he -o s3://results/slides
+
+  segpipe serve dicomweb+https://pacs/dicom-web -m lung-xray -o /results/pacs --store dicomweb --cron "30 1 * * *"
 """)
 def serve(inputs: list[str], model: str, out: str, cron: str = "0 2 * * *", name: str = "nightly",
           interval: float | None = None, concurrency: int = 2, **settings: Any) -> None:  # fmt: skip
@@ -302,6 +319,7 @@ def serve(inputs: list[str], model: str, out: str, cron: str = "0 2 * * *", name
 
     config = usage_checked(lambda: run_config(**settings))
     model_path = usage_checked(lambda: check_model(model))
+    usage_checked(lambda: check_sources(inputs, config))
     deployment = usage_checked(lambda: build_deployment(
         [absolute(i) for i in inputs], model_path, absolute(out), cron, config, name, concurrency,
         interval))  # fmt: skip
@@ -313,7 +331,7 @@ def serve(inputs: list[str], model: str, out: str, cron: str = "0 2 * * *", name
 
 
 options.command(serve, [
-    _param("inputs", Annotated[list[str], typer.Argument(help="Folders, globs, list files or fsspec URLs to scan at every run.", show_default=False)]),
+    _param("inputs", Annotated[list[str], typer.Argument(help="Folders, globs, list files, fsspec URLs or DICOMweb sources to scan at every run.", show_default=False)]),
     _param("model", Model), _param("out", Out), _param("cron", Cron, "0 2 * * *"), _param("name", Name, "nightly"),
     _param("interval", Interval, None), *settings_options(), _param("concurrency", Concurrency, 2),
 ])  # fmt: skip

@@ -43,7 +43,7 @@ OFF_TERMINAL_WIDTH = 400  # rich tables take only the width their cells need
 out_console = _console()
 err_console = _console(stderr=True)
 
-STATE_STYLE = {"complete": "green", "partial": "yellow", "failed": "red", "reused": "cyan",
+STATE_STYLE = {"complete": "green", "partial": "yellow", "failed": "red", "reused": "cyan", "skipped": "dim",
                "pending": "yellow", "running": "yellow"}
 
 
@@ -96,7 +96,7 @@ class RunDisplay:
         bar = self._bars.pop(event.image_id, None)
         if bar is not None:
             self.progress.remove_task(bar)
-        if event.state != "reused":  # a nightly run reuses thousands: the table counts them
+        if event.state not in ("reused", "skipped"):  # a nightly run has thousands: the table counts them
             self.progress.console.print(styled(f"{event.state:>8}", event.state), event.image_id)
         if self._images is not None:
             self.progress.advance(self._images, 1)
@@ -114,14 +114,14 @@ TABLE_ROWS = 40  # a larger run shows its problems first and the rest by count
 
 
 def results_table(results: Sequence[ImageResult], title: str = "segpipe run") -> Table:
-    """The summary table: one row per image (images that are not complete first, at most
-    TABLE_ROWS); outputs are <image>.zarr under the output root, and failed images'
+    """The summary table: one row per image (images that are not complete first, then the
+    skipped ones, at most TABLE_ROWS); outputs are <image>.zarr under the output root, and failed images'
     errors are listed below the table (report.problems)."""
-    shown = sorted(results, key=lambda r: r.ok)[:TABLE_ROWS]
+    shown = sorted(results, key=lambda r: (r.ok, r.state != "skipped"))[:TABLE_ROWS]
     totals = report.totals(results)
     caption = ", ".join(f"{v} {k}" for k, v in totals.items() if v or k == "images")
     if len(shown) < len(results):
-        caption += f"; {len(results) - len(shown)} complete images not listed (--json lists all)"
+        caption += f"; {len(results) - len(shown)} complete or skipped images not listed (--json lists all)"
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for name, justify in (("image", "left"), ("state", "left"), ("size", "left"), ("done", "right"),
                           ("skipped", "right"), ("failed", "right"), ("seconds", "right"),
@@ -129,7 +129,7 @@ def results_table(results: Sequence[ImageResult], title: str = "segpipe run") ->
         table.add_column(name, justify=justify, no_wrap=name == "image")  # type: ignore[arg-type]
     for r in shown:
         row = r.row()
-        table.add_row(r.image_id, styled(row["state"], "reused" if r.reused else r.state), row["size"], str(row["tiles done"]),
+        table.add_row(r.image_id, styled(r.state_text, "reused" if r.reused else r.state), row["size"], str(row["tiles done"]),
                       str(row["skipped"]), str(row["failed"]), f"{r.seconds:.1f}",
                       row["mask fraction"])  # fmt: skip
     return table

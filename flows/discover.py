@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.outputs import check_reachable, storage_error
 from pipeline.errors import InputError
+from pipeline.io import dicomweb
 from pipeline.io.sniff import sniff
 from pipeline.store import output_key, safe_image_id
 
@@ -52,9 +53,12 @@ class Source(BaseModel):
 
     uri: str = Field(exclude=True, repr=False)
     image_id: str
+    # DICOM attributes known without reading the image (a DICOMweb query's answer), for
+    # the selection rules; None: read from the file when the rules need it
+    header: dict[str, tuple[str, ...]] | None = Field(default=None, exclude=True, repr=False)
 
-    def __init__(self, uri: str, image_id: str) -> None:
-        super().__init__(uri=uri, image_id=image_id)
+    def __init__(self, uri: str, image_id: str, header: dict[str, tuple[str, ...]] | None = None) -> None:
+        super().__init__(uri=uri, image_id=image_id, header=header)
 
     @classmethod
     def of(cls, location: str, out_root: str, label: str | None = None) -> Source:
@@ -93,6 +97,9 @@ def discover(inputs: Iterable[str], out_root: str) -> list[Source]:
     comments, paths relative to the list), an image file, or an fsspec URL of any of these.
     """
     check_reachable(out_root)  # here, so a run stops before any image when it cannot write
+    pacs = [item for item in inputs if dicomweb.is_dicomweb(str(item))]
+    if pacs:  # they need the run's rules and watermarks: flows/pacs.py queries them
+        raise InputError(f"{pacs[0]}: a DICOMweb source is queried by the collection run, not discovered")
     exclude = _local_root(out_root)
     found: set[str] = set()
     for item in inputs:
@@ -261,7 +268,8 @@ def _named(found: Iterable[str], key: bytes) -> list[Source]:
 
 def localize(source: Source, cache_dir: str | Path) -> str:
     """A local path for the source (the readers decode local files): a local one as it
-    is; a remote object fetched once into `cache_dir` as `<image_id>.<version><suffix>`,
+    is; a DICOMweb instance fetched once (WADO-RS) into `cache_dir` as `<image_id>.dcm`;
+    a remote object fetched once into `cache_dir` as `<image_id>.<version><suffix>`,
     its version a digest of its size and modification marker (`fingerprint`), so a changed
     object is fetched again, never read stale; the copy of an older version is removed.
 
@@ -270,6 +278,12 @@ def localize(source: Source, cache_dir: str | Path) -> str:
     """
     if not source.is_remote:
         return source.uri.removeprefix("file://")
+    if dicomweb.is_dicomweb(source.uri):  # an instance's content never changes under its UID
+        local = Path(cache_dir) / f"{source.image_id}.dcm"
+        if not local.is_file():
+            size = dicomweb.retrieve(source.uri, local)
+            log.info("%s: fetched %d bytes (WADO-RS)", source.image_id, size)
+        return str(local)
     suffix = Path(source.name).suffix.lower()
     try:
         key = fingerprint(source)

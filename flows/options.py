@@ -15,6 +15,7 @@ import dataclasses
 import enum
 import inspect
 import json
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable
@@ -23,6 +24,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 KEYWORD = inspect.Parameter.KEYWORD_ONLY
+_LIST_SPLIT = re.compile(r",(?![^\[]*\])")  # commas, but not inside brackets ("Modality in [CR, DX]")
 
 
 def generate(settings: type, *, skip: Iterable[str] = (), panel: str | None = None,
@@ -83,7 +85,7 @@ def unoptional(hint: Any) -> Any:
 
 def _tuple(value: Any, item: type, name: str) -> tuple[Any, ...]:
     values = value if isinstance(value, list | tuple) else [value]
-    parts = [p.strip() for v in values for p in (v.replace("x", ",") if item is int else v).split(",")]
+    parts = [p.strip() for v in values for p in _LIST_SPLIT.split(v.replace("x", ",") if item is int else v)]
     if parts == ["none"]:  # an explicit empty list (e.g. --exports none)
         return ()
     try:

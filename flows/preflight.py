@@ -59,7 +59,6 @@ def check_run(inputs: list[str], model: str, out: str, config: Any) -> str:
     """Fail fast on usage errors (exit 2), before Prefect and Ray start: the model and the
     settings its card allows, a tissue mask that opens, an output root that can take
     outputs, and that the inputs name at least one image."""
-    from flows.discover import discover
     from flows.outputs import check_writable
     from pipeline import cards
     from pipeline.io import open_image
@@ -69,8 +68,37 @@ def check_run(inputs: list[str], model: str, out: str, config: Any) -> str:
     if config.tissue_mask:
         open_image(config.tissue_mask, config.max_pixels, config.max_slide_pixels)  # header only
     check_writable(out)
-    discover(inputs, out)
+    check_inputs(inputs, out, config)
     return model_path
+
+
+def check_inputs(inputs: list[str], out: str, config: Any) -> None:
+    """The inputs name at least one image, or DICOMweb sources that answer (a night with
+    nothing new is no error); `check_sources` first."""
+    from flows.discover import discover
+    from pipeline.io import dicomweb
+
+    local, remote = check_sources(inputs, config)
+    for item in remote:
+        dicomweb.probe(dicomweb.Endpoint.parse(item))
+    if local or not remote:
+        discover(local, out)
+
+
+def check_sources(inputs: list[str], config: Any) -> tuple[list[str], list[str]]:
+    """Without the network (`serve` checks this at its start, `run` before its probes): each
+    DICOMweb source is a URL without credentials, and `--store dicomweb` has a DICOMweb
+    source to send back to. Returns (other inputs, DICOMweb sources)."""
+    from pipeline.errors import ConfigError
+    from pipeline.io import dicomweb
+
+    local, remote = dicomweb.split_inputs(inputs)
+    for item in remote:
+        dicomweb.Endpoint.parse(item)
+    if config.store == "dicomweb" and not remote:
+        raise ConfigError("--store dicomweb sends each SEG back to the DICOMweb source of its image, and no "
+                          "input is one: give the endpoint, --store dicomweb+https://host/path")  # fmt: skip
+    return local, remote
 
 
 def check_model(model: str) -> str:

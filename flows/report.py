@@ -26,7 +26,7 @@ from pipeline.store import StoreError, storage_refusal
 
 log = logging.getLogger(__name__)
 
-State = Literal["complete", "partial", "failed"]
+State = Literal["complete", "partial", "failed", "skipped"]
 ERROR_MAX_CHARS = 300
 RUN_RECORD = "segpipe-run.json"  # the last run's results, beside the outputs
 
@@ -35,6 +35,8 @@ RUN_RECORD = "segpipe-run.json"  # the last run's results, beside the outputs
 class ImageResult:
     """The outcome of one image in a run. `reused`: the output was already complete for
     this input, model and settings, so no tile ran (exports it lacked were written).
+    `skipped`: the image was not selected (its `reason`: "not selected: Modality=CT"),
+    and nothing of it was fetched, ingested or written.
     `input`: the input's path, only in the run record of a --keep-paths run (else None)."""
 
     input: str | None
@@ -49,17 +51,28 @@ class ImageResult:
     failed_tiles: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     reused: bool = False
+    reason: str | None = None
+    stored: str | None = None  # --store: "sent" (this run) or "stored before"
 
     @property
     def ok(self) -> bool:
-        return self.state == "complete"
+        """Nothing left to do for this image: complete, or not one the run is for."""
+        return self.state in ("complete", "skipped")
+
+    @property
+    def state_text(self) -> str:
+        """The state as the table shows it: "complete (reused)", "skipped (not selected:
+        BodyPartExamined=EXTREMITY)"."""
+        if self.reused:
+            return f"{self.state} (reused)"
+        return f"{self.state} ({self.reason})" if self.reason else self.state
 
     def row(self) -> dict[str, Any]:
         """A flat table row (strings and numbers)."""
         c = self.counts
         return {
             "image": self.image_id,
-            "state": f"{self.state} (reused)" if self.reused else self.state,
+            "state": self.state_text,
             "size": f"{self.size[0]}x{self.size[1]}" if self.size else "",
             "tiles done": c.get("done", 0),
             "skipped": c.get("skipped", 0),
@@ -82,6 +95,11 @@ def from_summary(summary: Mapping[str, Any], seconds: float,
         exports=dict(exports or {}), failed_tiles=list(summary.get("failed", [])),
         reused=reused,
     )  # fmt: skip
+
+
+def skipped(image_id: str, reason: str) -> ImageResult:
+    """The result of an image the run's selection rules did not take."""
+    return ImageResult(input=None, image_id=image_id, state="skipped", reason=reason)
 
 
 def failed(image_id: str, exc: BaseException, seconds: float = 0.0) -> ImageResult:
@@ -117,11 +135,14 @@ def all_complete(results: Iterable[ImageResult]) -> bool:
 
 
 def totals(results: Sequence[ImageResult]) -> dict[str, int]:
-    """Images per outcome: complete (of which reused), partial, failed."""
+    """Images per outcome: complete (of which reused), skipped, partial, failed; and DICOM
+    SEGs sent to a PACS (--store)."""
     return {
         "images": len(results),
         "complete": sum(r.state == "complete" for r in results),
         "reused": sum(r.reused for r in results),
+        "skipped": sum(r.state == "skipped" for r in results),
+        "stored": sum(r.stored == "sent" for r in results),
         "partial": sum(r.state == "partial" for r in results),
         "failed": sum(r.state == "failed" for r in results),
     }

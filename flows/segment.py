@@ -22,7 +22,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
-from flows import progress, report
+from flows import pacs, progress, report
 from flows.discover import Inputs, Source, fingerprint
 from flows.outcome import keep, outcome
 from flows.outputs import job_for
@@ -35,11 +35,13 @@ from flows.tasks import (
     ingest_task,
     input_sha256,
     plan_task,
+    select_task,
 )
-from pipeline import cards, stages
+from pipeline import cards, selection, stages
 from pipeline.config import RunConfig
 from pipeline.engine.pool import RunPool
 from pipeline.io import location
+from pipeline.io.dicomweb import is_dicomweb, split_inputs
 from pipeline.io.exports import export_exists
 from pipeline.store import (
     LOCK_POLL_S,
@@ -93,13 +95,15 @@ def segment_image(source: Source, model: str, out: str, config: RunConfig | None
     else:
         logger.warning("%s: %d tiles failed; exports wait for a complete output",
                        job.image_id, summary["failed_total"])  # fmt: skip
-    result = report.from_summary(summary, time.perf_counter() - start, exports)
+    made = report.from_summary(summary, time.perf_counter() - start, exports)
+    [result] = pacs.stored([made], {item.image_id: item}, run)  # --store: its SEG to the PACS
     logger.info("%s: %s in %.1f s", job.image_id, result.state, result.seconds)
     if _is_top_level():
         create_table_artifact([result.row()], key=TABLE_KEY, description=f"segment-image {job.image_id}")
     if not result.ok:  # a partial image is a failed run: automations and the UI must see it
-        failed_tiles = summary["failed_total"]
-        return keep(Failed(message=f"{job.image_id}: {result.state}, {failed_tiles} tiles failed", data=result))
+        failed_tiles = summary["failed_total"]  # or, complete, its SEG not stored (result.error)
+        message = result.error or f"{job.image_id}: {result.state}, {failed_tiles} tiles failed"
+        return keep(Failed(message=message, data=result))
     return keep(result)
 
 
@@ -108,33 +112,61 @@ def segment_collection(inputs: Inputs | list[str], model: str, out: str, config:
                        concurrency: int = DEFAULT_CONCURRENCY) -> list[ImageResult] | State:
     """Segment every image under `inputs` (folders, globs, list files, fsspec URLs) into
     OUT. Given as `Inputs` (as the CLI does), the inputs stay out of Prefect's stored
-    parameters; a deployment's list is its operator's, stored with the deployment. Images whose output is already complete for the same input content, model and
-    settings are reported and not run again; up to `concurrency` images run at once, all
-    on one pool of Ray workers; a failed image is reported and the others go on. Any
-    partial or failed image ends the run Failed, the results list as the state's data
-    (`results(state)`)."""
+    parameters; a deployment's list is its operator's, stored with the deployment. Images
+    the selection rules (`--select`, else the model card's) do not take are reported
+    skipped with the reason, and nothing of them is read past the header. Images whose
+    output is already complete for the same input content, model and settings are reported
+    and not run again; up to `concurrency` images run at once, all on one pool of Ray
+    workers; a failed image is reported and the others go on. Any partial or failed image
+    ends the run Failed, the results list as the state's data (`results(state)`)."""
     run = config or RunConfig()
     logger = get_run_logger()
     model_path = str(cards.resolve(model))
-    cards.check_settings(cards.read_card(model_path), run.mode, run.prune_level, model_path)
-    sources = discover_task(inputs if isinstance(inputs, Inputs) else Inputs(inputs), out)
+    card = cards.read_card(model_path)
+    cards.check_settings(card, run.mode, run.prune_level, model_path)
+    rules = run.select if run.select is not None else tuple(card.selection)
+    sources, queries = _sources(inputs if isinstance(inputs, Inputs) else Inputs(inputs), out, rules, run)
     progress.emit(progress.Event("discovered", total=len(sources)))
+    skipped = _not_selected(sources, rules)
+    selected = [s for s in sources if s.image_id not in skipped]
     wanted = {"model": {"sha256": location.sha256(model_path)}, "run": run.to_dict()}
-    reused = _reusable(sources, out, wanted, run)
-    todo = [s for s in sources if s.image_id not in reused]
-    logger.info("%d images: %d already complete, %d to run", len(sources), len(reused), len(todo))
+    reused = _reusable(selected, out, wanted, run)
+    todo = [s for s in selected if s.image_id not in reused]
+    logger.info("%d images: %d not selected, %d already complete, %d to run", len(sources), len(skipped),
+                len(reused), len(todo))  # fmt: skip
     if todo:
         _connect(run)  # here, in the flow's thread: Ray starts best from the main thread
     with _ray_pool(model_path, run) as pool:
         fresh = _run_bounded(todo, model_path, out, run, pool, max(1, concurrency), wanted)
     order = {s.image_id: i for i, s in enumerate(sources)}
-    results = sorted([*reused.values(), *fresh], key=lambda r: order[r.image_id])
+    results = sorted([*skipped.values(), *reused.values(), *fresh], key=lambda r: order[r.image_id])
     results = _report(results, out, {s.image_id: s.uri for s in sources} if run.keep_paths else {})
+    pacs.advance_watermarks(out, queries, results)
     if any(not r.ok for r in results):  # a bad night is a Failed run, with every result as data
         counts = report.totals(results)
         problems = ", ".join(f"{counts[k]} {k}" for k in ("partial", "failed") if counts[k])
         return keep(Failed(message=f"{problems} of {len(results)} images", data=results))
     return keep(results)
+
+
+def _sources(inputs: Inputs, out: str, rules: tuple[str, ...], run: RunConfig) -> tuple[list[Source], list[pacs.Query]]:
+    """The run's images: discovered under its folders, globs, list files and fsspec URLs,
+    and queried from its DICOMweb sources (each query kept, for its watermark)."""
+    local, remote = split_inputs(inputs.items)
+    sources = discover_task(Inputs(local), out) if local else []
+    queries = [pacs.query_task(Inputs([item]), out, rules, run) for item in remote]
+    found = {s.image_id: s for s in [*sources, *(s for q in queries for s in q.sources)]}  # each image once
+    return list(found.values()), queries
+
+
+def _not_selected(sources: list[Source], rules: tuple[str, ...]) -> dict[str, ImageResult]:
+    """The skipped result of each source the rules do not select (none without rules)."""
+    if not selection.parse_rules(rules) or not sources:
+        return {}
+    reasons = select_task(sources, rules)
+    for image_id in reasons:
+        progress.emit(progress.Event("finished", image_id, state="skipped"))
+    return {image_id: report.skipped(image_id, why) for image_id, why in reasons.items()}
 
 
 @task(name="image", cache_policy=NO_CACHE)
@@ -160,8 +192,11 @@ def _reusable(sources: list[Source], out: str, wanted: dict[str, Any],
     hash (cached across runs by size and modification marker) is the one recorded and whose
     chunks pass the reuse check (`_intact`). Such an output gets the exports the run asks
     for that it lacks (no tile runs: only the export task). An output that cannot be
-    checked is a failed result: running it would re-finalize what was not verified."""
+    checked is a failed result: running it would re-finalize what was not verified.
+    A DICOMweb instance is not hashed (that would fetch it): its id is a keyed hash of its
+    UIDs, and a SOP Instance UID names one content (PS3.3 C.12.1.1.1)."""
     candidates: dict[str, tuple[OutputStore, str | None, PrefectFuture]] = {}
+    matching: dict[str, OutputStore] = {}
     for source in sources:
         store = _complete_store(out, source.image_id)
         if store is None:
@@ -171,13 +206,16 @@ def _reusable(sources: list[Source], out: str, wanted: dict[str, Any],
         # model and settings first: the input is hashed only when they match
         if not same_output(stored, {**wanted, "input": recorded}):
             continue
+        if is_dicomweb(source.uri):
+            matching[source.image_id] = store
+            continue
         try:
             key = fingerprint(source)
         except Exception:  # gone or unreachable since discovery: the image's own run reports it
             continue
         candidates[source.image_id] = (store, recorded.get("sha256"), input_sha256.submit(source, *key))
-    matching = {image_id: store for image_id, (store, recorded_sha, digest) in candidates.items()
-                if digest.result(raise_on_failure=False) == recorded_sha}  # fmt: skip
+    matching |= {image_id: store for image_id, (store, recorded_sha, digest) in candidates.items()
+                 if digest.result(raise_on_failure=False) == recorded_sha}  # fmt: skip
     by_id = {s.image_id: s for s in sources}
     intact, reused = _intact(matching)
     exporting: dict[str, tuple[OutputStore, dict[str, str], PrefectFuture | None]] = {}
@@ -194,8 +232,10 @@ def _reusable(sources: list[Source], out: str, wanted: dict[str, Any],
             get_run_logger().error(reused[image_id].error)
         else:
             reused[image_id] = report.from_summary(store.summary(), 0.0, planned, reused=True)
+    reused = {r.image_id: r for r in pacs.stored(list(reused.values()), by_id, config)}  # --store: SEGs not yet sent
+    for image_id in exporting:  # those that _intact failed were reported there
         state = "reused" if reused[image_id].ok else reused[image_id].state
-        progress.emit(progress.Event("finished", store.image_id, state=state))
+        progress.emit(progress.Event("finished", image_id, state=state))
     return reused
 
 

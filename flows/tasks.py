@@ -43,6 +43,7 @@ from pipeline.config import RunConfig
 from pipeline.engine.pool import RunPool
 from pipeline.errors import InputError, SegpipeError
 from pipeline.io import location
+from pipeline.io.dicomweb import is_dicomweb
 from pipeline.job import ImageJob, TileReport, TileStatus
 from pipeline.store import OutputStore
 
@@ -71,6 +72,17 @@ def discover_task(inputs: Inputs, out: str) -> list[Source]:
     return sources
 
 
+@task(name="select", cache_policy=NO_CACHE)
+def select_task(sources: list[Source], rules: tuple[str, ...]) -> dict[str, str]:
+    """image id -> skip reason of each image the selection rules do not take (from header
+    attributes only; the reasons quote codes such as BodyPartExamined=EXTREMITY, never an
+    identifier: pipeline.selection)."""
+    from flows.select import not_selected_sources
+    from pipeline.selection import parse_rules
+
+    return not_selected_sources(sources, parse_rules(rules))
+
+
 def _hash_key(context: Any, parameters: Mapping[str, Any]) -> str:
     """input_sha256's cache key: the image id (a keyed hash of the input's location, never
     the location itself), its size and modification marker."""
@@ -83,7 +95,7 @@ def _hash_key(context: Any, parameters: Mapping[str, Any]) -> str:
 def input_sha256(source: Source, size: int, marker: str) -> str:
     """The content hash provenance records for an input (size and marker are the cache key:
     a changed file gets a new key, so a stale hash is never reused)."""
-    with keep_private(_private(source)):
+    with keep_private(private_names(source)):
         return location.content_hash(source.uri)
 
 
@@ -93,7 +105,7 @@ def ingest_task(source: Source, model_path: str, config: RunConfig, out: str) ->
     """Open the image, create (or reopen) its output store, bring its working level to zarr.
     A remote input is read from this machine's copy (`localize`); its working level then
     always goes into the store, so the tile workers read only the output store."""
-    with keep_private(_private(source)):
+    with keep_private(private_names(source)):
         local = localize(source, _cache_dir(out))
         fetched_from = source.uri if source.is_remote else None
         job = stages.ingest(local, model_path, config, out, source.image_id, fetched_from)
@@ -136,9 +148,13 @@ def export_task(job: ImageJob, config: RunConfig, formats: tuple[str, ...] | Non
     """Write the requested exports (overlay, png, ome-tiff, dicom-seg) beside the store.
     `source`: the input of an output reused from an earlier run (DICOM SEG reads the
     study's identifiers from it; the store records no path unless --keep-paths)."""
-    if source is not None and not job.input_path:
+    if source is not None and is_dicomweb(source.uri):  # read from this machine's copy (fetched if gone)
+        out = job.store_path.rstrip("/").rsplit("/", 1)[0]
+        with keep_private(private_names(source)):
+            job = replace(job, input_path=localize(source, _cache_dir(out)))
+    elif source is not None and not job.input_path:
         job = replace(job, input_path=source.uri)
-    with keep_private({job.input_path: job.image_id, **(_private(source) if source else {})}):
+    with keep_private({job.input_path: job.image_id, **(private_names(source) if source else {})}):
         written = stages.export(job, config, formats)
     if written:
         get_run_logger().info("%s: exported %s", job.image_id, ", ".join(sorted(written)))
@@ -241,9 +257,10 @@ def _same_kind(exc: Exception, text: str) -> Exception:
     return RuntimeError(f"{type(exc).__name__}: {text}")
 
 
-def _private(source: Source) -> dict[str, str]:
-    """What of a source's location an error may quote: the location and its file name."""
-    where = source.uri.removeprefix("file://")
+def private_names(source: Source) -> dict[str, str]:
+    """What of a source's location an error may quote: the location and its file name (a
+    DICOMweb instance's: its URI, with and without the dicomweb+ prefix, and its UID)."""
+    where = source.uri.removeprefix("file://").removeprefix("dicomweb+")
     return {source.uri: source.image_id, where: source.image_id, source.name: source.image_id}
 
 

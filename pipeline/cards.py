@@ -60,6 +60,10 @@ class ModelCard:
     # none): a DICOM of another modality is refused (a shoulder MR through the lung model
     # gave a confident 16 % "lung") unless the run says --allow-modality.
     modalities: list[str] = field(default_factory=list)
+    # The images the model is for, as selection rules over DICOM attributes (pipeline.
+    # selection; []: every image): a run skips, with the reason, a DICOM they do not select
+    # (the lung model wrote a confident "lung" on a leg radiograph) unless it says --select.
+    selection: list[str] = field(default_factory=list)
     data: str = ""
     license: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -185,7 +189,20 @@ def _card_problems(card: ModelCard) -> list[str]:
     if not (isinstance(modalities, list) and len(modalities) <= 16
             and all(isinstance(m, str) and MODALITY.fullmatch(m) for m in modalities)):  # fmt: skip
         problems.append(f"modalities={modalities!r:.80} must list DICOM Modality codes (CR, DX, ...)")
+    problems += _selection_problems(card.selection)
     return problems
+
+
+def _selection_problems(selection: Any) -> list[str]:
+    from pipeline.selection import parse_rules
+
+    if not (isinstance(selection, list) and len(selection) <= 32 and all(isinstance(r, str) for r in selection)):
+        return [f"selection={selection!r:.80} must list selection rules (e.g. 'Modality in [CR, DX]')"]
+    try:
+        parse_rules(selection)
+    except ConfigError as exc:
+        return [f"selection: {exc}"]
+    return []
 
 
 def _filters_problems(filters: Any) -> list[str]:

@@ -31,7 +31,7 @@ DEFAULT_MAX_PIXELS = 1 << 30
 # generous bound (2^36, ~262k x 262k) and each decoded tile/region against max_pixels.
 DEFAULT_MAX_SLIDE_PIXELS = 1 << 36
 
-TILING, MODEL, TISSUE, OUTPUT, EXECUTION = "Tiling", "Model", "Tissue", "Output", "Execution"
+TILING, MODEL, TISSUE, OUTPUT, PACS, EXECUTION = "Tiling", "Model", "Tissue", "Output", "PACS (DICOMweb)", "Execution"
 
 
 def setting(default: Any = MISSING, *, help: str, panel: str, pixels: bool = True,
@@ -76,6 +76,7 @@ class RunConfig:
     tta: bool = setting(False, panel=MODEL, help="Average over horizontal and vertical flips (4x the compute).")
     allow_grey: bool = setting(False, panel=MODEL, pixels=False, help="Run grey images through a colour (RGB) model, grey repeated into R, G and B (default: refuse them).")
     allow_modality: bool = setting(False, panel=MODEL, pixels=False, help="Run DICOM images of a modality the model card does not list (default: refuse them).")
+    select: tuple[str, ...] | None = setting(None, panel=MODEL, pixels=False, help="Selection rules over DICOM attributes, e.g. 'Modality in [CR, DX]', 'BodyPartExamined == CHEST', 'ViewPosition in [PA, AP] if present'; @FILE reads them from a file; all: every image. A DICOM they do not select is skipped with the reason (default: the model card's rules).")
     threshold: float | None = setting(None, panel=MODEL, help="Probability threshold of binary models, in [0, 1] (default: the card's).")
     # -- tissue
     tissue: bool | None = setting(None, panel=TISSUE, help="Skip background tiles (default: on for slides, off for X-rays).")
@@ -86,6 +87,10 @@ class RunConfig:
     overwrite: bool = setting(False, panel=OUTPUT, pixels=False, help="Replace an output made from another input, model or pixel settings (default: refuse it and say what differs).")
     keep_paths: bool = setting(False, panel=OUTPUT, pixels=False, help="Record each input's path in its store's provenance and in the run record (never sent to Prefect); off: outputs name inputs only by their non-identifying id.")
     exports: tuple[str, ...] = setting(("overlay",), panel=OUTPUT, pixels=False, aliases=("--export", "-e"), help="Exports written after a complete image (see `segpipe export`), or none.")
+    # -- PACS (DICOMweb sources and destinations)
+    store: str | None = setting(None, panel=PACS, pixels=False, help="Send each complete image's DICOM SEG with STOW-RS: dicomweb (back to the DICOMweb source it came from) or dicomweb+https://host/path; implies --export dicom-seg. A re-run sends only what was not acknowledged.")
+    watermark: bool = setting(True, panel=PACS, pixels=False, help="DICOMweb sources: ask only for studies dated from the last good run's query day on (its watermark, beside the outputs); off: the source's whole date range.")
+    lookback_days: int = setting(1, panel=PACS, pixels=False, help="DICOMweb sources: days before the watermark asked for again (studies that reach the PACS late).")
     # -- execution: how a run executes, never what it computes
     batch_size: int = setting(4, panel=EXECUTION, pixels=False, help="Windows per forward pass.")
     channels_last: bool = setting(True, panel=EXECUTION, pixels=False, help="channels_last memory format on GPU.")
@@ -135,6 +140,14 @@ class RunConfig:
         if self.retries < 0:
             raise ConfigError(f"retries must be >= 0 (got {self.retries})")
         _check_exports(self.exports)
+        if self.lookback_days < 0:
+            raise ConfigError(f"lookback_days must be >= 0 (got {self.lookback_days})")
+        if self.store is not None:
+            _check_store(self.store)
+            if "dicom-seg" not in self.exports:  # what --store sends; frozen, hence object's setattr
+                object.__setattr__(self, "exports", (*self.exports, "dicom-seg"))
+        if self.select is not None:
+            _check_selection(self.select)
 
     def with_(self, **changes: Any) -> RunConfig:
         """A copy with some settings changed (validated again)."""
@@ -162,6 +175,27 @@ def _choices(annotation: Any) -> tuple[Any, ...]:
     literal = {"Blend": Blend, "Precision": Precision, "Mode": Mode, "ProbDtype": ProbDtype}
     name = str(annotation).removesuffix(" | None")
     return get_args(literal[name]) if name in literal else ()
+
+
+def _check_store(store: str) -> None:
+    # the client's own rules for an endpoint's URL
+    from pipeline.io.dicomweb import Endpoint, PacsError, is_dicomweb
+
+    if store != "dicomweb":
+        if not is_dicomweb(store):
+            raise ConfigError(f"store must be dicomweb or a dicomweb+https://host/path URL (got {store!r})")
+        try:
+            Endpoint.parse(store)
+        except PacsError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def _check_selection(rules: tuple[str, ...]) -> None:
+    from pipeline.selection import (
+        parse_rules,  # the rules' own module (pydicom's dictionary)
+    )
+
+    parse_rules(rules)
 
 
 def _check_exports(names: tuple[str, ...]) -> None:

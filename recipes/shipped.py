@@ -54,6 +54,8 @@ def lung_xray(data: Path, out: Path) -> TrainConfig:
         out=str(out), name="lung-xray",
         filters=(8, 16, 32, 64, 128), in_channels=1, classes=1, class_names=("lung",),
         modalities=("CR", "DX"),  # projection radiographs: a chest CT or MR is refused
+        # chest radiographs only: a leg or hand CR is skipped before it is fetched or read
+        selection=("Modality in [CR, DX]", "BodyPartExamined in [CHEST]", "ViewPosition in [PA, AP] if present"),
         size=(256, 256), patch=256,
         normalization={"kind": "percentile", "low": 1, "high": 99},
         # upright films: left-right flips only; zoom and stretch cover other collimations
@@ -71,6 +73,7 @@ TCGA_DATA = ("TCGA-CR-7395-01A-01-TS1 (a crop; TCGA open access, via github hist
              "Apache-2.0). Level 0 taken as 1.0 um/px: the file records none, and its nuclei measure "
              "half the pixel size of those on CMU-1-Small-Region at 0.499 um/px (docs/training.md).")
 TCGA_MPP = 1.0
+SLIDES = ("Modality in [SM]",)  # a DICOM of another modality (a CR) through an H&E model is skipped
 H_AND_E_AUGMENT = Augment(hflip=True, vflip=True, rot90=True, scale=0.15, brightness=0.05,
                           contrast=0.1, gamma=0.1, hsv=0.12, stain=0.5)
 
@@ -91,6 +94,7 @@ def tissue_he(data: Path, out: Path) -> TrainConfig:
     return TrainConfig(
         images=str(slide), masks=str(tissue), val_images=str(slide), val_masks=str(reference),
         out=str(out), name="tissue-he", filters=(4, 8, 16, 32), in_channels=3, classes=1,
+        selection=SLIDES,
         class_names=("tissue",), mpp=8.0, image_mpp=TCGA_MPP, patch=128, val_tiles=64,
         normalization={"kind": "scale", "divisor": 255}, augment=H_AND_E_AUGMENT,
         epochs=15, steps_per_epoch=20, batch_size=4, lr=3e-3, ema=0.95, threads=1, tile=512,
@@ -116,6 +120,7 @@ def nuclei_he(data: Path, out: Path) -> TrainConfig:
         write_nuclei_labels(slide, nuclei, mpp=TCGA_MPP, threshold=threshold)
     return TrainConfig(
         images=str(slide), masks=str(nuclei), out=str(out), name="nuclei-he",
+        selection=SLIDES,
         filters=(8, 16, 32, 64), in_channels=3, classes=1, class_names=("nucleus",),
         mpp=0.5, image_mpp=TCGA_MPP, patch=128, val_tiles=16, foreground_bias=0.8,
         normalization={"kind": "scale", "divisor": 255}, augment=H_AND_E_AUGMENT,

@@ -61,6 +61,21 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def chest_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny untrained grey U-Net (1 in, 1 class) whose card is for chest radiographs:
+    the shipped lung model's modalities and selection rules."""
+    from pipeline import cards
+    from pipeline.models import build_model, checkpoint
+
+    lung = cards.read_card(cards.resolve("lung-xray"))
+    path = tmp_path_factory.mktemp("chest") / "chest.safetensors"
+    model = build_model("unet", in_channels=1, classes=1, filters=[4, 8, 16])
+    card = cards.ModelCard(arch="", config={}, name="chest", modalities=lung.modalities, selection=lung.selection)
+    checkpoint.save(model, card, path)
+    return path
+
+
 # -- object storage: a real S3 server (moto) on loopback -----------------------------------------
 
 

@@ -223,11 +223,15 @@ def test_every_run_setting_is_an_option(command: str, tiny_checkpoint: Path, tmp
     # values the settings checks accept: lung-xray is a UNet++ of depth 4 with deep
     # supervision, and a tissue mask must be an image
     valid = {"prune_level": (["--prune-level", "2"], 2),
-             "tissue_mask": (["--tissue-mask", str(write_png(tmp_path / "mask.png"))], str(tmp_path / "mask.png"))}
+             "tissue_mask": (["--tissue-mask", str(write_png(tmp_path / "mask.png"))], str(tmp_path / "mask.png")),
+             "select": (["--select", "Modality in [CR, DX]", "--select", "ViewPosition exists"],
+                        ["Modality in [CR, DX]", "ViewPosition exists"]),
+             "store": (["--store", "dicomweb+https://pacs.example/dicom-web"], "dicomweb+https://pacs.example/dicom-web")}
     for field in fields:
         given, value = valid.get(field.name) or _other_value(field, hints[field.name])
         args += given
         expected[field.name] = value
+    expected["exports"] = [*expected["exports"], "dicom-seg"]  # what --store sends
     configs: list[Any] = []
     monkeypatch.setattr(prefect, "serve", lambda *deployments, **kw: configs.append(deployments[0].parameters["config"]))
     monkeypatch.setattr(cli, "run_collection", lambda inputs, model, out, config, *a, **k: configs.append(
@@ -317,6 +321,34 @@ def test_build_slide_writes_a_tiled_pyramid_of_real_patches(tmp_path: Path, monk
     assert levels == [(2048, 2048, 3), (1024, 1024, 3), (512, 512, 3), (256, 256, 3)]
     background = (level0 > 240).all(axis=2).mean()
     assert 0.85 < background < 0.92  # 12 patches of 192^2 (>= 60% tissue) in 2048^2 on white
+
+
+def test_demo_runs_the_lung_model_on_a_leg_too_which_its_selection_skips(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """pydicom-data ships RG3_UNCR (a leg) beside RG1_UNCR (a chest): the demo's lung run
+    takes both, and the lung model's card rules skip the leg (tests/test_selection.py runs
+    such a run); without it, the chest alone."""
+    from pipeline import cards
+    from pipeline.selection import not_selected, parse_rules
+
+    data = tmp_path / "data_store" / "data"
+    data.mkdir(parents=True)
+    chest = data / "RG1_UNCR.dcm"
+    chest.touch()
+    monkeypatch.setattr(demo, "demo_files", lambda console: {demo.XRAY[0]: chest, demo.HE[0]: tmp_path / "he.svs"})
+    monkeypatch.setattr(demo, "build_slide", lambda source, path, console, mpp=None: path)
+    ran: dict[str, list[str]] = {}
+    monkeypatch.setattr(demo, "run_collection", lambda inputs, model, *a, **k: ran.update({model: inputs}) or [])
+    monkeypatch.setattr(demo, "_where_to_look", lambda *a: None)
+
+    demo.run_demo(tmp_path / "demo", 1)
+    assert ran["lung-xray"] == [str(chest)]
+    (data / demo.LEG_XRAY).touch()
+    demo.run_demo(tmp_path / "demo", 1)
+    assert ran["lung-xray"] == [str(chest), str(data / demo.LEG_XRAY)]
+    leg = {"Modality": ["CR"], "BodyPartExamined": ["EXTREMITY"]}  # what RG3 says it is
+    rules = parse_rules(cards.read_card(cards.resolve("lung-xray")).selection)
+    assert not_selected(rules, leg) == "not selected: BodyPartExamined=EXTREMITY"
 
 
 def test_demo_skips_models_that_are_not_shipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

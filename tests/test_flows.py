@@ -557,14 +557,19 @@ def test_prefect_yaml_names_an_existing_flow() -> None:
     from prefect import Flow
 
     spec = yaml.safe_load((REPO / "deploy" / "prefect.yaml").read_text())
-    [nightly] = spec["deployments"]
-    module, name = nightly["entrypoint"].split(":")
-    flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), name)
-    assert isinstance(flow, Flow) and flow.name == "segment-collection"
-    assert nightly["schedules"][0]["cron"] == "0 2 * * *"
-    assert nightly["work_pool"]["name"]
-    params = flow.validate_parameters(nightly["parameters"])
-    assert isinstance(params["config"], RunConfig)
+    deployments = {d["name"]: d for d in spec["deployments"]}
+    assert set(deployments) == {"nightly", "pacs-nightly"}
+    for deployment in deployments.values():
+        module, name = deployment["entrypoint"].split(":")
+        flow = getattr(importlib.import_module(module.removesuffix(".py").replace("/", ".")), name)
+        assert isinstance(flow, Flow) and flow.name == "segment-collection"
+        assert deployment["work_pool"]["name"] and deployment["concurrency_limit"] == 1
+        params = flow.validate_parameters(deployment["parameters"])
+        assert isinstance(params["config"], RunConfig)
+    assert deployments["nightly"]["schedules"][0]["cron"] == "0 2 * * *"
+    pacs = flow.validate_parameters(deployments["pacs-nightly"]["parameters"])
+    assert pacs["config"].store == "dicomweb" and "dicom-seg" in pacs["config"].exports
+    assert pacs["inputs"][0].startswith("dicomweb+https://")
 
 
 def test_serve_builds_a_cron_deployment(tiny_checkpoint: Path) -> None:

@@ -188,8 +188,10 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(prefect_server: dict[str, str
     prefect("work-pool", "create", "segpipe", "--type", "process")
     prefect("--no-prompt", "deploy", "--prefect-file", "deploy/prefect.yaml", "--all")
     api = prefect_server["PREFECT_API_URL"]
-    [deployment] = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
-    assert deployment["name"] == "nightly" and deployment["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
+    deployments = {d["name"]: d for d in httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()}
+    assert set(deployments) == {"nightly", "pacs-nightly"}  # the archive's and the PACS's
+    deployment = deployments["nightly"]
+    assert deployment["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
     assert deployment["global_concurrency_limit"]["limit"] == 1  # the same as `segpipe serve` gives its runs
 
     archive, out = tmp_path / "archive", tmp_path / "out"

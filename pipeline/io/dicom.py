@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from pipeline.errors import InputError
 from pipeline.io.dicom_geometry import pixel_spacing
@@ -133,3 +135,21 @@ def _to_modality(ds: Dataset) -> np.ndarray:
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     return pixels * np.float32(slope) + np.float32(intercept)
+
+
+def read_header(source: Any, keywords: Sequence[str]) -> dict[str, tuple[str, ...]]:
+    """The values of `keywords` in a DICOM file's header (a path or a binary file object),
+    without its pixel data: keyword -> its values as strings (an absent or empty attribute
+    is left out). For selection rules (pipeline.selection), which read headers only."""
+    try:
+        ds = pydicom.dcmread(source, stop_before_pixels=True, specific_tags=list(keywords))
+    except Exception as exc:  # pydicom raises many types on corrupt headers
+        raise InputError(f"{source}: unreadable DICOM header: {one_line(exc)}") from exc
+    header: dict[str, tuple[str, ...]] = {}
+    for keyword in keywords:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        values = tuple(str(v) for v in value) if isinstance(value, MultiValue) else (str(value),)
+        header[keyword] = values
+    return header

@@ -7,34 +7,14 @@ from __future__ import annotations
 
 import json
 import platform
-import re
 from collections.abc import Mapping
 from importlib import metadata
 from typing import Any
 
 from pipeline.config import pixel_settings
+from pipeline.identifiers import is_identifier
 from pipeline.store.errors import StoreError
 
-# DICOM attributes that identify a patient, visit or staff member (PS3.15 Annex E, the
-# common ones), as keywords and as tags; compared on lower-case alphanumerics so that
-# "patient_name", "PatientName" and "(0010,0010)" all match.
-_IDENTIFIER_KEYS = frozenset(
-    re.sub(r"[^a-z0-9]", "", k.lower())
-    for k in (
-        "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientAddress",
-        "PatientTelephoneNumbers", "PatientMotherBirthName", "OtherPatientIDs",
-        "OtherPatientIDsSequence", "OtherPatientNames", "IssuerOfPatientID",
-        "MedicalRecordLocator", "AccessionNumber", "StudyID", "StudyInstanceUID",
-        "SeriesInstanceUID", "SOPInstanceUID", "StudyDate", "StudyTime", "AcquisitionDateTime",
-        "InstitutionName", "InstitutionAddress", "ReferringPhysicianName",
-        "PerformingPhysicianName", "PhysiciansOfRecord", "RequestingPhysician",
-        "OperatorsName", "DeviceSerialNumber", "EthnicGroup", "Occupation", "MilitaryRank",
-        "AdmissionID", "(0010,0010)", "(0010,0020)", "(0010,0030)", "(0008,0050)",
-        "(0020,000D)", "(0020,000E)", "(0008,0018)",
-    )
-)  # fmt: skip
-# Every Patient* attribute (age, sex, size, ...) describes the person: none belongs here.
-_IDENTIFIER_PREFIX = "patient"
 _VERSIONED = ("segpipe", "torch", "zarr", "numpy", "dask")
 
 
@@ -50,16 +30,11 @@ def check_provenance(provenance: Mapping[str, Any], where: str) -> None:
 
 def _identifier_keys(obj: Any) -> list[str]:
     if isinstance(obj, Mapping):
-        own = [str(k) for k in obj if _is_identifier(str(k))]
+        own = [str(k) for k in obj if is_identifier(str(k))]
         return own + [k for v in obj.values() for k in _identifier_keys(v)]
     if isinstance(obj, list | tuple):
         return [k for v in obj for k in _identifier_keys(v)]
     return []
-
-
-def _is_identifier(key: str) -> bool:
-    norm = re.sub(r"[^a-z0-9]", "", key.lower())
-    return norm in _IDENTIFIER_KEYS or norm.startswith(_IDENTIFIER_PREFIX)
 
 
 def as_json(value: Any, where: str) -> Any:

@@ -42,6 +42,7 @@ class TrainConfig:
     classes: int = 1
     class_names: tuple[str, ...] = ("foreground",)
     modalities: tuple[str, ...] = ()  # DICOM Modality values the card accepts (): any
+    selection: tuple[str, ...] = ()  # the card's default selection rules (pipeline.selection): (): every image
     deep_supervision: bool = True
     checkpointing: bool = False  # activation checkpointing: less memory, ~30% more time
     # data at the model's scale

@@ -41,6 +41,7 @@ def save_best(config: TrainConfig, model: SegmentationModel, record: dict[str, A
         arch=model.arch, config={}, name=config.name, class_names=list(config.class_names),
         normalization=dict(config.normalization), scale=config.scale, tile=config.tile,
         halo=config.halo, threshold=config.threshold, modalities=list(config.modalities),
+        selection=list(config.selection),
         data=config.data, license=config.license,
         metrics={"val_dice": round(record["dice"], 4), "val_iou": round(record["iou"], 4),
                  "validated_on": validated_on, "epoch": record["epoch"],

@@ -36,6 +36,11 @@ _UM_PER_RESOLUTION_UNIT = {tifffile.RESUNIT.CENTIMETER: 1e4, tifffile.RESUNIT.IN
 _PLACEHOLDER_DPI = 72.0
 
 
+# tifffile's flag of each TIFF flavour read here, and the name metadata records for it.
+_VENDOR_FORMATS = (("is_svs", "svs"), ("is_ndpi", "ndpi"), ("is_philips", "philips-tiff"),
+                   ("is_ome", "ome-tiff"))  # fmt: skip
+
+
 class TiffImage(Image):
     """The first series of a TIFF file, level by level, read through tifffile's zarr store."""
 
@@ -62,9 +67,10 @@ class TiffImage(Image):
 
     @property
     def format_name(self) -> str:
-        if self._tif.is_svs:
-            return "svs"
-        return "ome-tiff" if self._tif.is_ome else "tiff"
+        for flag, name in _VENDOR_FORMATS:
+            if getattr(self._tif, flag):
+                return name
+        return "tiff"
 
     def metadata_safe(self) -> dict[str, Any]:
         meta = super().metadata_safe()

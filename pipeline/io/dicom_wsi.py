@@ -20,6 +20,7 @@ wsidicom's default: the middle focal plane, the first optical path.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,12 @@ from pipeline.errors import InputError
 from pipeline.io.dicom_series import series_files
 from pipeline.io.image import Image, Kind, Limits, check_chunk_size, one_line
 
+# wsidicom logs a file it skips with its path and a traceback; the reader refuses the series
+# in one line instead (_check_all_opened), and paths may name the patient (invariant 8).
+logging.getLogger("wsidicom.file.wsidicom_file_source").addFilter(
+    lambda record: record.levelno < logging.WARNING
+)
+
 
 class DicomWsiImage(Image):
     """The pyramid of one DICOM WSI series, one wsidicom instance per level."""
@@ -47,6 +54,7 @@ class DicomWsiImage(Image):
         except Exception as exc:  # wsidicom and pydicom raise many types on bad headers
             raise InputError(f"{path}: unreadable DICOM WSI: {one_line(exc)}") from exc
         try:
+            _check_all_opened(path, files, self._source)
             self._instances, mpp = _pyramid(self._source)
             if not self._instances:
                 raise InputError(f"{path}: DICOM WSI series without a VOLUME (pyramid) instance")
@@ -97,6 +105,17 @@ class DicomWsiImage(Image):
 
     def close(self) -> None:
         self._source.close()
+
+
+def _check_all_opened(path: Path, files: list[Path], source: WsiDicomFileSource) -> None:
+    """Quirk: wsidicom skips an instance it cannot parse (a header cut short, a tile size
+    unlike level 0's) with a log line, and builds the pyramid from the rest: a damaged level
+    0 would make level 1 the slide. Every file of the series must have been opened."""
+    opened = {Path(str(file)).resolve() for file in source.files}
+    missing = [file for file in files if file.resolve() not in opened]
+    if missing:  # not named: a sibling's file name may name the patient (invariant 8)
+        raise InputError(f"{path}: {len(missing)} of the series' {len(files)} instance files are "
+                         "unreadable (truncated or damaged header, or tiles unlike level 0's)")  # fmt: skip
 
 
 def _pyramid(source: WsiDicomFileSource) -> tuple[list[WsiInstance], float | None]:

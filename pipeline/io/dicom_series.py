@@ -63,6 +63,15 @@ def series_files(path: Path) -> list[Path]:
     return _series_in(path.resolve().parent).get(uid, [path])
 
 
+def members(path: Path) -> list[Path] | None:
+    """The files whose bytes are the image `path` stands for, when that is more than the
+    file itself (a DICOM WSI series: its instance files); None for any other input."""
+    if path.is_dir():
+        has_wsi = any(p.is_file() and is_wsi_instance(p) for p in path.iterdir() if not p.name.startswith("."))
+        return series_files(path) if has_wsi else None
+    return series_files(path) if is_wsi_instance(path) else None
+
+
 def _series_in(folder: Path) -> dict[str, list[Path]]:
     """Series Instance UID -> the WSI instance files directly in `folder` (name order)."""
     series: dict[str, list[Path]] = defaultdict(list)

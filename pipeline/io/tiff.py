@@ -1,7 +1,8 @@
 """TIFF family: plain TIFF X-rays, Aperio SVS, pyramidal (Big)TIFF and OME-TIFF.
 
 Every level is read lazily through tifffile's zarr store (``series.aszarr(level=i)``), so a
-region read decodes only the tiles (or strips) it touches; imagecodecs supplies the codecs
+region read decodes only the tiles (or strips) it touches, each once while it stays in the
+image's bounded cache of decoded tiles (tile_cache.py); imagecodecs supplies the codecs
 (JPEG, JPEG 2000 incl. Aperio 33003/33005, LZW, deflate, zstd, ...). The level list is the
 first series' pyramid: for SVS that is the Baseline series, so label, macro and thumbnail
 pages (separate series) are skipped.
@@ -25,6 +26,7 @@ import zarr
 
 from pipeline.errors import InputError
 from pipeline.io.image import Image, Kind, Limits, Shape, check_chunk_size, one_line
+from pipeline.io.tile_cache import DEFAULT_CACHE_BYTES, CachedStore, TileCache
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +46,15 @@ _VENDOR_FORMATS = (("is_svs", "svs"), ("is_ndpi", "ndpi"), ("is_philips", "phili
 class TiffImage(Image):
     """The first series of a TIFF file, level by level, read through tifffile's zarr store."""
 
-    def __init__(self, path: Path, limits: Limits) -> None:
+    def __init__(self, path: Path, limits: Limits, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self._tif = _open(path)
         try:
             series = self._tif.series[0]
             self._axes = series.axes
+            self.tile_cache = TileCache(cache_bytes)
             self._stores = [
-                zarr.open_array(series.aszarr(level=i), mode="r") for i in range(len(series.levels))
+                zarr.open_array(CachedStore(series.aszarr(level=i), self.tile_cache, i), mode="r")
+                for i in range(len(series.levels))
             ]
             levels = [_level_shape(path, self._axes, store.shape) for store in self._stores]
             page = series.levels[0].keyframe

@@ -145,3 +145,19 @@ def test_a_level_with_a_cut_header_refuses_the_series(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="1 of the series' 3 instance files are unreadable") as info:
         open_image(paths[1])
     assert str(info.value).startswith(str(paths[1])) and "level0" not in str(info.value)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_wsidicom_and_openslide_read_the_same_level0(tmp_path: Path, sparse: bool) -> None:
+    """Two independent DICOM WSI readers (wsidicom; OpenSlide's libdicom) on JPEG frames:
+    identical pixels, absent frames included (OpenSlide's transparent pixels on white)."""
+    pytest.importorskip("openslide")
+    from pipeline.io import Limits
+    from pipeline.io.openslide_image import OpenSlideImage
+
+    paths = write_dicom_wsi(tmp_path / "slide", LEVEL0, tile=128, compression="jpeg", sparse=sparse,
+                            keep=(lambda row, col: (row + col) % 3 != 0) if sparse else None)  # fmt: skip
+    with open_image(paths[0]) as ours, OpenSlideImage(paths[0], Limits()) as theirs:
+        assert theirs.format_name == "openslide-dicom"
+        assert ours.levels == theirs.levels and ours.mpp == pytest.approx(theirs.mpp)
+        np.testing.assert_array_equal(ours.read_region(0, 0, 0, 300, 400), theirs.read_region(0, 0, 0, 300, 400))

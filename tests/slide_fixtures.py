@@ -175,3 +175,40 @@ def write_ndpi_like(path: Path, level0: np.ndarray, mpp: float = 0.25, levels: i
                       resolution=(pages_per_cm / step, pages_per_cm / step), resolutionunit="CENTIMETER",
                       metadata=None, extratags=[(65420, "I", 1, 1, True), (65421, "f", 1, 40.0, True), (271, "s", 0, "Hamamatsu", True)])  # fmt: skip
     return path
+
+
+def write_philips_like(path: Path, level0: np.ndarray, mpp: float = 0.25, levels: int = 3,
+                       tile: int = 256) -> Path:  # fmt: skip
+    """A Philips TIFF as OpenSlide's 'philips' driver and tifffile read one: Software
+    'Philips DP', the DPUfsImport XML (one WSI image, a DICOM_PIXEL_SPACING per level) on
+    the first page, reduced-resolution tiled pages after it. As Philips' writer does, every
+    level is padded to whole tiles (the XML's spacings give the true sizes)."""
+    spacings = "".join(
+        '<DataObject ObjectType="PixelDataRepresentation">'
+        f'<Attribute Name="DICOM_PIXEL_SPACING" Group="0x0028" Element="0x0030" PMSVR="IDoubleArray">'
+        f'&quot;{mpp * 2**i / 1000:.9g}&quot; &quot;{mpp * 2**i / 1000:.9g}&quot;</Attribute>'
+        f'<Attribute Name="PIIM_PIXEL_DATA_REPRESENTATION_NUMBER" Group="0x101D" Element="0x100B" '
+        f'PMSVR="IUInt16">{i}</Attribute></DataObject>'
+        for i in range(levels)
+    )
+    xml = (
+        '<?xml version="1.0" encoding="UTF-8" ?><DataObject ObjectType="DPUfsImport">'
+        '<Attribute Name="DICOM_MANUFACTURER" Group="0x0008" Element="0x0070" PMSVR="IString">PHILIPS</Attribute>'
+        '<Attribute Name="PIM_DP_SCANNED_IMAGES" Group="0x301D" Element="0x1003" PMSVR="IDataObjectArray"><Array>'
+        '<DataObject ObjectType="DPScannedImage">'
+        '<Attribute Name="PIM_DP_IMAGE_TYPE" Group="0x301D" Element="0x1004" PMSVR="IString">WSI</Attribute>'
+        '<Attribute Name="DICOM_PIXEL_SPACING" Group="0x0028" Element="0x0030" PMSVR="IDoubleArray">'
+        f'&quot;{mpp / 1000:.9g}&quot; &quot;{mpp / 1000:.9g}&quot;</Attribute>'
+        '<Attribute Name="PIIM_PIXEL_DATA_REPRESENTATION_SEQUENCE" Group="0x1001" Element="0x8B01" '
+        f'PMSVR="IDataObjectArray"><Array>{spacings}</Array></Attribute>'
+        "</DataObject></Array></Attribute></DataObject>"
+    )
+    with tifffile.TiffWriter(path) as tif:
+        for index in range(levels):
+            level = level0[:: 2**index, :: 2**index]
+            padded = np.zeros((-(-level.shape[0] // tile) * tile, -(-level.shape[1] // tile) * tile, 3), np.uint8)
+            padded[: level.shape[0], : level.shape[1]] = level
+            tif.write(padded, tile=(tile, tile), compression="zlib", photometric="rgb", metadata=None,
+                      software="Philips DP v1.0", subfiletype=1 if index else 0,
+                      description=xml if index == 0 else None)  # fmt: skip
+    return path

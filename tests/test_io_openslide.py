@@ -14,7 +14,12 @@ import tifffile
 from pipeline.errors import InputError
 from pipeline.io import Limits, open_image, read_in_place
 from pipeline.io.sniff import sniff
-from tests.slide_fixtures import tissue_rgb, write_aperio, write_ndpi_like
+from tests.slide_fixtures import (
+    tissue_rgb,
+    write_aperio,
+    write_ndpi_like,
+    write_philips_like,
+)
 
 openslide = pytest.importorskip("openslide")
 from pipeline.io.openslide_image import OpenSlideImage, _flatten  # noqa: E402
@@ -95,6 +100,19 @@ def test_ndpi_like_tiff_is_read_by_tifffile_with_its_levels_and_mpp(tmp_path: Pa
         assert image.levels == [(600, 760, 3), (300, 380, 3), (150, 190, 3)]
         assert image.mpp == pytest.approx(0.226)  # pixels per cm in the resolution tags
         np.testing.assert_array_equal(image.read_region(2, 0, 0, 150, 190), LEVEL0[::4, ::4])
+
+
+def test_philips_tiff_reads_the_same_through_tifffile_and_openslide(tmp_path: Path) -> None:
+    level0 = tissue_rgb(512, 768)  # levels 1, 2 stored padded to whole 256² tiles
+    path = write_philips_like(tmp_path / "slide.tiff", level0, mpp=0.2425)
+    assert openslide.OpenSlide.detect_format(str(path)) == "philips" and sniff(path) == "tiff"
+    with open_image(path) as tiff, OpenSlideImage(path, Limits()) as slide:
+        assert tiff.metadata_safe()["format"] == "philips-tiff"
+        assert tiff.levels == slide.levels == [(512, 768, 3), (256, 384, 3), (128, 192, 3)]
+        assert tiff.mpp == slide.mpp == pytest.approx(0.2425)  # the XML's DICOM_PIXEL_SPACING
+        for level, (height, width, _) in enumerate(tiff.levels):
+            np.testing.assert_array_equal(tiff.read_region(level, 0, 0, height, width), level0[:: 2**level, :: 2**level])
+            np.testing.assert_array_equal(slide.read_region(level, 0, 0, height, width), level0[:: 2**level, :: 2**level])
 
 
 def test_formats_only_openslide_reads_are_sniffed_as_openslide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -139,6 +139,8 @@ def _mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> float | None:
     """µm per pixel of level 0: Aperio 'MPP = ...', OME PhysicalSizeX, else resolution tags."""
     if tif.is_svs:
         return _aperio_mpp(tif.filename, page.description)
+    if tif.is_philips and tif.philips_metadata:
+        return _philips_mpp(tif.filename, tif.philips_metadata)
     if tif.is_ome and tif.ome_metadata:
         mpp = _ome_mpp(tif.filename, tif.ome_metadata)
         if mpp is not None:
@@ -155,6 +157,22 @@ def _aperio_mpp(name: str, description: str) -> float | None:
         log.warning("%s: ignoring Aperio MPP = %s", name, mpp)
         return None
     return mpp
+
+
+def _philips_mpp(name: str, xml: str) -> float | None:
+    """Level 0's column spacing: the first PixelDataRepresentation's DICOM_PIXEL_SPACING,
+    '"row" "column"' in mm (Philips TIFF writes the DICOM attribute as quoted text)."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        log.warning("%s: unparsable Philips XML, no pixel size: %s", name, exc)
+        return None
+    spacing = root.find(".//DataObject[@ObjectType='PixelDataRepresentation']"
+                        "/Attribute[@Name='DICOM_PIXEL_SPACING']")  # fmt: skip
+    values = (spacing.text or "").replace('"', " ").split() if spacing is not None else []
+    if len(values) != 2 or float(values[1]) <= 0:
+        return None
+    return float(values[1]) * 1000.0
 
 
 def _ome_mpp(name: str, xml: str) -> float | None:

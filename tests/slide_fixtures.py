@@ -212,3 +212,33 @@ def write_philips_like(path: Path, level0: np.ndarray, mpp: float = 0.25, levels
                       software="Philips DP v1.0", subfiletype=1 if index else 0,
                       description=xml if index == 0 else None)  # fmt: skip
     return path
+
+
+def write_leica_scn(path: Path, level0: np.ndarray, mpp: float = 0.5, margin: int = 96) -> Path:
+    """A Leica SCN (BigTIFF with the SCN XML on its first page) as OpenSlide's 'leica'
+    driver reads it: one brightfield main image of two levels, placed `margin` pixels
+    inside a larger collection (the glass: nothing scanned, transparent to OpenSlide).
+    Sizes and offsets are in nm ('clicks'); the resolution tags give mpp."""
+    height, width, _ = level0.shape
+    nm = mpp * 1000
+    dimensions = "".join(f'<dimension sizeX="{width >> r}" sizeY="{height >> r}" r="{r}" ifd="{r}"/>' for r in (0, 1))
+    xml = (
+        '<?xml version="1.0"?><scn xmlns="http://www.leica-microsystems.com/scn/2010/10/01">'
+        f'<collection name="test" sizeX="{(width + 2 * margin) * nm:.0f}" sizeY="{(height + 2 * margin) * nm:.0f}">'
+        '<barcode>SLIDE-4711</barcode><image name="main"><creationDate>2024-01-01T12:00:00.00Z</creationDate>'
+        '<device model="Leica SCN400;Leica SCN" version="1.5"/>'
+        f'<pixels sizeX="{width}" sizeY="{height}">{dimensions}</pixels>'
+        f'<view sizeX="{width * nm:.0f}" sizeY="{height * nm:.0f}" offsetX="{margin * nm:.0f}" '
+        f'offsetY="{margin * nm:.0f}" spacingZ="0"/>'
+        "<scanSettings><objectiveSettings><objective>20</objective></objectiveSettings>"
+        "<illuminationSettings><numericalAperture>0.4</numericalAperture>"
+        "<illuminationSource>brightfield</illuminationSource></illuminationSettings></scanSettings>"
+        "</image></collection></scn>"
+    )
+    ppcm = 1e4 / mpp
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for r in (0, 1):
+            tif.write(level0[:: 2**r, :: 2**r], tile=(128, 128), compression="zlib", photometric="rgb",
+                      metadata=None, description=xml if r == 0 else None,
+                      resolution=(ppcm / 2**r, ppcm / 2**r), resolutionunit="CENTIMETER")  # fmt: skip
+    return path

@@ -17,6 +17,7 @@ from pipeline.io.sniff import sniff
 from tests.slide_fixtures import (
     tissue_rgb,
     write_aperio,
+    write_leica_scn,
     write_ndpi_like,
     write_philips_like,
 )
@@ -115,10 +116,25 @@ def test_philips_tiff_reads_the_same_through_tifffile_and_openslide(tmp_path: Pa
             np.testing.assert_array_equal(slide.read_region(level, 0, 0, height, width), level0[:: 2**level, :: 2**level])
 
 
+def test_leica_scn_goes_to_openslide_which_places_its_image_on_the_glass(tmp_path: Path) -> None:
+    """tifffile's SCN series would be the main image alone; OpenSlide composes the
+    collection (what Leica's viewer, QuPath and TIAToolbox show): the image at its offset,
+    unscanned glass around it (transparent, read as the white background)."""
+    level0 = tissue_rgb(512, 640)
+    path = write_leica_scn(tmp_path / "slide.scn", level0, mpp=0.5, margin=96)
+    assert sniff(path) == "openslide"
+    with open_image(path) as image:
+        assert image.metadata_safe()["format"] == "openslide-leica"
+        assert image.levels == [(704, 832, 3), (352, 416, 3)] and image.mpp == pytest.approx(0.5)
+        np.testing.assert_array_equal(image.read_region(0, 96, 96, 512, 640), level0)
+        np.testing.assert_array_equal(image.read_region(1, 48, 48, 256, 320), level0[::2, ::2])
+        assert (image.read_region(0, 0, 0, 96, 832) == 255).all()
+
+
 def test_formats_only_openslide_reads_are_sniffed_as_openslide(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sniffing = sys.modules["pipeline.io.sniff"]  # the module, not the function of that name
     path = write_aperio(tmp_path / "slide.bif", LEVEL0, compression="none")
-    for vendor in ("leica", "ventana", "trestle"):  # their TIFFs overlap or place tiles
+    for vendor in ("ventana", "trestle"):  # their TIFFs' tiles overlap
         monkeypatch.setattr(sniffing, "openslide_vendor", lambda p, v=vendor: v)
         assert sniff(path) == "openslide"
     monkeypatch.setattr(sniffing, "openslide_vendor", lambda p: "mirax")

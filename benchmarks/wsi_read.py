@@ -3,7 +3,8 @@ through segpipe's readers and through OpenSlide (its own tile cache, 32 MiB by d
 
 Slides (written once into the cache directory): the real TCGA-CR-7395 SVS (Aperio JPEG 2000,
 33005) when present, else a synthetic one; an Aperio JPEG SVS, a DICOM WSI (JPEG frames,
-wsidicom) and an NDPI-flavoured TIFF of the same pixels. Each reader opens its slide afresh
+wsidicom) and an NDPI-flavoured TIFF of the same pixels; and (full run) a 12288² JPEG 2000
+SVS of its tiles repeated, whose decoded tiles (432 MiB) fit neither reader's cache. Each reader opens its slide afresh
 (cold caches) and reads the same random regions; three rounds, readers interleaved within a
 round so that they share the machine's load, the median kept.
 
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import tifffile
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -64,7 +66,30 @@ def slides(quick: bool) -> dict[str, Path]:
         write_dicom_wsi(made["dicom-wsi-jpeg"], level0(), tile=256, compression="jpeg")
     if not made["ndpi-like-zlib"].exists():
         write_ndpi_like(made["ndpi-like-zlib"], level0())
+    if not quick:  # larger than either cache: random regions rarely share a tile
+        made["svs-jpeg2000-large"] = folder / "jp2k-large.svs"
+        if not made["svs-jpeg2000-large"].exists():
+            large_svs(made["svs-jpeg2000-large"], level0(), LARGE_SIDE)
     return made
+
+
+LARGE_SIDE = 12288
+
+
+def large_svs(path: Path, source: np.ndarray, side: int, tile: int = 256) -> Path:
+    """A side² single-level Aperio JPEG 2000 SVS written tile by tile: the tiles of `source`
+    repeated, each flipped by its position so that neighbours differ."""
+    rows, cols = source.shape[0] // tile, source.shape[1] // tile
+    tiles = [source[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] for r in range(rows) for c in range(cols)]
+
+    def stream():
+        for index in range((side // tile) ** 2):
+            yield tiles[index % len(tiles)][:: 1 - 2 * (index % 2)]
+
+    description = f"Aperio Image Library v12.0.15 \n{side}x{side} [0,0 {side}x{side}] ({tile}x{tile}) J2K|MPP = 0.25"
+    tifffile.imwrite(path, stream(), shape=(side, side, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                     compression=33005, description=description, metadata=None, bigtiff=False)  # fmt: skip
+    return path
 
 
 def segpipe(path: Path, cache_bytes: int | None = None) -> Reader:
@@ -101,6 +126,7 @@ PLAN = {
     "svs-jpeg": list(READERS),
     "dicom-wsi-jpeg": ["segpipe", "OpenSlide (its cache)"],
     "ndpi-like-zlib": ["segpipe"],
+    "svs-jpeg2000-large": ["segpipe", "segpipe, no cache", "OpenSlide (its cache)"],
 }
 
 

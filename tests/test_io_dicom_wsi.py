@@ -161,3 +161,13 @@ def test_wsidicom_and_openslide_read_the_same_level0(tmp_path: Path, sparse: boo
         assert theirs.format_name == "openslide-dicom"
         assert ours.levels == theirs.levels and ours.mpp == pytest.approx(theirs.mpp)
         np.testing.assert_array_equal(ours.read_region(0, 0, 0, 300, 400), theirs.read_region(0, 0, 0, 300, 400))
+
+
+def test_working_level_is_the_level_at_the_models_pixel_size(tmp_path: Path) -> None:
+    from pipeline.io.levels import working_level
+
+    write_dicom_wsi(tmp_path / "slide", LEVEL0, mpp=0.25)
+    with open_image(tmp_path / "slide") as image:
+        chosen = working_level(image, 0.5)  # a model at 0.5 µm/px reads level 1 as stored
+        assert (chosen.level, chosen.resample, chosen.hw) == (1, False, (150, 200))
+        np.testing.assert_array_equal(read_in_place(image, chosen.level).compute(), LEVEL0[::2, ::2])

@@ -3,7 +3,7 @@ through segpipe's readers and through OpenSlide (its own tile cache, 32 MiB by d
 
 Slides (written once into the cache directory): the real TCGA-CR-7395 SVS (Aperio JPEG 2000,
 33005) when present, else a synthetic one; an Aperio JPEG SVS, a DICOM WSI (JPEG frames,
-wsidicom) and an NDPI-flavoured TIFF of the same pixels; and (full run) a 12288² JPEG 2000
+wsidicom) and an NDPI (JPEG levels with restart markers) of the same pixels; and (full run) a 12288² JPEG 2000
 SVS of its tiles repeated, whose decoded tiles (432 MiB) fit neither reader's cache. Each reader opens its slide afresh
 (cold caches) and reads the same random regions; three rounds, readers interleaved within a
 round so that they share the machine's load, the median kept.
@@ -55,7 +55,7 @@ def slides(quick: bool) -> dict[str, Path]:
         return pixels
 
     made = {"svs-jpeg2000": folder / "jp2k.svs", "svs-jpeg": folder / "jpeg.svs",
-            "dicom-wsi-jpeg": folder / "dicom", "ndpi-like-zlib": folder / "ndpi-like.tif"}  # fmt: skip
+            "dicom-wsi-jpeg": folder / "dicom", "ndpi-jpeg": folder / "ndpi.tif"}  # fmt: skip
     if not quick and SLIDE.is_file():
         made["svs-jpeg2000"] = SLIDE  # the real slide: 4443x3567, Aperio 33005
     if not made["svs-jpeg2000"].exists():
@@ -64,8 +64,8 @@ def slides(quick: bool) -> dict[str, Path]:
         write_aperio(made["svs-jpeg"], level0(), compression="jpeg", levels=3)
     if not made["dicom-wsi-jpeg"].exists():
         write_dicom_wsi(made["dicom-wsi-jpeg"], level0(), tile=256, compression="jpeg")
-    if not made["ndpi-like-zlib"].exists():
-        write_ndpi_like(made["ndpi-like-zlib"], level0())
+    if not made["ndpi-jpeg"].exists():
+        write_ndpi_like(made["ndpi-jpeg"], level0())
     if not quick:  # larger than either cache: random regions rarely share a tile
         made["svs-jpeg2000-large"] = folder / "jp2k-large.svs"
         if not made["svs-jpeg2000-large"].exists():
@@ -125,7 +125,7 @@ PLAN = {
     "svs-jpeg2000": list(READERS),
     "svs-jpeg": list(READERS),
     "dicom-wsi-jpeg": ["segpipe", "OpenSlide (its cache)"],
-    "ndpi-like-zlib": ["segpipe"],
+    "ndpi-jpeg": ["segpipe"],
     "svs-jpeg2000-large": ["segpipe", "segpipe, no cache", "OpenSlide (its cache)"],
 }
 

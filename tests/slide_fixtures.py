@@ -4,11 +4,13 @@ Nothing here is used by the library."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from pathlib import Path
 
 import imagecodecs
 import numpy as np
+import PIL.Image
 import tifffile
 from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -164,17 +166,45 @@ def write_aperio(path: Path, level0: np.ndarray, mpp: float = 0.25, compression:
 
 
 def write_ndpi_like(path: Path, level0: np.ndarray, mpp: float = 0.25, levels: int = 3) -> Path:
-    """A Hamamatsu-NDPI-flavoured TIFF as tifffile recognises one (its 65420 'Magnification'
-    tag on every page, Make 'Hamamatsu'): one page per level, resolution in pixels per cm.
-    Not a real NDPI (no single-strip JPEG with restart markers): OpenSlide refuses it."""
-    pages_per_cm = 1e4 / mpp
+    """A Hamamatsu NDPI as tifffile and OpenSlide's 'hamamatsu' driver read one: NDPI tags
+    (65420 format flag, 65421 magnification, offsets, focal plane), Make 'Hamamatsu', each
+    level one JPEG strip with restart markers every 12 MCUs and their offsets in the
+    McuStarts tag (65426), resolution in pixels per cm. Readers decode it restart interval
+    by restart interval (96x8 tiles). Name it .tif: tifffile reads a '.ndpi' name with
+    NDPI's 64-bit offset layout, which it cannot write. `level0` is cropped so every level's
+    MCU rows hold whole restart intervals (OpenSlide requires it)."""
+    step = 96 * 2 ** (levels - 1)  # 12 MCUs of 8 px (4:4:4) at the smallest level
+    level0 = level0[: level0.shape[0] // (8 * 2 ** (levels - 1)) * (8 * 2 ** (levels - 1)),
+                    : level0.shape[1] // step * step]  # fmt: skip
+    pixels_per_cm = 1e4 / mpp
     with tifffile.TiffWriter(path) as tif:
         for index in range(levels):
-            step = 2**index
-            tif.write(level0[::step, ::step], tile=(128, 128), compression="zlib", photometric="rgb",
-                      resolution=(pages_per_cm / step, pages_per_cm / step), resolutionunit="CENTIMETER",
-                      metadata=None, extratags=[(65420, "I", 1, 1, True), (65421, "f", 1, 40.0, True), (271, "s", 0, "Hamamatsu", True)])  # fmt: skip
+            level = np.ascontiguousarray(level0[:: 2**index, :: 2**index])
+            jpeg, starts = _restart_jpeg(level, blocks=12)
+            tags = [(65420, "I", 1, 1, True), (65421, "f", 1, 40.0 / 2**index, True),
+                    (65422, "i", 1, 0, True), (65423, "i", 1, 0, True), (65424, "i", 1, 0, True),
+                    (65426, "I", len(starts), starts, True), (271, "s", 0, "Hamamatsu", True)]  # fmt: skip
+            tif.write(iter([jpeg]), shape=level.shape, dtype=np.uint8, compression="jpeg", photometric="ycbcr",
+                      subsampling=(1, 1), rowsperstrip=level.shape[0], metadata=None, extratags=tags,
+                      resolution=(pixels_per_cm / 2**index,) * 2, resolutionunit="CENTIMETER")  # fmt: skip
     return path
+
+
+def _restart_jpeg(pixels: np.ndarray, blocks: int) -> tuple[bytes, list[int]]:
+    """One baseline JPEG (4:4:4) with a restart marker every `blocks` MCUs, and the offset
+    of each restart interval's entropy-coded data (the first: the end of the header)."""
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format="JPEG", quality=90, subsampling=0,
+                                     restart_marker_blocks=blocks)  # fmt: skip
+    jpeg = buffer.getvalue()
+    scan = jpeg.index(b"\xff\xda")
+    starts = [scan + 2 + int.from_bytes(jpeg[scan + 2 : scan + 4], "big")]
+    at = starts[0]
+    while (at := jpeg.find(b"\xff", at)) >= 0 and jpeg[at + 1] != 0xD9:
+        if 0xD0 <= jpeg[at + 1] <= 0xD7:  # RSTn: the next interval starts after it
+            starts.append(at + 2)
+        at += 2
+    return jpeg, starts
 
 
 def write_philips_like(path: Path, level0: np.ndarray, mpp: float = 0.25, levels: int = 3,

@@ -93,14 +93,19 @@ def test_generic_tiled_tiff_reads_the_same_through_openslide(tmp_path: Path) -> 
         np.testing.assert_array_equal(read_in_place(slide, 0).compute(), LEVEL0)
 
 
-def test_ndpi_like_tiff_is_read_by_tifffile_with_its_levels_and_mpp(tmp_path: Path) -> None:
-    path = write_ndpi_like(tmp_path / "slide.tif", LEVEL0, mpp=0.226)  # tifffile reads .ndpi names as NDPI's 64-bit offsets
+def test_ndpi_through_tifffile_restart_interval_tiles_and_the_same_pixels_as_openslide(tmp_path: Path) -> None:
+    level0 = tissue_rgb(600, 800)  # cropped to 576x768: whole restart intervals per MCU row
+    path = write_ndpi_like(tmp_path / "slide.tif", level0, mpp=0.226)
     assert openslide.OpenSlide.detect_format(str(path)) == "hamamatsu" and sniff(path) == "tiff"
-    with open_image(path) as image:
-        assert image.metadata_safe()["format"] == "ndpi"
-        assert image.levels == [(600, 760, 3), (300, 380, 3), (150, 190, 3)]
-        assert image.mpp == pytest.approx(0.226)  # pixels per cm in the resolution tags
-        np.testing.assert_array_equal(image.read_region(2, 0, 0, 150, 190), LEVEL0[::4, ::4])
+    with open_image(path) as tiff, OpenSlideImage(path, Limits()) as slide:
+        meta = tiff.metadata_safe()
+        assert meta["format"] == "ndpi" and meta["tile"] == [8, 96]  # a tile per restart interval
+        assert tiff.levels == [(576, 768, 3), (288, 384, 3), (144, 192, 3)]
+        assert slide.levels[:3] == tiff.levels  # OpenSlide adds levels decoded at 1/2..1/8
+        assert tiff.mpp == slide.mpp == pytest.approx(0.226)  # pixels per cm in the resolution tags
+        np.testing.assert_array_equal(tiff.read_region(0, 0, 0, 576, 768), slide.read_region(0, 0, 0, 576, 768))
+        np.testing.assert_array_equal(tiff.read_region(1, 10, 30, 200, 300), slide.read_region(1, 10, 30, 200, 300))
+        assert np.abs(tiff.read_region(0, 0, 0, 576, 768).astype(int) - level0[:576, :768]).mean() < 3
 
 
 def test_philips_tiff_reads_the_same_through_tifffile_and_openslide(tmp_path: Path) -> None:

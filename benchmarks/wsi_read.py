@@ -125,7 +125,7 @@ PLAN = {
     "svs-jpeg2000": list(READERS),
     "svs-jpeg": list(READERS),
     "dicom-wsi-jpeg": ["segpipe", "OpenSlide (its cache)"],
-    "ndpi-jpeg": ["segpipe"],
+    "ndpi-jpeg": ["segpipe", "OpenSlide (its cache)"],
     "svs-jpeg2000-large": ["segpipe", "segpipe, no cache", "OpenSlide (its cache)"],
 }
 

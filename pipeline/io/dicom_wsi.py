@@ -88,9 +88,7 @@ class DicomWsiImage(Image):
         return meta
 
     def lazy_level(self, level: int) -> Any:
-        from pipeline.io.ingest import (
-            lazy_regions,  # dask, only where a level is read lazily
-        )
+        from pipeline.io.ingest import lazy_regions  # dask: only for lazy reads
 
         tile = self._instances[level].tile_size
         return lazy_regions(self, level, (tile.height, tile.width))
@@ -108,14 +106,15 @@ class DicomWsiImage(Image):
 
 
 def _check_all_opened(path: Path, files: list[Path], source: WsiDicomFileSource) -> None:
-    """Quirk: wsidicom skips an instance it cannot parse (a header cut short, a tile size
-    unlike level 0's) with a log line, and builds the pyramid from the rest: a damaged level
-    0 would make level 1 the slide. Every file of the series must have been opened."""
+    """Quirk: wsidicom skips an instance it cannot parse (a header cut short) with a log
+    line and builds the pyramid from the rest: a damaged level 0 would make level 1 the
+    slide. Every file of the series must have been opened. (Levels whose tile size differs
+    from level 0's are left out of the pyramid by wsidicom: fewer levels, same pixels.)"""
     opened = {Path(str(file)).resolve() for file in source.files}
     missing = [file for file in files if file.resolve() not in opened]
     if missing:  # not named: a sibling's file name may name the patient (invariant 8)
         raise InputError(f"{path}: {len(missing)} of the series' {len(files)} instance files are "
-                         "unreadable (truncated or damaged header, or tiles unlike level 0's)")  # fmt: skip
+                         "unreadable (truncated or damaged header)")  # fmt: skip
 
 
 def _pyramid(source: WsiDicomFileSource) -> tuple[list[WsiInstance], float | None]:

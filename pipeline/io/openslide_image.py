@@ -55,9 +55,7 @@ class OpenSlideImage(Image):
         return f"openslide-{vendor}"
 
     def lazy_level(self, level: int) -> Any:
-        from pipeline.io.ingest import (
-            lazy_regions,  # dask, only where a level is read lazily
-        )
+        from pipeline.io.ingest import lazy_regions  # dask: only for lazy reads
 
         return lazy_regions(self, level, _tile(self._slide.properties, level))
 

@@ -165,22 +165,23 @@ def write_aperio(path: Path, level0: np.ndarray, mpp: float = 0.25, compression:
     return path
 
 
-def write_ndpi_like(path: Path, level0: np.ndarray, mpp: float = 0.25, levels: int = 3) -> Path:
+def write_ndpi_like(path: Path, level0: np.ndarray, mpp: float = 0.25, levels: int = 3,
+                    blocks: int = 12) -> Path:  # fmt: skip
     """A Hamamatsu NDPI as tifffile and OpenSlide's 'hamamatsu' driver read one: NDPI tags
     (65420 format flag, 65421 magnification, offsets, focal plane), Make 'Hamamatsu', each
-    level one JPEG strip with restart markers every 12 MCUs and their offsets in the
+    level one JPEG strip with restart markers every `blocks` MCUs and their offsets in the
     McuStarts tag (65426), resolution in pixels per cm. Readers decode it restart interval
-    by restart interval (96x8 tiles). Name it .tif: tifffile reads a '.ndpi' name with
+    by restart interval (8 rows x 8·blocks columns). Name it .tif: tifffile reads a '.ndpi' name with
     NDPI's 64-bit offset layout, which it cannot write. `level0` is cropped so every level's
     MCU rows hold whole restart intervals (OpenSlide requires it)."""
-    step = 96 * 2 ** (levels - 1)  # 12 MCUs of 8 px (4:4:4) at the smallest level
+    step = 8 * blocks * 2 ** (levels - 1)  # `blocks` MCUs of 8 px (4:4:4) at the smallest level
     level0 = level0[: level0.shape[0] // (8 * 2 ** (levels - 1)) * (8 * 2 ** (levels - 1)),
                     : level0.shape[1] // step * step]  # fmt: skip
     pixels_per_cm = 1e4 / mpp
     with tifffile.TiffWriter(path) as tif:
         for index in range(levels):
             level = np.ascontiguousarray(level0[:: 2**index, :: 2**index])
-            jpeg, starts = _restart_jpeg(level, blocks=12)
+            jpeg, starts = _restart_jpeg(level, blocks=blocks)
             tags = [(65420, "I", 1, 1, True), (65421, "f", 1, 40.0 / 2**index, True),
                     (65422, "i", 1, 0, True), (65423, "i", 1, 0, True), (65424, "i", 1, 0, True),
                     (65426, "I", len(starts), starts, True), (271, "s", 0, "Hamamatsu", True)]  # fmt: skip

@@ -84,10 +84,11 @@ def _level0_xy(slide: openslide.OpenSlide, level: int, y: int, x: int) -> tuple[
 def _flatten(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
     """RGB of a straight-alpha RGBA region over `background`; opaque pixels unchanged."""
     rgb = rgba[..., :3]
-    alpha = rgba[..., 3:]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
-    a = alpha.astype(np.uint16)
+    # opaque when every pixel's alpha byte (the high byte of a little-endian uint32) is 255:
+    # one pass over contiguous words, cheaper than over the strided alpha channel
+    if np.ascontiguousarray(rgba).view("<u4").min() >= 0xFF000000:
+        return rgb.copy()
+    a = rgba[..., 3:].astype(np.uint16)
     bg = np.asarray(background, np.uint16)
     return ((rgb * a + bg * (255 - a) + 127) // 255).astype(np.uint8)
 

@@ -2,8 +2,8 @@
 
 Whole-slide files are routed by content too: a DICOM file of the VL Whole Slide Microscopy
 SOP Class is 'dicom-wsi' (read with its series, through wsidicom); a TIFF is 'tiff'
-(tifffile: SVS, NDPI, Philips, OME, generic pyramids) unless OpenSlide names a vendor whose
-TIFF tifffile does not assemble (_OPENSLIDE_TIFF_VENDORS); any other content OpenSlide
+(tifffile: SVS, Philips, OME, generic pyramids) unless OpenSlide names a vendor it reads
+better (_OPENSLIDE_TIFF_VENDORS: SCN, BIF, Trestle, NDPI); any other content OpenSlide
 recognises (MRXS, VMS/VMU, SVSlide, CZI, ...) is 'openslide'. OpenSlide is the optional
 'slides' extra: without it those files are unknown, and every TIFF is 'tiff'.
 """
@@ -31,12 +31,14 @@ _MAGIC: tuple[tuple[bytes, Format], ...] = (
 )
 _ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 _DICOM_PREAMBLE = 128  # 'DICM' follows a 128-byte preamble (PS3.10 7.1)
-# TIFF vendors OpenSlide assembles and tifffile does not: Leica SCN places several images
-# (and an empty background) on one canvas; Ventana BIF and Trestle tiles overlap, by amounts
-# given in XML or a sidecar file, which OpenSlide stitches. tifffile would read their raw
-# tiles side by side. The other TIFF vendors (aperio, hamamatsu NDPI, philips,
-# generic-tiff) tifffile reads exactly and faster.
-_OPENSLIDE_TIFF_VENDORS = frozenset({"leica", "ventana", "trestle"})
+# TIFF vendors read through OpenSlide. Leica SCN places several images (and an empty
+# background) on one canvas; Ventana BIF and Trestle tiles overlap, by amounts given in XML
+# or a sidecar file, which OpenSlide stitches: tifffile would read their raw tiles side by
+# side. Hamamatsu NDPI tifffile reads exactly (tested: OpenSlide's pixels), but as one zarr
+# chunk per JPEG restart interval (8 rows): its 512² regions were 3-10x slower than
+# OpenSlide's (benchmarks/wsi_read.py), so tifffile reads NDPI only without OpenSlide. The
+# other TIFF vendors (aperio, philips, generic-tiff) tifffile reads exactly and faster.
+_OPENSLIDE_TIFF_VENDORS = frozenset({"leica", "ventana", "trestle", "hamamatsu"})
 
 
 def sniff(path: Path) -> Format:

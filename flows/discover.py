@@ -3,8 +3,9 @@
 Every source becomes a `Source` (where to read it, the output name it gets). Folders are
 walked recursively; a file is an image when its extension names an image format or, for
 any other name (DICOM archives often have none), when its first bytes do (pipeline.io
-sniff). A file named on the command line is always taken: if it is broken, the run says so
-instead of skipping it silently. Output stores (and the output root itself) are never
+sniff). A DICOM whole-slide image, a series of instance files, is one image (one
+`Source`, its first file by name: `_one_per_slide`). A file named on the command line is
+always taken: if it is broken, the run says so instead of skipping it silently. Output stores (and the output root itself) are never
 taken as inputs.
 """
 
@@ -25,12 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows.outputs import check_reachable, storage_error
 from pipeline.errors import InputError
 from pipeline.io import dicomweb
+from pipeline.io.dicom_series import members, series_key
 from pipeline.io.sniff import sniff
 from pipeline.store import output_key, safe_image_id
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".btf"})
+IMAGE_SUFFIXES = frozenset({".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".svs", ".btf",
+                            ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".czi"})  # fmt: skip
 LIST_SUFFIXES = frozenset({".txt", ".list", ".lst"})
 _ZARR_MARKERS = ("zarr.json", ".zarray", ".zgroup")
 _SKIP_NAMES = frozenset({"DICOMDIR"})  # a DICOM index, not an image
@@ -111,7 +114,7 @@ def discover(inputs: Iterable[str], out_root: str) -> list[Source]:
             log.warning("%s: skipped %d entries that look like images: %s", item, skipped.total(), reasons)
     if not found:
         raise InputError(f"{', '.join(map(str, inputs)) or '(nothing)'}: no images found")
-    return _named(found, output_key(out_root))
+    return _named(_one_per_slide(found), output_key(out_root))
 
 
 def is_url(text: str) -> bool:
@@ -202,6 +205,23 @@ def _expand_url(url: str) -> Iterator[tuple[str, str | None]]:
     for name in sorted(names):
         if Path(name).suffix.lower() in IMAGE_SUFFIXES:
             yield fs.unstrip_protocol(name), None
+
+
+def _one_per_slide(found: set[str]) -> set[str]:
+    """One location per DICOM whole-slide image: its instance files (levels, label,
+    overview) share a folder and a Series Instance UID, and the first by name stands for
+    them (the reader opens the others beside it). X-ray DICOMs and every other file pass
+    as they are. Limit: a remote series is not grouped (each object is fetched alone)."""
+    kept: set[str] = set()
+    slides: set[tuple[str, str]] = set()
+    for location in sorted(found):
+        key = None if is_url(location) else series_key(Path(location))
+        if key is None:
+            kept.add(location)
+        elif key not in slides:
+            slides.add(key)
+            kept.add(location)
+    return kept
 
 
 def _is_image_file(path: Path, skipped: Counter[str]) -> bool:
@@ -329,8 +349,9 @@ def fingerprint(source: Source) -> tuple[int, str]:
     """(size, modification marker) of a source: unchanged while its content is unchanged
     (the key under which its content hash is cached)."""
     if not source.is_remote:
-        stat = Path(source.uri.removeprefix("file://")).stat()
-        return stat.st_size, str(stat.st_mtime_ns)
+        local = Path(source.uri.removeprefix("file://"))
+        stats = [f.stat() for f in members(local) or [local]]  # a DICOM WSI: all its files
+        return sum(s.st_size for s in stats), ",".join(str(s.st_mtime_ns) for s in stats)
     fs, path = fsspec.core.url_to_fs(source.uri)
     info = fs.info(path)
     marker = next((str(info[k]) for k in ("ETag", "etag", "mtime", "LastModified", "created") if k in info), "")

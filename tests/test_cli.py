@@ -149,6 +149,37 @@ def test_export_writes_files_of_complete_images(flows_env: None, tiny_checkpoint
     assert zoom is not None and PIL.Image.open(zoom).size == (32, 32)
 
 
+@pytest.mark.slow  # a slide through the whole CLI run
+def test_run_a_dicom_wsi_series_end_to_end(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A DICOM WSI series (sparse JPEG frames, three levels, patient identifiers) is one
+    image: glass tiles skipped, the mask at level 0's full resolution, exports beside it."""
+    from pipeline.store import OutputStore
+    from tests.io_fixtures import PATIENT
+    from tests.slide_fixtures import tissue_rgb, write_dicom_wsi
+
+    def keep(row: int, col: int) -> bool:  # the scanner left the corner frames out
+        return (row, col) not in {(0, 0), (0, 11), (7, 0), (7, 11)}
+
+    write_dicom_wsi(tmp_path / "in" / "Doe_Jane", tissue_rgb(512, 768), tile=64, sparse=True, keep=keep,
+                    compression="jpeg")  # fmt: skip
+    out = tmp_path / "out"
+
+    result = runner.invoke(app, ["run", str(tmp_path / "in"), "-m", str(tiny_checkpoint), "-o", str(out),
+                                 "--tile", "128", "--export", "overlay,png,ome-tiff", "--json"])  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)
+    assert row["state"] == "complete" and row["size"] == [512, 768]
+    assert row["counts"]["skipped"] > 0 and row["counts"]["done"] > 0  # glass around the tissue
+    store = OutputStore.open(row["output"])
+    assert store.mask.shape == (512, 768) and store.provenance["input"]["image"]["format"] == "dicom-wsi"
+    assert tifffile.imread(next(out.glob("*.mask.ome.tif"))).shape == (512, 768)
+    assert np.asarray(PIL.Image.open(next(out.glob("*.mask.png")))).shape == (512, 768)
+    assert len(list(out.glob("*.overlay.png"))) == 1
+    names = " ".join(p.name for p in out.rglob("*")) + result.output
+    assert "Doe_Jane" not in names and PATIENT["PatientID"] not in names
+
+
 def test_models_lists_shipped_cards(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline import cards
 

@@ -74,6 +74,23 @@ def test_discover_walks_folders_sniffs_dicom_and_skips_outputs(tmp_path: Path) -
     assert len(set(ids)) == 3 and all("scan" not in i and "IM0001" not in i for i in ids)
 
 
+def test_a_dicom_wsi_series_is_one_image_beside_xrays(tmp_path: Path) -> None:
+    from tests.slide_fixtures import tissue_rgb, write_dicom_wsi
+
+    root = tmp_path / "archive"
+    levels = write_dicom_wsi(root / "slides", tissue_rgb(128, 160), levels=3)
+    other = write_dicom_wsi(tmp_path / "second", tissue_rgb(64, 64), levels=2)
+    for index, path in enumerate(other):  # a second slide's series in the same folder
+        path.rename(root / "slides" / f"z-other-{index}")  # no extension: sniffed
+    write_scan(root / "slides" / "chest.dcm")  # an X-ray beside them stays an image of its own
+
+    sources = discover([str(root)], str(tmp_path / "out"))
+
+    names = sorted(Path(s.uri).name for s in sources)
+    assert names == ["chest.dcm", "level0.dcm", "z-other-0"]
+    assert [s.uri for s in discover([str(levels[2])], str(tmp_path / "out"))] == [str(levels[2])]
+
+
 def test_one_output_id_per_file_however_it_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     scan = write_png(tmp_path / "in" / "sub" / "scan.png")
     (tmp_path / "link.png").symlink_to(scan)

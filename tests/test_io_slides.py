@@ -11,7 +11,7 @@ import zarr
 from PIL import Image as PILImage
 
 from pipeline.errors import InputError
-from pipeline.io import open_image, read_in_place, select_level, to_channels
+from pipeline.io import Limits, open_image, read_in_place, select_level, to_channels
 from tests.io_fixtures import giant_tile_value, write_sparse_giant_tiff, write_svs_like
 
 
@@ -193,3 +193,38 @@ def test_real_txrv_xrays(real_data: Path, name: str, shape: tuple[int, int, int]
         pixels = image.read_region(0, 0, 0, shape[0], shape[1])
     expected = np.asarray(PILImage.open(path).convert("L"))
     assert np.abs(to_channels(pixels, 1)[..., 0].astype(int) - expected).max() <= 1
+
+
+def test_decoded_tiles_are_cached_within_a_bound_and_shared_by_threads(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.io.tiff import TiffImage
+
+    level0 = _smooth_rgb(1024, 1024)
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, level0, tile=(128, 128), photometric="rgb", compression="jpeg2000")
+    tile_bytes = 128 * 128 * 3
+    with TiffImage(path, Limits(), cache_bytes=10 * tile_bytes) as image:
+        inner = image._stores[0].store_path.store._store  # tifffile's store, behind the cache
+        decoded: list[str] = []
+        original_get = inner.get
+
+        async def counting_get(key, *args, **kwargs):
+            decoded.append(key)
+            return await original_get(key, *args, **kwargs)
+
+        inner.get = counting_get
+        first = image.read_region(0, 100, 100, 200, 200)  # 3x3 tiles
+        again = image.read_region(0, 130, 140, 150, 150)  # the same 3x3 tiles
+        assert len(decoded) == 9  # the second read decoded nothing
+        np.testing.assert_array_equal(first, level0[100:300, 100:300])
+        np.testing.assert_array_equal(again, level0[130:280, 140:290])
+        first[:] = 0  # a caller's array is its own: the cache is not changed through it
+        np.testing.assert_array_equal(image.read_region(0, 100, 100, 10, 10), level0[100:110, 100:110])
+
+        corners = [(y, x) for y in range(0, 1024 - 256, 96) for x in range(0, 1024 - 256, 96)]
+        with ThreadPoolExecutor(2) as pool:  # two threads read, as a tile runner does
+            regions = list(pool.map(lambda c: image.read_region(0, c[0], c[1], 256, 256), corners))
+        for (y, x), region in zip(corners, regions, strict=True):
+            np.testing.assert_array_equal(region, level0[y : y + 256, x : x + 256])
+        assert image.tile_cache.nbytes <= 10 * tile_bytes  # never past its bound

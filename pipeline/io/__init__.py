@@ -1,8 +1,10 @@
 """Image I/O: open any supported input as an ``Image``, resample, ingest to zarr, export.
 
 ``open_image`` sniffs the content (magic bytes, not the extension) and dispatches to one
-reader per format: dicom.py, raster.py (PNG/JPEG), tiff.py (TIFF, SVS, OME-TIFF),
-zarr_image.py (zarr, OME-Zarr). See ingest.py for which path each format takes to zarr.
+reader per format: dicom.py (X-rays), dicom_wsi.py (DICOM whole-slide series, wsidicom),
+raster.py (PNG/JPEG), tiff.py (TIFF, SVS, NDPI, Philips, OME-TIFF), zarr_image.py (zarr,
+OME-Zarr), openslide_image.py (MRXS, SCN, BIF, VMS/VMU and OpenSlide's other formats). See
+ingest.py for which path each format takes to zarr.
 """
 
 from __future__ import annotations
@@ -65,12 +67,30 @@ def _dicom(path: Path, fmt: str, limits: Limits) -> Image:
     return DicomImage(path, limits)
 
 
+def _dicom_wsi(path: Path, fmt: str, limits: Limits) -> Image:
+    from pipeline.io.dicom_wsi import (
+        DicomWsiImage,  # wsidicom is the optional 'slides' extra
+    )
+
+    return DicomWsiImage(path, limits)
+
+
+def _openslide(path: Path, fmt: str, limits: Limits) -> Image:
+    from pipeline.io.openslide_image import (
+        OpenSlideImage,  # the optional 'slides' extra
+    )
+
+    return OpenSlideImage(path, limits)
+
+
 # One reader per sniffed format (pipeline.io.sniff.Format), as tifffile dispatches its
 # series kinds: a new format is one line here and one reader module.
 READERS: dict[str, Callable[[Path, str, Limits], Image]] = {
     "dicom": _dicom,
+    "dicom-wsi": _dicom_wsi,
     "png": RasterImage,
     "jpeg": RasterImage,
     "tiff": lambda path, fmt, limits: TiffImage(path, limits),
     "zarr": lambda path, fmt, limits: ZarrImage(path, limits),
+    "openslide": _openslide,
 }

@@ -89,6 +89,15 @@ def read_in_place(image: Image, level: int) -> da.Array | None:
     return image.lazy_level(level)
 
 
+def lazy_regions(image: Image, level: int, chunk_hw: tuple[int, int]) -> da.Array:
+    """A lazy (H, W, C) dask array over ``level`` whose chunks (``chunk_hw``: the source's
+    own tiles, so each chunk decodes its tiles once) are read through ``read_region``: the
+    in-place view of readers that are tile-addressable but not zarr stores (DICOM WSI,
+    OpenSlide)."""
+    return da.from_array(_LevelView(image, level), chunks=(*chunk_hw, -1), asarray=False,
+                         fancy=False, name=False)  # fmt: skip
+
+
 class _LevelView:
     """Array-like view of one level for da.from_array: slicing calls read_region, so the
     reader's bounds checks and error wrapping apply to every chunk. Passed with name=False:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from pipeline.io.dicom_series import members
+
 HASH_BLOCK = 1 << 20  # bytes read at a time: hashing holds one block, whatever the file
 
 
@@ -37,9 +39,19 @@ def sha256(location: str | Path) -> str:
 
 
 def content_hash(location: str | Path) -> str:
-    """What provenance records as an input's content: sha256 of a file; for a directory
-    (a zarr store) the hash of its files' names and sizes and of its JSON metadata."""
-    if is_remote(location) or local_path(location).is_file():
+    """What provenance records as an input's content: sha256 of a file; for a DICOM WSI
+    (any instance file of the series, or its folder) the sha256 of its instance files'
+    bytes in name order; for a directory (a zarr store) the hash of its files' names and
+    sizes and of its JSON metadata."""
+    if is_remote(location):
+        return sha256(location)
+    files = members(local_path(location))
+    if files is not None:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(sha256(file).encode())
+        return digest.hexdigest()
+    if local_path(location).is_file():
         return sha256(location)
     root = local_path(location)
     digest = hashlib.sha256()

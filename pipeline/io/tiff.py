@@ -1,7 +1,8 @@
 """TIFF family: plain TIFF X-rays, Aperio SVS, pyramidal (Big)TIFF and OME-TIFF.
 
 Every level is read lazily through tifffile's zarr store (``series.aszarr(level=i)``), so a
-region read decodes only the tiles (or strips) it touches; imagecodecs supplies the codecs
+region read decodes only the tiles (or strips) it touches, each once while it stays in the
+image's bounded cache of decoded tiles (tile_cache.py); imagecodecs supplies the codecs
 (JPEG, JPEG 2000 incl. Aperio 33003/33005, LZW, deflate, zstd, ...). The level list is the
 first series' pyramid: for SVS that is the Baseline series, so label, macro and thumbnail
 pages (separate series) are skipped.
@@ -25,6 +26,7 @@ import zarr
 
 from pipeline.errors import InputError
 from pipeline.io.image import Image, Kind, Limits, Shape, check_chunk_size, one_line
+from pipeline.io.tile_cache import DEFAULT_CACHE_BYTES, CachedStore, TileCache
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +38,23 @@ _UM_PER_RESOLUTION_UNIT = {tifffile.RESUNIT.CENTIMETER: 1e4, tifffile.RESUNIT.IN
 _PLACEHOLDER_DPI = 72.0
 
 
+# tifffile's flag of each TIFF flavour read here, and the name metadata records for it.
+_VENDOR_FORMATS = (("is_svs", "svs"), ("is_ndpi", "ndpi"), ("is_philips", "philips-tiff"),
+                   ("is_ome", "ome-tiff"))  # fmt: skip
+
+
 class TiffImage(Image):
     """The first series of a TIFF file, level by level, read through tifffile's zarr store."""
 
-    def __init__(self, path: Path, limits: Limits) -> None:
+    def __init__(self, path: Path, limits: Limits, cache_bytes: int = DEFAULT_CACHE_BYTES) -> None:
         self._tif = _open(path)
         try:
             series = self._tif.series[0]
             self._axes = series.axes
+            self.tile_cache = TileCache(cache_bytes)
             self._stores = [
-                zarr.open_array(series.aszarr(level=i), mode="r") for i in range(len(series.levels))
+                zarr.open_array(CachedStore(series.aszarr(level=i), self.tile_cache, i), mode="r")
+                for i in range(len(series.levels))
             ]
             levels = [_level_shape(path, self._axes, store.shape) for store in self._stores]
             page = series.levels[0].keyframe
@@ -62,9 +71,10 @@ class TiffImage(Image):
 
     @property
     def format_name(self) -> str:
-        if self._tif.is_svs:
-            return "svs"
-        return "ome-tiff" if self._tif.is_ome else "tiff"
+        for flag, name in _VENDOR_FORMATS:
+            if getattr(self._tif, flag):
+                return name
+        return "tiff"
 
     def metadata_safe(self) -> dict[str, Any]:
         meta = super().metadata_safe()
@@ -129,6 +139,8 @@ def _mpp(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> float | None:
     """µm per pixel of level 0: Aperio 'MPP = ...', OME PhysicalSizeX, else resolution tags."""
     if tif.is_svs:
         return _aperio_mpp(tif.filename, page.description)
+    if tif.is_philips and tif.philips_metadata:
+        return _philips_mpp(tif.filename, tif.philips_metadata)
     if tif.is_ome and tif.ome_metadata:
         mpp = _ome_mpp(tif.filename, tif.ome_metadata)
         if mpp is not None:
@@ -145,6 +157,22 @@ def _aperio_mpp(name: str, description: str) -> float | None:
         log.warning("%s: ignoring Aperio MPP = %s", name, mpp)
         return None
     return mpp
+
+
+def _philips_mpp(name: str, xml: str) -> float | None:
+    """Level 0's column spacing: the first PixelDataRepresentation's DICOM_PIXEL_SPACING,
+    '"row" "column"' in mm (Philips TIFF writes the DICOM attribute as quoted text)."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        log.warning("%s: unparsable Philips XML, no pixel size: %s", name, exc)
+        return None
+    spacing = root.find(".//DataObject[@ObjectType='PixelDataRepresentation']"
+                        "/Attribute[@Name='DICOM_PIXEL_SPACING']")  # fmt: skip
+    values = (spacing.text or "").replace('"', " ").split() if spacing is not None else []
+    if len(values) != 2 or float(values[1]) <= 0:
+        return None
+    return float(values[1]) * 1000.0
 
 
 def _ome_mpp(name: str, xml: str) -> float | None:

@@ -1,7 +1,12 @@
 """Writers from a mask (a zarr array or pyramid of (H, W) uint8 labels, 0 = background,
 1..C = classes) to files. Pure: they read their inputs and write one file.
 
-- ``export_ome_tiff``: pyramidal tiled OME-TIFF, fed tile by tile (memory: one tile).
+- ``export_ome_tiff``: pyramidal tiled OME-TIFF, fed tile by tile (memory: one tile); its
+  levels are SubIFDs, which OME readers want and OpenSlide does not read.
+- ``export_slide_tiff`` (slide_tiff.py): the same pyramid as a plain tiled TIFF, levels as
+  top-level IFDs, with a colour map and class names: what OpenSlide-based viewers open.
+- ``export_geojson`` (geojson.py): each region of the mask as one polygon feature with
+  its class, in full-resolution pixels: what QuPath imports as objects.
 - ``export_png``: the raw labels 0..C, lossless, so the file reads back as the mask; for
   looking at a mask use ``export_overlay``. PNG encoders need the whole image in memory, so
   this refuses masks over PNG_MAX_PIXELS: export a pyramid level of a slide instead.
@@ -23,13 +28,10 @@ size (``TMPDIR``). ``export_location`` is the one rule for where an export lies.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -40,11 +42,13 @@ from skimage.segmentation import find_boundaries
 
 from pipeline.display import as_rgb, class_colours, window_uint8
 from pipeline.errors import ConfigError
+from pipeline.io.export_files import EXPORT_TILE, tiles, writing
+from pipeline.io.geojson import export_geojson
 from pipeline.io.location import is_remote, local_path
 from pipeline.io.resample import resize
+from pipeline.io.slide_tiff import export_slide_tiff
 from pipeline.io.sniff import sniff
 
-EXPORT_TILE = 512
 PNG_MAX_PIXELS = 1 << 28  # 16k x 16k
 OVERLAY_ALPHA = 0.4
 
@@ -55,11 +59,11 @@ def export_ome_tiff(mask_levels: Sequence[Any], path: str | Path, mpp: float | N
     the resolution tags carry ``mpp`` (µm per pixel of level 0) when known."""
     width0 = mask_levels[0].shape[1]
     # tifffile seeks back to patch offsets: it writes a local file, uploaded after
-    with _writing(path) as local, tifffile.TiffWriter(local, bigtiff=True, ome=True) as tif:
+    with writing(path) as local, tifffile.TiffWriter(local, bigtiff=True, ome=True) as tif:
         for index, level in enumerate(mask_levels):
             level_mpp = None if mpp is None else mpp * width0 / level.shape[1]
             options = _level_options(index, len(mask_levels), level_mpp)
-            tif.write(_tiles(level), shape=level.shape, dtype=np.uint8, **options)
+            tif.write(tiles(level), shape=level.shape, dtype=np.uint8, **options)
     return str(path)
 
 
@@ -82,18 +86,6 @@ def _level_options(index: int, n_levels: int, mpp: float | None) -> dict[str, An
     return options
 
 
-def _tiles(level: Any) -> Iterator[np.ndarray]:
-    """EXPORT_TILE^2 tiles of ``level`` in TIFF order (rows of tiles), edge tiles padded
-    with background, each read on its own so memory holds one tile."""
-    height, width = level.shape
-    for y in range(0, height, EXPORT_TILE):
-        for x in range(0, width, EXPORT_TILE):
-            tile = np.zeros((EXPORT_TILE, EXPORT_TILE), np.uint8)
-            block = np.asarray(level[y : y + EXPORT_TILE, x : x + EXPORT_TILE])
-            tile[: block.shape[0], : block.shape[1]] = block
-            yield tile
-
-
 def export_png(mask: Any, path: str | Path) -> str:
     """Write the (H, W) uint8 labels as they are (values 0..C) to a greyscale PNG."""
     height, width = mask.shape
@@ -102,7 +94,7 @@ def export_png(mask: Any, path: str | Path) -> str:
             f"{path}: a {height}x{width} PNG exceeds {PNG_MAX_PIXELS} pixels; "
             "export a pyramid level or use the OME-TIFF export"
         )
-    with _writing(path) as local:
+    with writing(path) as local:
         PIL.Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(local, format="PNG")
     return str(path)
 
@@ -127,7 +119,7 @@ def export_overlay(
     # padded with background so that objects touching the image edge are outlined there too
     edges = find_boundaries(np.pad(labels, 1), mode="inner")[1:-1, 1:-1] & inside
     rgb[edges] = colours[edges]
-    with _writing(path) as local:
+    with writing(path) as local:
         PIL.Image.fromarray(np.rint(rgb).astype(np.uint8)).save(local, format="PNG")
     return str(path)
 
@@ -190,7 +182,7 @@ def export_dicom_seg(
         software_versions=_version(),
         device_serial_number="0",
     )
-    with _writing(path) as local:
+    with writing(path) as local:
         seg.save_as(local)
     return str(path)
 
@@ -229,7 +221,7 @@ def _version() -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Where an export lies, and writing it there
+# Where an export lies
 
 
 def export_location(store_path: str | Path, suffix: str) -> str:
@@ -250,37 +242,6 @@ def export_exists(location: str | Path) -> bool:
     fs, path = fsspec.core.url_to_fs(str(location))
     fs.invalidate_cache(path)
     return bool(fs.isfile(path))
-
-
-@contextmanager
-def _writing(location: str | Path) -> Iterator[Path]:
-    """A local file for a writer to fill; when the writer is done it becomes ``location``:
-    renamed into place (local) or uploaded (a URL). On an error nothing is left under the
-    export's name, so an existing export is always a whole one."""
-    if not is_remote(location):
-        final = local_path(location)
-        partial = final.with_name(f".{final.name}.part")  # hidden: discovery skips it
-        try:
-            yield partial
-            os.replace(partial, final)
-        finally:
-            partial.unlink(missing_ok=True)
-        return
-    url = str(location)
-    with tempfile.TemporaryDirectory(prefix="segpipe-export-") as folder:
-        local = Path(folder) / PurePosixPath(url).name
-        yield local
-        _upload(local, url)
-
-
-def _upload(local: Path, url: str) -> None:
-    """Put a finished local file at ``url``; a failure names the URL (an OSError, so the
-    export task retries it: storage hiccups pass)."""
-    try:
-        fs, path = fsspec.core.url_to_fs(url)
-        fs.put_file(str(local), path)
-    except Exception as exc:  # botocore, gcsfs, ... raise their own types, not OSError
-        raise OSError(f"{url}: cannot write the export ({type(exc).__name__}: {exc})") from exc
 
 
 # ---------------------------------------------------------------------------------------
@@ -328,6 +289,15 @@ def _write_ome_tiff(source: ExportInput, path: str) -> str:
     return export_ome_tiff(source.mask_levels, path, source.mpp)
 
 
+def _write_slide_tiff(source: ExportInput, path: str) -> str:
+    return export_slide_tiff(source.mask_levels, source.classes, path, source.mpp)
+
+
+def _write_geojson(source: ExportInput, path: str) -> str:
+    export_geojson(source.mask_levels[0], source.classes, path, source.mpp)
+    return path
+
+
 def _write_dicom_seg(source: ExportInput, path: str) -> str:
     mask = np.asarray(source.mask_levels[0])
     return export_dicom_seg(source.input_path, mask, list(source.classes), path)
@@ -348,5 +318,7 @@ EXPORTS: Mapping[str, ExportFormat] = {
     "overlay": ExportFormat(_write_overlay, ".overlay.png"),
     "png": ExportFormat(_write_png, ".mask.png"),
     "ome-tiff": ExportFormat(_write_ome_tiff, ".mask.ome.tif"),
+    "tiff": ExportFormat(_write_slide_tiff, ".mask.tif"),
+    "geojson": ExportFormat(_write_geojson, ".geojson"),
     "dicom-seg": ExportFormat(_write_dicom_seg, ".seg.dcm", _is_dicom_xray, "a DICOM X-ray input"),
 }

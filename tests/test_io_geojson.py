@@ -1,5 +1,6 @@
-"""Regions as polygons (pipeline.io.polygons) and the `geojson` export QuPath imports:
-pure geometry on tiny arrays, then a synthetic slide mask read by json and shapely."""
+"""Regions as polygons (pipeline.io.polygons, pipeline.io.regions) and the `geojson`
+export QuPath imports: geometry on tiny arrays, then a synthetic slide mask read back by
+json and shapely."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from pipeline.display import class_colour
 from pipeline.errors import ConfigError
 from pipeline.io import geojson
 from pipeline.io.geojson import DETECTION_MAX_UM2, export_geojson
-from pipeline.io.polygons import mask_polygons, pixel_polygon
+from pipeline.io.polygons import pixel_polygon
+from pipeline.io.regions import mask_regions
 
 # ---------------------------------------------------------------------------------------
 # geometry
@@ -45,14 +47,14 @@ def test_a_ring_is_one_polygon_with_its_hole() -> None:
     mask = np.zeros((7, 7), np.uint8)
     mask[1:6, 1:6] = 1
     mask[3, 3] = 0
-    [(label, polygon)] = list(mask_polygons(mask, side=4))  # the hole sits on a tile corner
+    [(label, polygon)] = [(r.label, r.whole()) for r in mask_regions(mask, side=4)]  # hole on a tile corner
     assert label == 1 and polygon.is_valid and len(polygon.interiors) == 1
     assert polygon.area == 24 and Polygon(polygon.interiors[0]).area == 1
 
 
 def test_pixels_meeting_at_a_corner_are_two_regions() -> None:
     mask = np.array([[1, 0], [0, 1]], np.uint8)
-    found = sorted(p.bounds for _, p in mask_polygons(mask, side=1))
+    found = sorted(r.polygon.bounds for r in mask_regions(mask, side=1))
     assert found == [(0, 0, 1, 1), (1, 1, 2, 2)]
 
 
@@ -65,7 +67,7 @@ def test_every_region_is_one_valid_polygon_of_exactly_its_pixels(seed: int) -> N
     mask = (rng.random((height, width)) < 0.55) * rng.integers(1, 3, (height, width))
     mask = mask.astype(np.uint8)
     side = int(rng.integers(3, 17))
-    found = list(mask_polygons(mask, side))
+    found = [(r.label, r.whole()) for r in mask_regions(mask, side)]
     expected = []
     for label in (1, 2):
         regions, n = ndimage.label(mask == label)
@@ -76,6 +78,19 @@ def test_every_region_is_one_valid_polygon_of_exactly_its_pixels(seed: int) -> N
         assert polygon.is_valid and polygon.geom_type == "Polygon"
         pixels = _covered(polygon, mask.shape)
         assert (label, pixels.tobytes()) in by_pixels and polygon.area == pixels.size
+
+
+def test_an_open_region_parks_its_closed_holes() -> None:
+    """A region open across many rows of tiles keeps in memory only the holes that reach
+    the row not yet read; the others wait in the spool and come back with the region."""
+    mask = np.ones((200, 30), np.uint8)
+    mask[2:198:4, 5] = mask[2:198:4, 20] = 0  # 98 one-pixel holes, down the whole height
+    regions = mask_regions(mask, side=10)
+    region = next(regions)  # read while the stream is open: its spool closes with it
+    assert len(region.parked) >= 90 and len(region.polygon.interiors) < 8
+    polygon = region.whole()
+    assert next(regions, None) is None
+    assert polygon.is_valid and len(polygon.interiors) == 98 and polygon.area == mask.sum()
 
 
 # ---------------------------------------------------------------------------------------
@@ -191,7 +206,9 @@ def test_geojson_without_pixel_size_has_annotations_only(tmp_path: Path) -> None
     export_geojson(mask, ("lung",), tmp_path / "mask.geojson", mpp=None)
     [item] = _features(tmp_path / "mask.geojson")
     assert item["properties"]["objectType"] == "annotation"
-    assert item["geometry"]["coordinates"] == [[[5, 5], [9, 5], [9, 9], [5, 9], [5, 5]]]
+    [outline] = item["geometry"]["coordinates"]  # pixel edges, integers, corners only
+    assert sorted(map(tuple, outline[:-1])) == [(5, 5), (5, 9), (9, 5), (9, 9)] and outline[0] == outline[-1]
+    assert all(type(v) is int for point in outline for v in point)
 
 
 def test_geojson_refuses_labels_without_a_class_name(tmp_path: Path) -> None:

@@ -18,25 +18,24 @@ GeoJSON" writes it, and TIAToolbox and HistomicsTK read):
   a detection when the pixel size is known and its area is at most DETECTION_MAX_UM2 (a
   nucleus), else an annotation (tissue, tumour, lungs; everything when µm/px is unknown).
 - Colours are ``pipeline.display.class_colour``, as in every other view of the mask.
-- Streamed: features are written as regions are completed (``mask_polygons``), so memory
-  holds one tile and the regions still open, never the slide's polygons.
+- Streamed: features are written as regions are completed (``regions.mask_regions``), so
+  memory holds one tile and the regions still open, never the slide's polygons.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
-import shapely
-from shapely.geometry import Polygon
 
 from pipeline.display import class_colour
 from pipeline.errors import ConfigError
 from pipeline.io.export_files import writing
-from pipeline.io.polygons import mask_polygons
+from pipeline.io.polygons import signed_area
+from pipeline.io.regions import Region, mask_regions
 
 # QuPath's cell detection keeps nuclei up to 400 µm^2 by default (its "Maximum area"):
 # a region no larger is nucleus-sized and imported as a detection.
@@ -50,40 +49,41 @@ def export_geojson(
     """Write every region of the (H, W) uint8 label array ``mask`` (full resolution,
     array-like, e.g. zarr) as a GeoJSON feature, label k being ``classes[k - 1]``; returns
     the number of features per class name."""
-    side = read_side(mask)
     counts = dict.fromkeys(classes, 0)
     with writing(path) as local, open(local, "w", encoding="utf-8") as out:
         out.write('{"type":"FeatureCollection","features":[')
-        for n, (label, polygon) in enumerate(mask_polygons(mask, side)):
-            name = _class_name(classes, label, path)
+        for n, region in enumerate(mask_regions(mask, read_side(mask))):
+            name = _class_name(classes, region.label, path)
             out.write(("," if n else "") + "\n")
-            item = feature(polygon, name, class_colour(label), object_type(polygon, mpp))
-            json.dump(item, out, separators=(",", ":"))
+            write_feature(out, region, name, mpp)
             counts[name] += 1
         out.write("\n]}\n")
     return counts
 
 
-def feature(polygon: Polygon, name: str, colour: Iterable[int], kind: str) -> dict[str, Any]:
-    """One QuPath feature: ``polygon``'s rings with integer coordinates, its class and
-    object type."""
-    oriented = shapely.orient_polygons(polygon, exterior_cw=False)  # RFC 7946 ring order
-    rings = [oriented.exterior, *oriented.interiors]
-    coordinates = [shapely.get_coordinates(ring).astype(np.int64).tolist() for ring in rings]
-    return {
-        "type": "Feature",
-        "geometry": {"type": "Polygon", "coordinates": coordinates},
-        "properties": {
-            "objectType": kind,
-            "classification": {"name": name, "color": [int(c) for c in colour]},
-        },
+def write_feature(out: IO[str], region: Region, name: str, mpp: float | None) -> None:
+    """One QuPath feature: the region's rings, one at a time (a region may have more holes
+    than memory should hold at once), with integer coordinates in RFC 7946 order; then its
+    class and object type, which needs the area the rings add up to."""
+    out.write('{"type":"Feature","geometry":{"type":"Polygon","coordinates":[')
+    area = 0.0
+    for index, ring in enumerate(region.rings()):
+        ring_area = signed_area(ring)
+        if (ring_area > 0) == (index > 0):  # outline counter-clockwise, holes clockwise
+            ring = ring[::-1]
+        area += abs(ring_area) if index == 0 else -abs(ring_area)
+        out.write(("," if index else "") + _compact(ring.astype(np.int64).tolist()))
+    properties = {
+        "objectType": object_type(area, mpp),
+        "classification": {"name": name, "color": list(class_colour(region.label))},
     }
+    out.write(']},"properties":' + _compact(properties) + "}")
 
 
-def object_type(polygon: Polygon, mpp: float | None) -> str:
-    """QuPath's object type for a region: "detection" when nucleus-sized (known µm/px),
-    else "annotation"."""
-    if mpp is not None and polygon.area * mpp * mpp <= DETECTION_MAX_UM2:
+def object_type(area: float, mpp: float | None) -> str:
+    """QuPath's object type for a region of ``area`` pixels: "detection" when
+    nucleus-sized (known µm/px), else "annotation"."""
+    if mpp is not None and area * mpp * mpp <= DETECTION_MAX_UM2:
         return "detection"
     return "annotation"
 
@@ -96,6 +96,10 @@ def read_side(mask: Any) -> int:
         return READ_SIDE
     chunk = int(chunks[0])
     return chunk * max(1, READ_SIDE // chunk) if chunks[0] == chunks[1] else READ_SIDE
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))  # json.dumps: C-encoded; json.dump is not
 
 
 def _class_name(classes: Sequence[str], label: int, path: str | Path) -> str:

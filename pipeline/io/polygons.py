@@ -59,12 +59,26 @@ def pixel_polygon(pixels: np.ndarray, origin: tuple[int, int]) -> Polygon:
     rings = [edge_ring(contour, (top, left)) for contour in find_contours(padded, 0.5)]
     outline = max(range(len(rings)), key=lambda i: abs(signed_area(rings[i])))
     polygon = Polygon(rings[outline], [r for i, r in enumerate(rings) if i != outline])
-    if polygon.is_valid:
-        return polygon
-    # Where two pixels of the region, or two of a hole, meet only at a corner, a ring
-    # passes that corner twice (it touches itself): valid as rings that touch there, which
-    # make_valid's "structure" method makes of it without moving any edge.
-    return _one_polygon(shapely.make_valid(polygon, method="structure"))
+    return polygon if polygon.is_valid else split_pinched_rings(polygon)
+
+
+def split_pinched_rings(polygon: Polygon) -> Polygon:
+    """``polygon`` with each ring that touches itself split into rings that touch each
+    other. Where two pixels of the region (or of a hole) meet only at a corner, the ring
+    round it passes that corner twice: invalid as one ring, valid as two. make_valid
+    ("structure": no edge moves) does the splitting, ring by ring, so a region with
+    thousands of holes pays only for the pinched ones."""
+    outline = Polygon(polygon.exterior)
+    if not polygon.exterior.is_simple:  # a bay closed at a corner: a hole touching the outline
+        outline = _one_polygon(shapely.make_valid(outline, method="structure"))
+    holes = list(outline.interiors)
+    for hole in polygon.interiors:
+        if hole.is_simple:
+            holes.append(hole)
+        else:  # a hole pinched at a corner: holes touching each other
+            split = shapely.make_valid(Polygon(hole), method="structure")
+            holes += [part.exterior for part in shapely.get_parts(split)]
+    return _one_polygon(Polygon(outline.exterior, holes))
 
 
 def edge_ring(contour: np.ndarray, origin: tuple[int, int]) -> np.ndarray:

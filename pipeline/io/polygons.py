@@ -52,13 +52,13 @@ def pixel_polygon(pixels: np.ndarray, origin: tuple[int, int]) -> Polygon:
     Marching squares at level 0.5 traces each boundary of the region (its outline, and one
     contour per enclosed background region) through the midpoints of the pixel edges it
     crosses, cutting every corner; ``edge_ring`` puts the corners back. skimage's default
-    (background fully connected) keeps the region 4-connected. The outline is the ring of
-    largest area: every other ring lies inside it."""
+    (background fully connected) keeps the region 4-connected. The outline comes first:
+    skimage orders contours by their smallest (row, column) point, which is the outline's
+    (a hole has a row of the region above it)."""
     padded = np.pad(pixels, 1).astype(np.uint8)  # every contour closes inside the padding
     top, left = origin[0] - 1, origin[1] - 1  # the padding's row and column
-    rings = [edge_ring(contour, (top, left)) for contour in find_contours(padded, 0.5)]
-    outline = max(range(len(rings)), key=lambda i: abs(signed_area(rings[i])))
-    polygon = Polygon(rings[outline], [r for i, r in enumerate(rings) if i != outline])
+    outline, *holes = (edge_ring(contour, (top, left)) for contour in find_contours(padded, 0.5))
+    polygon = Polygon(outline, holes)
     return polygon if polygon.is_valid else split_pinched_rings(polygon)
 
 
@@ -91,11 +91,11 @@ def edge_ring(contour: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
     edges of different directions the boundary turns at their shared corner (the vertical
     edge's x, the horizontal edge's y); points on edges of one direction continue straight.
     The corners are the outline's vertices, exactly, with none along straight edges."""
-    points = contour[:-1] + (origin[0] + 0.5, origin[1] + 0.5)  # pixel centres to edges
-    y, x = points[:, 0], points[:, 1]
+    points = contour + (origin[0] + 0.5, origin[1] + 0.5)  # pixel centres to edges
+    y, x = points[:-1, 0], points[:-1, 1]
+    next_y, next_x = points[1:, 0], points[1:, 1]  # the contour is closed: last = first
     horizontal = y == np.floor(y)
-    next_y, next_x, next_horizontal = np.roll(y, -1), np.roll(x, -1), np.roll(horizontal, -1)
-    turns = horizontal != next_horizontal
+    turns = horizontal != (next_y == np.floor(next_y))
     corner_x = np.where(horizontal, next_x, x)[turns]
     corner_y = np.where(horizontal, y, next_y)[turns]
     return np.column_stack([corner_x, corner_y])
@@ -105,7 +105,8 @@ def signed_area(ring: np.ndarray) -> float:
     """Signed area of a ring of (x, y) vertices (shoelace; the first vertex may be repeated
     last): positive when counter-clockwise in x, y."""
     x, y = ring[:, 0], ring[:, 1]
-    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+    next_x, next_y = np.append(x[1:], x[0]), np.append(y[1:], y[0])
+    return 0.5 * float(np.dot(x, next_y) - np.dot(y, next_x))
 
 
 def reaches_neighbour(bounds: tuple[float, ...], box: Box, image_hw: tuple[int, int]) -> bool:

@@ -7,16 +7,19 @@ until their row is read; then each label's pieces, with the regions carried down
 row above, are merged (a union: the pieces of one region share border segments exactly),
 and each merged region is yielded unless it reaches the next row, to which it is carried.
 
-Memory: one tile, plus the regions still open (those reaching the row not yet read): their
-outlines and the holes that reach that row. A hole wholly above it can no longer change,
-so it is written to a temporary file (``RingSpool``) and read back when its region is
-written out: a tissue region around a hundred thousand nuclei holds no more than the
-holes along one row of tiles. A region spanning the whole slide keeps its outline (as
-vertices, not pixels) to the end.
+Memory: one tile, plus the outlines of the pieces waiting for their row and of the regions
+still open (reaching the row not yet read), and the holes that reach that row. A hole
+that can no longer change (every hole of a piece: it is enclosed inside its tile; a hole
+closed by a merge, once it ends above the next row) is written to a temporary file
+(``RingSpool``) and read back when its region is written out: a tissue region around a
+hundred thousand nuclei holds their outlines on disk, not in memory, and its pieces merge
+as outlines only. A region spanning the whole slide keeps its outline (as vertices, not
+pixels) to the end.
 """
 
 from __future__ import annotations
 
+import math
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -92,14 +95,17 @@ def mask_regions(mask: Any, side: int) -> Iterator[Region]:
                 box = (y, x, bottom, min(x + side, width))
                 tile = np.asarray(mask[y:bottom, x : box[3]])
                 for label, polygon in tile_polygons(tile, (y, x)):
-                    if reaches_neighbour(polygon.bounds, box, (height, width)):
-                        waiting.setdefault(label, []).append(Region(label, polygon))
-                    else:
+                    if not reaches_neighbour(polygon.bounds, box, (height, width)):
                         yield Region(label, polygon)
+                        continue
+                    # a piece's holes are enclosed inside its tile: final, all of them
+                    piece = park_holes(Region(label, polygon, spool=spool), above_row=math.inf)
+                    waiting.setdefault(label, []).append(piece)
             for label, regions in waiting.items():
                 for region in merge_regions(regions, spool):
                     if bottom < height and region.polygon.bounds[3] == bottom:
-                        carried.setdefault(label, []).append(park_closed_holes(region, bottom))
+                        # holes closed by the merge that end above the next row are final
+                        carried.setdefault(label, []).append(park_holes(region, above_row=bottom))
                     else:
                         yield region
     finally:
@@ -121,15 +127,16 @@ def merge_regions(regions: list[Region], spool: RingSpool) -> list[Region]:
     return [Region(label, part, tuple(refs), spool) for part, refs in zip(parts, parked, strict=True)]
 
 
-def park_closed_holes(region: Region, bottom: int) -> Region:
-    """``region`` with its holes that end above row ``bottom`` (all read, so final) moved
-    to the spool. The outline then covers their area, where no later piece can reach."""
-    closed = [hole for hole in region.polygon.interiors if hole.bounds[3] < bottom]
-    if not closed:
+def park_holes(region: Region, above_row: float) -> Region:
+    """``region`` with its holes that end above row ``above_row`` (final: every pixel
+    round them is read) moved to the spool. The outline then covers their area, which no
+    later piece can reach."""
+    parked = [hole for hole in region.polygon.interiors if hole.bounds[3] < above_row]
+    if not parked:
         return region
     spool = region.spool
-    assert spool is not None, "a merged region carries its spool"
-    refs = tuple(spool.put(shapely.get_coordinates(hole)) for hole in closed)
-    still_open = [hole for hole in region.polygon.interiors if hole.bounds[3] >= bottom]
-    polygon = Polygon(region.polygon.exterior, still_open)
+    assert spool is not None, "a region that can park holes carries the spool"
+    refs = tuple(spool.put(shapely.get_coordinates(hole)) for hole in parked)
+    kept = [hole for hole in region.polygon.interiors if hole.bounds[3] >= above_row]
+    polygon = Polygon(region.polygon.exterior, kept)
     return Region(region.label, polygon, region.parked + refs, spool)

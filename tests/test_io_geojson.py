@@ -19,7 +19,7 @@ from pipeline.display import class_colour
 from pipeline.errors import ConfigError
 from pipeline.io import geojson
 from pipeline.io.geojson import DETECTION_MAX_UM2, export_geojson
-from pipeline.io.polygons import pixel_polygon
+from pipeline.io.polygons import pixel_polygon, signed_area
 from pipeline.io.regions import mask_regions
 
 # ---------------------------------------------------------------------------------------
@@ -41,6 +41,12 @@ def test_pixel_polygon_follows_pixel_edges_in_x_y() -> None:
     assert polygon.area == 4 and polygon.bounds == (20, 10, 23, 12)  # (minx, miny, maxx, maxy)
     expected = Polygon([(20, 10), (21, 10), (21, 11), (23, 11), (23, 12), (20, 12)])
     assert polygon.equals(expected) and len(polygon.exterior.coords) == 7  # corners only
+
+
+def test_ring_orientation_holds_far_out_on_a_slide() -> None:
+    """Parked rings come back as int32: their area must not overflow (60000^2 > 2^31)."""
+    ring = np.array([[0, 0], [60000, 0], [60000, 60000], [0, 60000]], np.int32)
+    assert signed_area(ring) == 60000.0**2 and signed_area(ring[::-1]) == -(60000.0**2)
 
 
 def test_a_ring_is_one_polygon_with_its_hole() -> None:

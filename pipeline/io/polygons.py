@@ -104,7 +104,7 @@ def edge_ring(contour: np.ndarray, origin: tuple[int, int]) -> np.ndarray:
 def signed_area(ring: np.ndarray) -> float:
     """Signed area of a ring of (x, y) vertices (shoelace; the first vertex may be repeated
     last): positive when counter-clockwise in x, y."""
-    x, y = ring[:, 0], ring[:, 1]
+    x, y = ring[:, 0].astype(np.float64), ring[:, 1].astype(np.float64)  # no integer overflow
     next_x, next_y = np.append(x[1:], x[0]), np.append(y[1:], y[0])
     return 0.5 * float(np.dot(x, next_y) - np.dot(y, next_x))
 

@@ -36,7 +36,9 @@ RingRef = tuple[int, int]  # (offset, vertex count) of a ring in a RingSpool
 
 class RingSpool:
     """Rings (arrays of x, y vertices) parked in an anonymous temporary file (gone when
-    closed or when the process ends) until their region is written."""
+    closed or when the process ends) until their region is written. Vertices are stored
+    as int32 (8 bytes each; pixel coordinates stay below 2^31); the file only grows, to
+    the size of the parked holes' coordinates (a 105 MB GeoJSON export parked 26 MB)."""
 
     def __init__(self) -> None:
         self._file: IO[bytes] = tempfile.TemporaryFile(prefix="segpipe-rings-")
@@ -44,13 +46,13 @@ class RingSpool:
     def put(self, ring: np.ndarray) -> RingRef:
         self._file.seek(0, 2)
         offset = self._file.tell()
-        self._file.write(np.ascontiguousarray(ring, dtype=np.int64).tobytes())
+        self._file.write(np.ascontiguousarray(ring, dtype=np.int32).tobytes())
         return offset, len(ring)
 
     def get(self, ref: RingRef) -> np.ndarray:
         offset, count = ref
         self._file.seek(offset)
-        return np.frombuffer(self._file.read(count * 16), dtype=np.int64).reshape(count, 2)
+        return np.frombuffer(self._file.read(count * 8), dtype=np.int32).reshape(count, 2)
 
     def close(self) -> None:
         self._file.close()

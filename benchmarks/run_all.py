@@ -39,6 +39,7 @@ def parts(args: argparse.Namespace) -> dict[str, list[str]]:
         "dispatch": ["dispatch.py", *(quick or ["--tiles", str(args.tiles)])],
         "precision": ["precision.py", *quick, *size],
         "prune_levels": ["prune_levels.py", *quick],
+        "slide_exports": ["slide_exports.py", *quick],
     }
 
 

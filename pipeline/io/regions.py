@@ -116,7 +116,7 @@ def mask_regions(mask: Any, side: int) -> Iterator[Region]:
 
 def merge_regions(regions: list[Region], spool: RingSpool) -> list[Region]:
     """The regions that ``regions`` (pieces and carried regions of one label) make when
-    merged, each with the parked holes of the carried regions it took in."""
+    merged, each with the parked holes of the regions it took in."""
     parts = merge_pieces([r.polygon for r in regions])
     parked: list[list[RingRef]] = [[] for _ in parts]
     tree = shapely.STRtree(parts)

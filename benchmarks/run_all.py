@@ -40,6 +40,7 @@ def parts(args: argparse.Namespace) -> dict[str, list[str]]:
         "precision": ["precision.py", *quick, *size],
         "prune_levels": ["prune_levels.py", *quick],
         "wsi_read": ["wsi_read.py", *quick],
+        "slide_exports": ["slide_exports.py", *quick],
     }
 
 

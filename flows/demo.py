@@ -114,7 +114,7 @@ def steps(xray: Path, he: Path, slide: Path, out: Path, leg: Path | None = None)
              RunConfig(tissue=False, exports=("overlay",), keep_paths=True)),
         Step("H&E slides, nuclei", "nuclei-he", slides, str(out / "nuclei-he"),
              RunConfig(tissue=True, tissue_threshold=NUCLEI_TISSUE_THRESHOLD,
-                       exports=("overlay", "ome-tiff"), keep_paths=True), zoom=True),
+                       exports=("overlay", "ome-tiff", "tiff", "geojson"), keep_paths=True), zoom=True),
     ]  # fmt: skip
 
 
@@ -300,5 +300,8 @@ def _where_to_look(out: Path, results: list[Any], zooms: list[Path], console: Co
         console.print(f"  overlay  {escape(str(path))}", highlight=False)
     for path in zooms:
         console.print(f"  zoom     {escape(str(path))}  (one tile at full resolution)", highlight=False)
+    for name, use in (("tiff", "OpenSlide, ASAP, QuPath: the mask in colour"), ("geojson", "QuPath: Import objects")):
+        for path in (p for r in results for f, p in r.exports.items() if f == name):
+            console.print(f"  {name:8s} {escape(str(path))}  ({use})", highlight=False)
     console.print(f"Check them with [bold]segpipe status {out}/<model>[/]; the input slide is in {out}/data/.")
 

@@ -180,6 +180,59 @@ def test_run_a_dicom_wsi_series_end_to_end(flows_env: None, tiny_checkpoint: Pat
     assert "Doe_Jane" not in names and PATIENT["PatientID"] not in names
 
 
+def test_run_exports_a_slide_for_openslide_and_qupath(flows_env: None, tiny_checkpoint: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """One run of a small tiled slide with `--export geojson,tiff`. A tissue mask keeps a
+    ring of eight tiles around a skipped one, and one tile apart; threshold 0 makes every
+    computed pixel foreground, whatever the untrained model says. OpenSlide shows the
+    stored mask in class colours; the GeoJSON has the ring as one polygon with its hole,
+    though the export reads tiles that cut it, and the single tile as a nucleus-sized
+    detection."""
+    import openslide
+    from shapely.geometry import shape
+
+    from pipeline.display import class_colour
+    from pipeline.io import geojson
+    from pipeline.store import OutputStore
+
+    monkeypatch.setattr(geojson, "READ_SIDE", 64)  # the export's reads cut the ring
+    tile = int(TILE)
+    tissue = np.zeros((200, 264), np.uint8)
+    tissue[tile : 4 * tile, 2 * tile : 5 * tile] = 255  # tiles (1..3, 2..4) ...
+    tissue[2 * tile : 3 * tile, 3 * tile : 4 * tile] = 0  # ... but (2, 3)
+    tissue[5 * tile : 6 * tile, 7 * tile : 8 * tile] = 255  # and (5, 7)
+    (tmp_path / "in").mkdir()
+    PIL.Image.fromarray(tissue).save(tmp_path / "tissue.png")
+    pixels = np.random.default_rng(5).integers(0, 255, (200, 264, 3), dtype=np.uint8)
+    slide = tmp_path / "in" / "slide.tif"
+    tifffile.imwrite(slide, pixels, tile=(64, 64), photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")  # fmt: skip  # tiled: a slide, 0.5 µm/px
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(slide), "-m", str(tiny_checkpoint), "-o", str(out), "--tile", TILE,
+                                 "--tissue-mask", str(tmp_path / "tissue.png"), "--threshold", "0",
+                                 "--export", "geojson,tiff"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+
+    [store_path] = out.glob("*.zarr")
+    store = OutputStore.open(str(store_path))
+    mask, [name] = store.mask[...], store.layout.classes
+    np.testing.assert_array_equal(mask, tissue > 0)
+    with openslide.OpenSlide(next(out.glob("*.mask.tif"))) as shown:
+        rgb = np.asarray(shown.read_region((0, 0), 0, shown.dimensions))[..., :3]
+        assert json.loads(shown.properties["openslide.comment"])["labels"][1]["name"] == name
+    np.testing.assert_array_equal(rgb, np.where(mask[..., None] > 0, class_colour(1), 0))
+
+    features = json.loads(next(out.glob("*.geojson")).read_text())["features"]
+    ring, single = sorted(features, key=lambda f: -shape(f["geometry"]).area)
+    outline, hole = (shape({"type": "Polygon", "coordinates": [r]}) for r in ring["geometry"]["coordinates"])
+    assert outline.bounds == (2 * tile, tile, 5 * tile, 4 * tile)  # (x0, y0, x1, y1)
+    assert hole.bounds == (3 * tile, 2 * tile, 4 * tile, 3 * tile)
+    assert ring["properties"]["objectType"] == "annotation"  # 2048 µm²
+    assert shape(single["geometry"]).bounds == (7 * tile, 5 * tile, 8 * tile, 6 * tile)
+    assert single["properties"]["objectType"] == "detection"  # 256 µm²: nucleus-sized
+    assert {f["properties"]["classification"]["name"] for f in features} == {name}
+
+
 def test_models_lists_shipped_cards(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline import cards
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -130,12 +131,15 @@ def test_export_writes_each_format_by_the_registry(tmp_path: Path, caplog) -> No
     base = tmp_path / "out" / "img"
     assert written == {
         "overlay": f"{base}.overlay.png", "png": f"{base}.mask.png",
-        "ome-tiff": f"{base}.mask.ome.tif",
+        "ome-tiff": f"{base}.mask.ome.tif", "tiff": f"{base}.mask.tif", "geojson": f"{base}.geojson",
     }  # fmt: skip
     assert "img: dicom-seg needs a DICOM X-ray input; skipped" in caplog.text
     np.testing.assert_array_equal(np.asarray(PILImage.open(written["png"])), _mask(48, 40))
     assert np.asarray(PILImage.open(written["overlay"])).shape == (48, 40, 3)
     np.testing.assert_array_equal(tifffile.imread(written["ome-tiff"]), _mask(48, 40))
+    np.testing.assert_array_equal(tifffile.imread(written["tiff"]), _mask(48, 40))
+    features = json.loads(Path(written["geojson"]).read_text())["features"]
+    assert sorted(f["properties"]["classification"]["name"] for f in features) == ["heart", "lung"]
     assert stages.export(job, RunConfig(exports=("png",))) == {"png": f"{base}.mask.png"}
     with pytest.raises(InputError, match="unknown export 'jpeg'"):
         stages.export(job, RunConfig(), ("jpeg",))

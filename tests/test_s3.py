@@ -131,7 +131,9 @@ def test_export_stage_writes_beside_a_store_on_a_url(memory: Any) -> None:
     planned = stages.planned_exports(job, tuple(EXPORTS))
     assert planned == {"overlay": "memory://segpipe-test/out/img.overlay.png",
                        "png": "memory://segpipe-test/out/img.mask.png",
-                       "ome-tiff": "memory://segpipe-test/out/img.mask.ome.tif"}  # fmt: skip
+                       "ome-tiff": "memory://segpipe-test/out/img.mask.ome.tif",
+                       "tiff": "memory://segpipe-test/out/img.mask.tif",
+                       "geojson": "memory://segpipe-test/out/img.geojson"}  # fmt: skip
     assert not any(export_exists(w) for w in planned.values())  # dicom-seg: not a DICOM input
     assert stages.export(job, RunConfig(), tuple(EXPORTS)) == planned
     assert all(export_exists(w) for w in planned.values())

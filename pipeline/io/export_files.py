@@ -1,10 +1,13 @@
-"""Where an export lies, and writing it there: the one rule every export writer follows.
+"""Where an export lies and what every export writer shares: reading a mask level tile
+by tile, and putting the finished file in place.
 
 Every writer takes a local path or any fsspec URL (s3://..., memory://...): the file is
 written to a local temporary file and then renamed into place, or uploaded, so a
 half-written export never lies under its name (a re-run decides what is missing by what
 exists, ``export_exists``). Limit: a remote export needs local temporary space of its
-size (``TMPDIR``).
+size (``TMPDIR``). Writers in their own modules (dicom_seg.py, slide_tiff.py, geojson.py,
+exports.py) import these; the registry in exports.py imports the writers, so this module
+imports none of them.
 """
 
 from __future__ import annotations
@@ -14,10 +17,26 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import fsspec
+import numpy as np
 
 from pipeline.io.location import is_remote, local_path
+
+EXPORT_TILE = 512  # the side of a TIFF export's tiles
+
+
+def tiles(level: Any, side: int = EXPORT_TILE) -> Iterator[np.ndarray]:
+    """side^2 tiles of ``level`` in TIFF order (rows of tiles), edge tiles padded with
+    background, each read on its own so memory holds one tile."""
+    height, width = level.shape
+    for y in range(0, height, side):
+        for x in range(0, width, side):
+            tile = np.zeros((side, side), np.uint8)
+            block = np.asarray(level[y : y + side, x : x + side])
+            tile[: block.shape[0], : block.shape[1]] = block
+            yield tile
 
 
 def export_location(store_path: str | Path, suffix: str) -> str:

@@ -1,7 +1,12 @@
 """Writers from a mask (a zarr array or pyramid of (H, W) uint8 labels, 0 = background,
 1..C = classes) to files. Pure: they read their inputs and write one file.
 
-- ``export_ome_tiff``: pyramidal tiled OME-TIFF, fed tile by tile (memory: one tile).
+- ``export_ome_tiff``: pyramidal tiled OME-TIFF, fed tile by tile (memory: one tile); its
+  levels are SubIFDs, which OME readers want and OpenSlide does not read.
+- ``export_slide_tiff`` (slide_tiff.py): the same pyramid as a plain tiled TIFF, levels as
+  top-level IFDs, with a colour map and class names: what OpenSlide-based viewers open.
+- ``export_geojson`` (geojson.py): each region of the mask as one polygon feature with
+  its class, in full-resolution pixels: what QuPath imports as objects.
 - ``export_png``: the raw labels 0..C, lossless, so the file reads back as the mask; for
   looking at a mask use ``export_overlay``. PNG encoders need the whole image in memory, so
   this refuses masks over PNG_MAX_PIXELS: export a pyramid level of a slide instead.
@@ -22,7 +27,7 @@ whether it is there (both from ``pipeline.io.export_files``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,14 +41,15 @@ from pipeline.cards import ModelId
 from pipeline.display import as_rgb, class_colours, window_uint8
 from pipeline.errors import ConfigError
 from pipeline.io.dicom_seg import export_dicom_seg
+from pipeline.io.export_files import EXPORT_TILE, tiles, writing
 from pipeline.io.export_files import export_exists as export_exists
 from pipeline.io.export_files import export_location as export_location
-from pipeline.io.export_files import writing
+from pipeline.io.geojson import export_geojson
 from pipeline.io.location import is_remote, local_path
 from pipeline.io.resample import resize
+from pipeline.io.slide_tiff import export_slide_tiff
 from pipeline.io.sniff import sniff
 
-EXPORT_TILE = 512
 PNG_MAX_PIXELS = 1 << 28  # 16k x 16k
 OVERLAY_ALPHA = 0.4
 
@@ -58,7 +64,7 @@ def export_ome_tiff(mask_levels: Sequence[Any], path: str | Path, mpp: float | N
         for index, level in enumerate(mask_levels):
             level_mpp = None if mpp is None else mpp * width0 / level.shape[1]
             options = _level_options(index, len(mask_levels), level_mpp)
-            tif.write(_tiles(level), shape=level.shape, dtype=np.uint8, **options)
+            tif.write(tiles(level), shape=level.shape, dtype=np.uint8, **options)
     return str(path)
 
 
@@ -79,18 +85,6 @@ def _level_options(index: int, n_levels: int, mpp: float | None) -> dict[str, An
     if mpp is not None:
         options["metadata"].update(PhysicalSizeX=mpp, PhysicalSizeY=mpp)
     return options
-
-
-def _tiles(level: Any) -> Iterator[np.ndarray]:
-    """EXPORT_TILE^2 tiles of ``level`` in TIFF order (rows of tiles), edge tiles padded
-    with background, each read on its own so memory holds one tile."""
-    height, width = level.shape
-    for y in range(0, height, EXPORT_TILE):
-        for x in range(0, width, EXPORT_TILE):
-            tile = np.zeros((EXPORT_TILE, EXPORT_TILE), np.uint8)
-            block = np.asarray(level[y : y + EXPORT_TILE, x : x + EXPORT_TILE])
-            tile[: block.shape[0], : block.shape[1]] = block
-            yield tile
 
 
 def export_png(mask: Any, path: str | Path) -> str:
@@ -184,6 +178,15 @@ def _write_ome_tiff(source: ExportInput, path: str) -> str:
     return export_ome_tiff(source.mask_levels, path, source.mpp)
 
 
+def _write_slide_tiff(source: ExportInput, path: str) -> str:
+    return export_slide_tiff(source.mask_levels, source.classes, path, source.mpp)
+
+
+def _write_geojson(source: ExportInput, path: str) -> str:
+    export_geojson(source.mask_levels[0], source.classes, path, source.mpp)
+    return path
+
+
 def _write_dicom_seg(source: ExportInput, path: str) -> str:
     mask = np.asarray(source.mask_levels[0])
     return export_dicom_seg(source.input_path, mask, list(source.classes), path, source.model)
@@ -204,5 +207,7 @@ EXPORTS: Mapping[str, ExportFormat] = {
     "overlay": ExportFormat(_write_overlay, ".overlay.png"),
     "png": ExportFormat(_write_png, ".mask.png"),
     "ome-tiff": ExportFormat(_write_ome_tiff, ".mask.ome.tif"),
+    "tiff": ExportFormat(_write_slide_tiff, ".mask.tif"),
+    "geojson": ExportFormat(_write_geojson, ".geojson"),
     "dicom-seg": ExportFormat(_write_dicom_seg, ".seg.dcm", _is_dicom_xray, "a DICOM X-ray input"),
 }

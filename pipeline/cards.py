@@ -60,6 +60,12 @@ class ModelCard:
     # none): a DICOM of another modality is refused (a shoulder MR through the lung model
     # gave a confident 16 % "lung") unless the run says --allow-modality.
     modalities: list[str] = field(default_factory=list)
+    # post-processing of the working-level mask before delivery (pipeline.postprocess):
+    # {"min_area_fraction": 0.01, "keep_largest": 2, "fill_holes": true}; {}: none
+    postprocess: dict[str, Any] = field(default_factory=dict)
+    # QC thresholds (pipeline.qc): the plausible ranges of what a run measures, chosen on
+    # validation data and said how in "how"; {}: every image passes, unchecked
+    qc: dict[str, Any] = field(default_factory=dict)
     data: str = ""
     license: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)

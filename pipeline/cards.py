@@ -16,6 +16,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
+from pipeline import postprocess, qc
 from pipeline.errors import CheckpointError, ConfigError
 
 CARD_KEY = "segpipe.card"
@@ -191,6 +192,8 @@ def _card_problems(card: ModelCard) -> list[str]:
     if not (isinstance(modalities, list) and len(modalities) <= 16
             and all(isinstance(m, str) and MODALITY.fullmatch(m) for m in modalities)):  # fmt: skip
         problems.append(f"modalities={modalities!r:.80} must list DICOM Modality codes (CR, DX, ...)")
+    problems += postprocess.card_problems(card.postprocess, card.scale, classes)
+    problems += qc.check_spec(card.qc)
     return problems
 
 

@@ -77,6 +77,8 @@ class RunConfig:
     allow_grey: bool = setting(False, panel=MODEL, pixels=False, help="Run grey images through a colour (RGB) model, grey repeated into R, G and B (default: refuse them).")
     allow_modality: bool = setting(False, panel=MODEL, pixels=False, help="Run DICOM images of a modality the model card does not list (default: refuse them).")
     threshold: float | None = setting(None, panel=MODEL, help="Probability threshold of binary models, in [0, 1] (default: the card's).")
+    postprocess: bool = setting(True, panel=MODEL, help="Apply the model card's post-processing of the working-level mask (keep the largest components, fill holes, ...); --no-postprocess: deliver the model's mask as it is.")
+    mpp: float | None = setting(None, panel=MODEL, help="Pixel size (µm/px) of inputs that record none (PNG tiles, some TIFF crops), for choosing the level a slide model works at; a file's own pixel size wins.")
     # -- tissue
     tissue: bool | None = setting(None, panel=TISSUE, help="Skip background tiles (default: on for slides, off for X-rays).")
     tissue_threshold: float = setting(0.02, panel=TISSUE, help="Tiles with less tissue than this fraction are skipped.")
@@ -120,6 +122,8 @@ class RunConfig:
             raise ConfigError(f"overlap must be in [0, 1) (got {self.overlap})")
         if self.prune_level is not None and self.prune_level < 1:
             raise ConfigError(f"prune_level must be >= 1 (got {self.prune_level})")
+        if self.mpp is not None and not 0.0 < self.mpp <= 10_000.0:
+            raise ConfigError(f"mpp must be in (0, 10000] µm/px (got {self.mpp})")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold must be in [0, 1] (got {self.threshold})")
         if not 0.0 <= self.tissue_threshold <= 1.0:

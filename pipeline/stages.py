@@ -69,6 +69,7 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
     card = cards.read_card(model_path)
     in_place = fetched_from is None
     with _open(input_path, config) as image:
+        mpp_from = _apply_mpp(image, config)
         level, full_hw, work_hw = working_geometry(image, card)
         check_planned_work(image, level, work_hw, card, config, in_place)
         _check_channels(image, card, config)
@@ -81,7 +82,8 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
             path, image_id=image_id, full_hw=full_hw, work_hw=work_hw, tile=config.tile,
             full_chunk=full_res_chunk(config.tile, (full_hw[0] / work_hw[0], full_hw[1] / work_hw[1])),
             classes=card.class_names, prob_dtype=config.prob_dtype, mpp=image.mpp,
-            provenance=_provenance(input_path, image, model_path, card, config, level, fetched_from),
+            provenance=_provenance(input_path, image, model_path, card, config, level, fetched_from,
+                                   mpp_from),
             overwrite=config.overwrite,
         )  # fmt: skip
         work_url = _working_level(image, level, work_hw, path, config.tile, in_place)
@@ -148,15 +150,19 @@ def infer(job: ImageJob, config: RunConfig, pool: RunPool,
 
 def finalize(job: ImageJob) -> dict[str, Any]:
     """Build the mask pyramid, record each chunk's checksum and write the completion
-    state, last. A store already complete (infer left it alone) is verified instead, never
-    re-recorded: that would bless damage found since as the truth. A damaged one is set to
-    be repaired by the next run, and its summary says partial."""
+    state, last; then the QC verdict of a complete image (`record_qc`). A store already
+    complete (infer left it alone) is verified instead, never re-recorded: that would
+    bless damage found since as the truth. A damaged one is set to be repaired by the next
+    run, and its summary says partial."""
     from pipeline.store import schedule_repair, verify_store
 
     store = OutputStore.open(job.store_path, mode="r+")
     if store.state != "complete":
-        store.finalize()
+        if store.finalize() == "complete":
+            record_qc(store)
         return store.summary()
+    if "qc" not in store.provenance:  # completed before QC verdicts existed
+        record_qc(store)
     verdict = verify_store(store, full=False)
     if verdict.ok and verdict.moved:  # copied or restored, same bytes: refresh the markers
         store.record_checksums()
@@ -164,6 +170,18 @@ def finalize(job: ImageJob) -> dict[str, Any]:
         tiles = schedule_repair(store, verdict)
         log.warning("%s; %d tiles run again on the next run", verdict.summary(), len(tiles))
     return store.summary()
+
+
+def record_qc(store: OutputStore) -> dict[str, Any]:
+    """Judge a complete store (pipeline.qc.image_qc) and record the verdict in its
+    provenance ("qc"), where status, the run table and exports read it."""
+    from pipeline.qc import image_qc
+
+    verdict = image_qc(store).to_dict()
+    store.update_provenance("qc", verdict)
+    if verdict["verdict"] == "flag":
+        log.warning("%s: QC flag: %s", store.image_id, "; ".join(verdict["reasons"]))
+    return verdict
 
 
 def working_geometry(image: Image, card: ModelCard) -> tuple[int, tuple[int, int], tuple[int, int]]:
@@ -174,12 +192,24 @@ def working_geometry(image: Image, card: ModelCard) -> tuple[int, tuple[int, int
         return 0, full_hw, work_shape_for(full_hw, tuple(scale["size"]))
     if "mpp" in scale:
         if image.mpp is None:
-            log.warning("%s: no pixel size in the file; running at its own scale, not the "
-                        "model's %s um/px", image.path, scale["mpp"])
+            log.warning("%s: no pixel size in the file and no --mpp; running at its own scale, "
+                        "not the model's %s um/px", image.path, scale["mpp"])
             return 0, full_hw, full_hw
         chosen = working_level(image, float(scale["mpp"]))  # the rule training uses too
         return chosen.level, full_hw, chosen.hw
     return 0, full_hw, full_hw
+
+
+def _apply_mpp(image: Image, config: RunConfig) -> str | None:
+    """Give a file that records no pixel size the run's `mpp` (the reader is this run's
+    alone); a file's own pixel size wins. Returns where the image's µm/px came from:
+    "file", "--mpp" or None (unknown)."""
+    if image.mpp is not None:
+        return "file"
+    if config.mpp is None:
+        return None
+    image.mpp = config.mpp
+    return "--mpp"
 
 
 def _check_channels(image: Image, card: ModelCard, config: RunConfig) -> None:
@@ -302,18 +332,29 @@ def _group_keys(path: str) -> set[str]:
 
 
 def _provenance(input_path: str, image: Image, model_path: str, card: ModelCard,
-                config: RunConfig, level: int, fetched_from: str | None) -> dict[str, Any]:
+                config: RunConfig, level: int, fetched_from: str | None,
+                mpp_from: str | None = None) -> dict[str, Any]:  # fmt: skip
     """What the store records of its making. The input's path only with `keep_paths`
     (invariant 8: file and folder names may name the patient)."""
     where = {"path": fetched_from or str(input_path)} if config.keep_paths else {}
     return {
         "input": {**where, "sha256": location.content_hash(input_path),
-                  "image": image.metadata_safe(), "level": level},
+                  "image": image.metadata_safe(), "level": level, "mpp_from": mpp_from},
+        "postprocess": _postprocess_record(card, config),
         "model": {"path": str(model_path), "sha256": location.sha256(model_path),
                   "card": card.to_dict()},
         "run": config.to_dict(),
         "versions": {"segpipe": __version__},
     }
+
+
+def _postprocess_record(card: ModelCard, config: RunConfig) -> dict[str, Any]:
+    """What post-processing the mask got: the card's steps, or none and why."""
+    if not card.postprocess:
+        return {"applied": {}, "why": "the model card declares none"}
+    if not config.postprocess:
+        return {"applied": {}, "declared": dict(card.postprocess), "why": "--no-postprocess"}
+    return {"applied": dict(card.postprocess)}
 
 
 def export(job: ImageJob, config: RunConfig, formats: tuple[str, ...] | None = None) -> dict[str, str]:

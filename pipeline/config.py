@@ -87,6 +87,7 @@ class RunConfig:
     prob_dtype: ProbDtype = setting("uint8", panel=OUTPUT, help="Stored probabilities: uint8 (p*255), float16 or float32.")
     overwrite: bool = setting(False, panel=OUTPUT, pixels=False, help="Replace an output made from another input, model or pixel settings (default: refuse it and say what differs).")
     keep_paths: bool = setting(False, panel=OUTPUT, pixels=False, help="Record each input's path in its store's provenance and in the run record (never sent to Prefect); off: outputs name inputs only by their non-identifying id.")
+    qc_flag_exit: bool = setting(False, panel=OUTPUT, pixels=False, help="End the run failed (exit code 1) when any image's QC verdict is flag; its outputs and exports are still written, marked.")
     exports: tuple[str, ...] = setting(("overlay",), panel=OUTPUT, pixels=False, aliases=("--export", "-e"), help="Exports written after a complete image (see `segpipe export`), or none.")
     # -- execution: how a run executes, never what it computes
     batch_size: int = setting(4, panel=EXECUTION, pixels=False, help="Windows per forward pass.")

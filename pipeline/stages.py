@@ -412,7 +412,7 @@ def _export_input(job: ImageJob, store: OutputStore) -> ExportInput:
         mask_levels=_MaskLevels(store), classes=store.layout.classes, mpp=store.layout.mpp,
         input_path=job.input_path, kind=job.kind, preview=store.preview,
         model=ModelId.from_provenance(provenance.get("model") or {}),
-        input_format=recorded.get("format"),
+        input_format=recorded.get("format"), qc=provenance.get("qc"),
     )  # fmt: skip
 
 

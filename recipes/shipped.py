@@ -65,6 +65,8 @@ def lung_xray(data: Path, out: Path) -> TrainConfig:
     """UNet++ lungs on whole chest X-rays at 256x256, grey, per-image 1-99% window, trained
     on the 566 Shenzhen X-rays minus the held-out split, validated on that split."""
     folder = data / SHENZHEN
+    if not (folder / "images").is_dir():
+        raise ConfigError(f"{folder}: no images/ folder (the Shenzhen X-rays this recipe trains on)")
     train_names, val_names = shenzhen_split(sorted(p.stem for p in (folder / "images").iterdir()
                                                    if p.suffix == ".jpg"))
     return TrainConfig(

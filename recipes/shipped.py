@@ -26,6 +26,7 @@ from pipeline.train import TrainConfig, train
 from pipeline.train.augment import Augment
 from pipeline.train.loop import torch_threads, validation_set
 from pipeline.train.modes import choose_mode, prune_report, set_default_mode
+from recipes.calibrate import calibrate
 from recipes.pseudolabels import (
     haematoxylin_threshold,
     write_nuclei_labels,
@@ -169,7 +170,8 @@ def recipe(name: str, data: str | Path, out: str | Path = "runs/train") -> Train
 def train_and_choose_mode(config: TrainConfig) -> Path:
     """Train; for a deep-supervised UNet++, measure Dice and speed in accurate mode and at
     each prune level on the validation set and make the fastest one within 0.005 Dice of
-    the best the card's default."""
+    the best the card's default; for an X-ray model with a held-out split, score its
+    post-processing and choose its QC ranges there (recipes.calibrate)."""
     path = train(config)
     if config.arch != "unetpp" or not config.deep_supervision:
         return path
@@ -180,4 +182,6 @@ def train_and_choose_mode(config: TrainConfig) -> Path:
         log.info("%s", row)
     log.info("%s: default mode %s%s", path, mode, f" L{level}" if level else "")
     set_default_mode(path, mode, level, table)
+    if config.size is not None and config.val_names:
+        calibrate(path, config)  # post-processing scored, QC ranges chosen on the held-out split
     return path

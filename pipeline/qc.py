@@ -6,8 +6,9 @@ mask, and the plausible ranges the model card states (`ModelCard.qc`).
     measure_tiles   the same, streamed tile by tile (slides; no component counts)
     judge           measures against the card's ranges -> the verdict
     check_spec      what is wrong with a card's QC spec ([]: fine)
-    image_qc        a finished store's verdict: reads prob, applies the card's post-
-                    processing as the run did, measures and judges (driver side)
+
+A finished store's verdict is pipeline.store.qc.image_qc (it reads the store; this module
+is pure, and model cards use its check_spec).
 
 Measures, by name (a class's measures carry its name: "area_fraction.lung"):
     mean_entropy          mean entropy of the predicted distribution per pixel, in bits,
@@ -26,16 +27,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 
 from pipeline import postprocess
-from pipeline.engine.tiling import plan_tiles
-from pipeline.job import TileStatus
-
-if TYPE_CHECKING:
-    from pipeline.store import OutputStore
 
 Verdict = Literal["pass", "flag"]
 MEASURES = ("mean_entropy", "area_fraction", "components", "cleaned_fraction")
@@ -143,30 +139,6 @@ def labels_of(probs: np.ndarray, threshold: float) -> np.ndarray:
         return (probs[..., 0] >= threshold).astype(np.uint8)
     background = 1.0 - probs.sum(-1, keepdims=True)
     return np.concatenate([background, probs], axis=-1).argmax(-1).astype(np.uint8)
-
-
-def image_qc(store: OutputStore) -> QcVerdict:
-    """The QC verdict of a finished store, from its provenance (the card's ranges and
-    post-processing, the run's threshold and settings) and its stored probabilities.
-    Fixed-size models are measured whole; others tile by tile over the computed tiles."""
-    provenance = store.provenance
-    card = (provenance.get("model") or {}).get("card") or {}
-    run = provenance.get("run") or {}
-    threshold = run.get("threshold")
-    threshold = float(card.get("threshold", 0.5) if threshold is None else threshold)
-    classes = list(store.layout.classes)
-    if "size" in (card.get("scale") or {}):
-        # bounded by the card's working size (lung-xray: 256²); the store's uint8 values are
-        # p rounded to 1/255: a pixel within 1/510 of the threshold may fall the other way
-        spec = (card.get("postprocess") or {}) if run.get("postprocess", True) else {}
-        measures = measure_whole(store.read_prob(), classes, threshold, spec)
-    else:
-        grid = store.status_grid()
-        done = (t.region for t in plan_tiles(store.layout.work_hw, store.layout.tile)
-                if grid[t.index] == TileStatus.DONE)
-        h, w = store.layout.work_hw
-        measures = measure_tiles((store.read_prob(box) for box in done), classes, threshold, h * w)
-    return judge(measures, card.get("qc") or {})
 
 
 def _rounded(measures: dict[str, float]) -> dict[str, float]:

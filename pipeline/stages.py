@@ -175,7 +175,7 @@ def finalize(job: ImageJob) -> dict[str, Any]:
 def record_qc(store: OutputStore) -> dict[str, Any]:
     """Judge a complete store (pipeline.qc.image_qc) and record the verdict in its
     provenance ("qc"), where status, the run table and exports read it."""
-    from pipeline.qc import image_qc
+    from pipeline.store.qc import image_qc
 
     verdict = image_qc(store).to_dict()
     store.update_provenance("qc", verdict)

@@ -130,6 +130,10 @@ def test_mpp_gives_a_file_without_pixel_size_its_slide_level(tmp_path: Path, cap
     assert given.layout.mpp == 0.25 and given.provenance["run"]["mpp"] == 0.25
     assert given.provenance["input"]["mpp_from"] == "--mpp"
     assert not [r for r in caplog.records if "pixel size" in r.getMessage()]
+    # a slide model's verdict is measured tile by tile: entropy and area, no components
+    measures = given.summary()["qc"]["measures"]
+    assert set(measures) == {"mean_entropy", "area_fraction.foreground"}
+    assert measures["area_fraction.foreground"] == pytest.approx(float(np.asarray(given.mask).mean()), abs=0.02)
 
 
 def _pydicom_data_file(name: str) -> Path:

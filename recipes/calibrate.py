@@ -34,10 +34,12 @@ log = logging.getLogger(__name__)
 
 QC_RULE = ("Chosen on the held-out split: for each measure, its 1st to 99th percentile over "
            "the held-out images widened by half that spread on each side (recipes.calibrate."
-           "qc_ranges), clipped to what the measure can be; components: exactly the number "
-           "post-processing keeps.")
+           "qc_ranges), clipped to what the measure can be; entropy and what cleaning changed "
+           "have an upper bound only (a surer model is no fault); components: exactly the "
+           "number post-processing keeps.")
 WIDEN = 0.5  # of the 1..99 percentile spread, on each side
 FRACTION_MEASURES = ("area_fraction", "cleaned_fraction", "mean_entropy")  # all in [0, 1]
+UPPER_ONLY = ("cleaned_fraction", "mean_entropy")
 
 
 def heldout_rows(model_path: str | Path, samples: list[Sample], spec: dict[str, Any] | None = None
@@ -90,7 +92,8 @@ def qc_ranges(rows: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, lis
         if name.split(".")[0] in FRACTION_MEASURES:
             high = min(high, 1.0)
         # a lower bound at 0 checks nothing for measures that are never negative
-        ranges[name] = [round(low, 4) if low > 0 else None, round(high, 4)]
+        upper_only = low <= 0 or name.split(".")[0] in UPPER_ONLY
+        ranges[name] = [None if upper_only else round(low, 4), round(high, 4)]
     return ranges
 
 

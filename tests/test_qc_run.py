@@ -154,3 +154,16 @@ def test_a_leg_radiograph_through_the_lung_model_is_flagged(tmp_path: Path) -> N
     verdict = store.summary()["qc"]
     assert store.state == "complete" and verdict["verdict"] == "flag", verdict
     assert verdict["checked"] >= 3
+
+
+def test_a_synthetic_limb_through_the_lung_model_is_flagged(tmp_path: Path) -> None:
+    """Without pydicom-data: a drawn limb (soft tissue and a bone down the middle). The lung
+    model finds two 'lungs' of a plausible size in it, but unsure ones: its entropy flags it."""
+    yy, xx = np.mgrid[:600, :400]
+    limb = 40 + 150 * np.exp(-(((xx - 200) / 60.0) ** 2)) + 30 * np.exp(-(((xx - 200) / 15.0) ** 2))
+    limb = limb + np.random.default_rng(0).normal(0, 4, limb.shape)
+    PIL.Image.fromarray(limb.clip(0, 255).astype(np.uint8)).save(tmp_path / "limb.png")
+    store = OutputStore.open(segment(tmp_path / "limb.png", "lung-xray", tmp_path / "out", exports=()))
+    verdict = store.summary()["qc"]
+    assert verdict["verdict"] == "flag", verdict
+    assert any(r.startswith("mean_entropy") for r in verdict["reasons"])

@@ -155,11 +155,14 @@ class RunConfig:
 
 # The settings that change output pixels; provenance identity and resume compare these.
 PIXEL_SETTINGS = frozenset(f.name for f in fields(RunConfig) if f.metadata["pixels"])
+PIXEL_DEFAULTS = {f.name: f.default for f in fields(RunConfig) if f.metadata["pixels"]}
 
 
 def pixel_settings(run: dict[str, Any]) -> dict[str, Any]:
-    """The part of a stored or requested run's settings that decides its pixels."""
-    return {k: v for k, v in run.items() if k in PIXEL_SETTINGS}
+    """The part of a stored or requested run's settings that decides its pixels. A setting
+    a stored run lacks counts as its default: the store was written before the setting
+    existed, so with the behaviour its default keeps (postprocess, mpp)."""
+    return {k: run.get(k, PIXEL_DEFAULTS[k]) for k in PIXEL_SETTINGS}
 
 
 def _choices(annotation: Any) -> tuple[Any, ...]:

@@ -5,6 +5,7 @@ working-level mask before delivery at full resolution. Pure functions over numpy
     clean_mask       the steps on a binary mask: drop specks, keep the largest, fill holes
     apply            the same on probabilities (h, w, 1): what full-resolution delivery reads
     count_components the connected components of a binary mask
+    provenance_record what a store records of it: the steps applied, or none and why
 
 A spec such as {"min_area_fraction": 0.01, "keep_largest": 2, "fill_holes": true} runs its
 steps in that fixed order, whatever order the keys come in. Every step looks at whole
@@ -95,6 +96,16 @@ def apply(probs: np.ndarray, threshold: float, spec: Mapping[str, Any]) -> np.nd
     out[raw & ~cleaned, 0] = 0.0
     out[cleaned & ~raw, 0] = 1.0
     return out
+
+
+def provenance_record(spec: Mapping[str, Any], enabled: bool) -> dict[str, Any]:
+    """What a store's provenance says of its mask's post-processing: the steps applied,
+    or none and why (the card declares none, or the run said --no-postprocess)."""
+    if not spec:
+        return {"applied": {}, "why": "the model card declares none"}
+    if not enabled:
+        return {"applied": {}, "declared": dict(spec), "why": "--no-postprocess"}
+    return {"applied": dict(spec)}
 
 
 def count_components(mask: np.ndarray) -> int:

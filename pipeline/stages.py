@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from pipeline import __version__, cards
+from pipeline import __version__, cards, postprocess
 from pipeline.cards import ModelCard, ModelId
 from pipeline.config import RunConfig
 from pipeline.display import as_rgb, window_uint8
@@ -31,7 +31,7 @@ from pipeline.errors import InputError
 from pipeline.io import Image, location, open_image, preview
 from pipeline.io import ingest as ingest_level
 from pipeline.io.ingest import preview_level
-from pipeline.io.levels import working_level
+from pipeline.io.levels import assume_mpp, working_level
 from pipeline.job import ImageJob, TileReport, TileStatus
 from pipeline.store import (
     OutputStore,
@@ -69,7 +69,7 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
     card = cards.read_card(model_path)
     in_place = fetched_from is None
     with _open(input_path, config) as image:
-        mpp_from = _apply_mpp(image, config)
+        mpp_from = assume_mpp(image, config.mpp)
         level, full_hw, work_hw = working_geometry(image, card)
         check_planned_work(image, level, work_hw, card, config, in_place)
         _check_channels(image, card, config)
@@ -150,11 +150,12 @@ def infer(job: ImageJob, config: RunConfig, pool: RunPool,
 
 def finalize(job: ImageJob) -> dict[str, Any]:
     """Build the mask pyramid, record each chunk's checksum and write the completion
-    state, last; then the QC verdict of a complete image (`record_qc`). A store already
+    state, last; then the QC verdict of a complete image (`store.qc.record_qc`). A store already
     complete (infer left it alone) is verified instead, never re-recorded: that would
     bless damage found since as the truth. A damaged one is set to be repaired by the next
     run, and its summary says partial."""
     from pipeline.store import schedule_repair, verify_store
+    from pipeline.store.qc import record_qc
 
     store = OutputStore.open(job.store_path, mode="r+")
     if store.state != "complete":
@@ -172,18 +173,6 @@ def finalize(job: ImageJob) -> dict[str, Any]:
     return store.summary()
 
 
-def record_qc(store: OutputStore) -> dict[str, Any]:
-    """Judge a complete store (pipeline.qc.image_qc) and record the verdict in its
-    provenance ("qc"), where status, the run table and exports read it."""
-    from pipeline.store.qc import image_qc
-
-    verdict = image_qc(store).to_dict()
-    store.update_provenance("qc", verdict)
-    if verdict["verdict"] == "flag":
-        log.warning("%s: QC flag: %s", store.image_id, "; ".join(verdict["reasons"]))
-    return verdict
-
-
 def working_geometry(image: Image, card: ModelCard) -> tuple[int, tuple[int, int], tuple[int, int]]:
     """(source level, full-resolution (h, w), working (h, w)) for this image and model."""
     full_hw = tuple(image.levels[0][:2])
@@ -198,18 +187,6 @@ def working_geometry(image: Image, card: ModelCard) -> tuple[int, tuple[int, int
         chosen = working_level(image, float(scale["mpp"]))  # the rule training uses too
         return chosen.level, full_hw, chosen.hw
     return 0, full_hw, full_hw
-
-
-def _apply_mpp(image: Image, config: RunConfig) -> str | None:
-    """Give a file that records no pixel size the run's `mpp` (the reader is this run's
-    alone); a file's own pixel size wins. Returns where the image's µm/px came from:
-    "file", "--mpp" or None (unknown)."""
-    if image.mpp is not None:
-        return "file"
-    if config.mpp is None:
-        return None
-    image.mpp = config.mpp
-    return "--mpp"
 
 
 def _check_channels(image: Image, card: ModelCard, config: RunConfig) -> None:
@@ -340,21 +317,12 @@ def _provenance(input_path: str, image: Image, model_path: str, card: ModelCard,
     return {
         "input": {**where, "sha256": location.content_hash(input_path),
                   "image": image.metadata_safe(), "level": level, "mpp_from": mpp_from},
-        "postprocess": _postprocess_record(card, config),
+        "postprocess": postprocess.provenance_record(card.postprocess, config.postprocess),
         "model": {"path": str(model_path), "sha256": location.sha256(model_path),
                   "card": card.to_dict()},
         "run": config.to_dict(),
         "versions": {"segpipe": __version__},
     }
-
-
-def _postprocess_record(card: ModelCard, config: RunConfig) -> dict[str, Any]:
-    """What post-processing the mask got: the card's steps, or none and why."""
-    if not card.postprocess:
-        return {"applied": {}, "why": "the model card declares none"}
-    if not config.postprocess:
-        return {"applied": {}, "declared": dict(card.postprocess), "why": "--no-postprocess"}
-    return {"applied": dict(card.postprocess)}
 
 
 def export(job: ImageJob, config: RunConfig, formats: tuple[str, ...] | None = None) -> dict[str, str]:

@@ -1,13 +1,28 @@
 """A finished store's QC verdict (pipeline.qc): its stored probabilities measured as the
-run delivered them, judged against the card's ranges. Driver side; reads, never writes.
+run delivered them, judged against the card's ranges, and recorded in its provenance
+("qc"), where status, the run table and the exports read it. Driver side.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Any
 
 from pipeline.engine.tiling import plan_tiles
 from pipeline.job import TileStatus
 from pipeline.qc import QcVerdict, judge, measure_tiles, measure_whole
 from pipeline.store.store import OutputStore
+
+log = logging.getLogger(__name__)
+
+
+def record_qc(store: OutputStore) -> dict[str, Any]:
+    """Judge a complete store (image_qc) and record the verdict in its provenance."""
+    verdict = image_qc(store).to_dict()
+    store.update_provenance("qc", verdict)
+    if verdict["verdict"] == "flag":
+        log.warning("%s: QC flag: %s", store.image_id, "; ".join(verdict["reasons"]))
+    return verdict
 
 
 def image_qc(store: OutputStore) -> QcVerdict:

@@ -100,7 +100,8 @@ def main(verbose: Verbose = False) -> None:
     runs their tiles, zarr holds every pixel.
 
     Start with [bold]segpipe demo[/], then [bold]segpipe run[/] on your own images.
-    Exit codes: 0 every image complete or skipped, 1 some image or tile failed, 2 usage or configuration error.
+    Exit codes: 0 every image complete or skipped, 1 some image or tile failed (or, with
+    --qc-flag-exit, an image QC-flagged), 2 usage or configuration error.
     """
     quiet_logs(verbose)
 
@@ -127,7 +128,7 @@ def run(inputs: list[str], model: str, out: str, concurrency: int = 2, as_json: 
     results = run_collection(inputs, model_path, out, config, concurrency, show_table=not as_json)
     if as_json:
         out_console.print_json(json.dumps([asdict(r) for r in results]))
-    raise typer.Exit(exit_code(results))
+    raise typer.Exit(exit_code(results, qc_flag_exit=config.qc_flag_exit))
 
 
 options.command(run, [
@@ -136,10 +137,12 @@ options.command(run, [
 ])  # fmt: skip
 
 
-def exit_code(results: list[Any]) -> int:
+def exit_code(results: list[Any], qc_flag_exit: bool = False) -> int:
+    """0 when every image is complete (and, with --qc-flag-exit, none is QC-flagged), else 1."""
     from flows.report import all_complete
 
-    return EXIT_OK if all_complete(results) else EXIT_FAILED
+    flagged = qc_flag_exit and any(r.flagged for r in results)
+    return EXIT_OK if all_complete(results) and not flagged else EXIT_FAILED
 
 
 @app.command(epilog="""[bold]Examples[/]

@@ -53,6 +53,7 @@ class ImageResult:
     reused: bool = False
     reason: str | None = None
     stored: str | None = None  # --store: "sent" (this run) or "stored before"
+    qc: dict[str, Any] | None = None  # the QC verdict (pipeline.qc.QcVerdict.to_dict())
 
     @property
     def ok(self) -> bool:
@@ -67,6 +68,10 @@ class ImageResult:
             return f"{self.state} (reused)"
         return f"{self.state} ({self.reason})" if self.reason else self.state
 
+    @property
+    def flagged(self) -> bool:
+        return (self.qc or {}).get("verdict") == "flag"
+
     def row(self) -> dict[str, Any]:
         """A flat table row (strings and numbers)."""
         c = self.counts
@@ -79,6 +84,7 @@ class ImageResult:
             "failed": c.get("failed", 0),
             "seconds": round(self.seconds, 1),
             "mask fraction": format_fractions(self.mask_fraction),
+            "qc": format_qc(self.qc),
             "output": self.output or (self.error or ""),
         }
 
@@ -93,7 +99,7 @@ def from_summary(summary: Mapping[str, Any], seconds: float,
         counts=dict(summary["counts"]), seconds=seconds,
         mask_fraction=summary.get("mask_fraction"), output=summary["path"],
         exports=dict(exports or {}), failed_tiles=list(summary.get("failed", [])),
-        reused=reused,
+        reused=reused, qc=summary.get("qc"),
     )  # fmt: skip
 
 
@@ -130,8 +136,21 @@ def format_fractions(fractions: Mapping[str, float] | None) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in fractions.items())
 
 
+def format_qc(verdict: Mapping[str, Any] | None) -> str:
+    """'pass', 'flag: reason; reason', or '' (no verdict: not complete, or an older output)."""
+    if not verdict:
+        return ""
+    reasons = verdict.get("reasons") or []
+    return f"flag: {'; '.join(reasons)}" if verdict.get("verdict") == "flag" else str(verdict.get("verdict", ""))
+
+
 def all_complete(results: Iterable[ImageResult]) -> bool:
     return all(r.ok for r in results)
+
+
+def qc_flagged(results: Iterable[ImageResult]) -> list[str]:
+    """One line per image whose QC verdict is flag, naming it by its id and the reasons."""
+    return [f"{r.image_id}: QC {format_qc(r.qc)}" for r in results if r.flagged]
 
 
 def totals(results: Sequence[ImageResult]) -> dict[str, int]:
@@ -145,6 +164,7 @@ def totals(results: Sequence[ImageResult]) -> dict[str, int]:
         "stored": sum(r.stored == "sent" for r in results),
         "partial": sum(r.state == "partial" for r in results),
         "failed": sum(r.state == "failed" for r in results),
+        "qc flagged": sum(r.flagged for r in results),
     }
 
 

@@ -142,9 +142,11 @@ def segment_collection(inputs: Inputs | list[str], model: str, out: str, config:
     results = sorted([*skipped.values(), *reused.values(), *fresh], key=lambda r: order[r.image_id])
     results = _report(results, out, {s.image_id: s.uri for s in sources} if run.keep_paths else {})
     pacs.advance_watermarks(out, queries, results)
-    if any(not r.ok for r in results):  # a bad night is a Failed run, with every result as data
+    flagged = run.qc_flag_exit and any(r.flagged for r in results)
+    if flagged or any(not r.ok for r in results):  # a bad night is a Failed run, with every result as data
         counts = report.totals(results)
-        problems = ", ".join(f"{counts[k]} {k}" for k in ("partial", "failed") if counts[k])
+        names = ("partial", "failed", "qc flagged") if run.qc_flag_exit else ("partial", "failed")
+        problems = ", ".join(f"{counts[k]} {k}" for k in names if counts[k])
         return keep(Failed(message=f"{problems} of {len(results)} images", data=results))
     return keep(results)
 
@@ -359,6 +361,8 @@ def _report(results: list[ImageResult], out: str, paths: dict[str, str]) -> list
     logger.info("run finished: %s", ", ".join(f"{k} {v}" for k, v in totals.items()))
     for line in report.problems(results):
         logger.error(line)
+    for line in report.qc_flagged(results):
+        logger.warning(line)
     if results:
         description = ", ".join(f"{v} {k}" for k, v in totals.items())
         create_table_artifact([r.row() for r in results], key=TABLE_KEY, description=description)

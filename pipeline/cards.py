@@ -16,6 +16,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
+from pipeline import postprocess, qc
 from pipeline.errors import CheckpointError, ConfigError
 
 CARD_KEY = "segpipe.card"
@@ -64,6 +65,12 @@ class ModelCard:
     # selection; []: every image): a run skips, with the reason, a DICOM they do not select
     # (the lung model wrote a confident "lung" on a leg radiograph) unless it says --select.
     selection: list[str] = field(default_factory=list)
+    # post-processing of the working-level mask before delivery (pipeline.postprocess):
+    # {"min_area_fraction": 0.01, "keep_largest": 2, "fill_holes": true}; {}: none
+    postprocess: dict[str, Any] = field(default_factory=dict)
+    # QC thresholds (pipeline.qc): the plausible ranges of what a run measures, chosen on
+    # validation data and said how in "how"; {}: every image passes, unchecked
+    qc: dict[str, Any] = field(default_factory=dict)
     data: str = ""
     license: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -190,6 +197,8 @@ def _card_problems(card: ModelCard) -> list[str]:
             and all(isinstance(m, str) and MODALITY.fullmatch(m) for m in modalities)):  # fmt: skip
         problems.append(f"modalities={modalities!r:.80} must list DICOM Modality codes (CR, DX, ...)")
     problems += _selection_problems(card.selection)
+    problems += postprocess.card_problems(card.postprocess, card.scale, classes)
+    problems += qc.check_spec(card.qc)
     return problems
 
 

@@ -78,6 +78,8 @@ class RunConfig:
     allow_modality: bool = setting(False, panel=MODEL, pixels=False, help="Run DICOM images of a modality the model card does not list (default: refuse them).")
     select: tuple[str, ...] | None = setting(None, panel=MODEL, pixels=False, help="Selection rules over DICOM attributes, e.g. 'Modality in [CR, DX]', 'BodyPartExamined == CHEST', 'ViewPosition in [PA, AP] if present'; @FILE reads them from a file; all: every image. A DICOM they do not select is skipped with the reason (default: the model card's rules).")
     threshold: float | None = setting(None, panel=MODEL, help="Probability threshold of binary models, in [0, 1] (default: the card's).")
+    postprocess: bool = setting(True, panel=MODEL, help="Apply the model card's post-processing of the working-level mask (keep the largest components, fill holes, ...); --no-postprocess: deliver the model's mask as it is.")
+    mpp: float | None = setting(None, panel=MODEL, help="Pixel size (µm/px) of inputs that record none (PNG tiles, some TIFF crops), for choosing the level a slide model works at; a file's own pixel size wins.")
     # -- tissue
     tissue: bool | None = setting(None, panel=TISSUE, help="Skip background tiles (default: on for slides, off for X-rays).")
     tissue_threshold: float = setting(0.02, panel=TISSUE, help="Tiles with less tissue than this fraction are skipped.")
@@ -86,6 +88,7 @@ class RunConfig:
     prob_dtype: ProbDtype = setting("uint8", panel=OUTPUT, help="Stored probabilities: uint8 (p*255), float16 or float32.")
     overwrite: bool = setting(False, panel=OUTPUT, pixels=False, help="Replace an output made from another input, model or pixel settings (default: refuse it and say what differs).")
     keep_paths: bool = setting(False, panel=OUTPUT, pixels=False, help="Record each input's path in its store's provenance and in the run record (never sent to Prefect); off: outputs name inputs only by their non-identifying id.")
+    qc_flag_exit: bool = setting(False, panel=OUTPUT, pixels=False, help="End the run failed (exit code 1) when any image's QC verdict is flag; its outputs and exports are still written, marked.")
     exports: tuple[str, ...] = setting(("overlay",), panel=OUTPUT, pixels=False, aliases=("--export", "-e"), help="Exports written after a complete image (see `segpipe export`), or none.")
     # -- PACS (DICOMweb sources and destinations)
     store: str | None = setting(None, panel=PACS, pixels=False, help="Send each complete image's DICOM SEG with STOW-RS: dicomweb (back to the DICOMweb source it came from) or dicomweb+https://host/path; implies --export dicom-seg. A re-run sends only what was not acknowledged.")
@@ -125,6 +128,8 @@ class RunConfig:
             raise ConfigError(f"overlap must be in [0, 1) (got {self.overlap})")
         if self.prune_level is not None and self.prune_level < 1:
             raise ConfigError(f"prune_level must be >= 1 (got {self.prune_level})")
+        if self.mpp is not None and not 0.0 < self.mpp <= 10_000.0:
+            raise ConfigError(f"mpp must be in (0, 10000] µm/px (got {self.mpp})")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ConfigError(f"threshold must be in [0, 1] (got {self.threshold})")
         if not 0.0 <= self.tissue_threshold <= 1.0:
@@ -163,11 +168,14 @@ class RunConfig:
 
 # The settings that change output pixels; provenance identity and resume compare these.
 PIXEL_SETTINGS = frozenset(f.name for f in fields(RunConfig) if f.metadata["pixels"])
+PIXEL_DEFAULTS = {f.name: f.default for f in fields(RunConfig) if f.metadata["pixels"]}
 
 
 def pixel_settings(run: dict[str, Any]) -> dict[str, Any]:
-    """The part of a stored or requested run's settings that decides its pixels."""
-    return {k: v for k, v in run.items() if k in PIXEL_SETTINGS}
+    """The part of a stored or requested run's settings that decides its pixels. A setting
+    a stored run lacks counts as its default: the store was written before the setting
+    existed, so with the behaviour its default keeps (postprocess, mpp)."""
+    return {k: run.get(k, PIXEL_DEFAULTS[k]) for k in PIXEL_SETTINGS}
 
 
 def _choices(annotation: Any) -> tuple[Any, ...]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from pipeline import __version__, cards
+from pipeline import __version__, cards, postprocess
 from pipeline.cards import ModelCard, ModelId
 from pipeline.config import RunConfig
 from pipeline.display import as_rgb, display_window, window_uint8
@@ -38,7 +38,7 @@ from pipeline.io import (
 )
 from pipeline.io import ingest as ingest_level
 from pipeline.io.ingest import preview_level
-from pipeline.io.levels import working_level
+from pipeline.io.levels import assume_mpp, working_level
 from pipeline.job import ImageJob, TileReport, TileStatus
 from pipeline.store import (
     OutputStore,
@@ -78,6 +78,7 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
     card = cards.read_card(model_path)
     in_place = fetched_from is None
     with _open(input_path, config) as image:
+        mpp_from = assume_mpp(image, config.mpp)
         level, full_hw, work_hw = working_geometry(image, card)
         check_planned_work(image, level, work_hw, card, config, in_place)
         _check_channels(image, card, config)
@@ -90,7 +91,8 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
             path, image_id=image_id, full_hw=full_hw, work_hw=work_hw, tile=config.tile,
             full_chunk=full_res_chunk(config.tile, (full_hw[0] / work_hw[0], full_hw[1] / work_hw[1])),
             classes=card.class_names, prob_dtype=config.prob_dtype, mpp=image.mpp,
-            provenance=_provenance(input_path, image, model_path, card, config, level, fetched_from),
+            provenance=_provenance(input_path, image, model_path, card, config, level, fetched_from,
+                                   mpp_from),
             overwrite=config.overwrite,
         )  # fmt: skip
         work_url = _working_level(image, level, work_hw, path, config.tile, in_place)
@@ -159,15 +161,20 @@ def infer(job: ImageJob, config: RunConfig, pool: RunPool,
 
 def finalize(job: ImageJob) -> dict[str, Any]:
     """Build the mask pyramid, record each chunk's checksum and write the completion
-    state, last. A store already complete (infer left it alone) is verified instead, never
-    re-recorded: that would bless damage found since as the truth. A damaged one is set to
-    be repaired by the next run, and its summary says partial."""
+    state, last; then the QC verdict of a complete image (`store.qc.record_qc`). A store already
+    complete (infer left it alone) is verified instead, never re-recorded: that would
+    bless damage found since as the truth. A damaged one is set to be repaired by the next
+    run, and its summary says partial."""
     from pipeline.store import schedule_repair, verify_store
+    from pipeline.store.qc import record_qc
 
     store = OutputStore.open(job.store_path, mode="r+")
     if store.state != "complete":
-        store.finalize()
+        if store.finalize() == "complete":
+            record_qc(store)
         return store.summary()
+    if "qc" not in store.provenance:  # completed before QC verdicts existed
+        record_qc(store)
     verdict = verify_store(store, full=False)
     if verdict.ok and verdict.moved:  # copied or restored, same bytes: refresh the markers
         store.record_checksums()
@@ -185,8 +192,8 @@ def working_geometry(image: Image, card: ModelCard) -> tuple[int, tuple[int, int
         return 0, full_hw, work_shape_for(full_hw, tuple(scale["size"]))
     if "mpp" in scale:
         if image.mpp is None:
-            log.warning("%s: no pixel size in the file; running at its own scale, not the "
-                        "model's %s um/px", image.path, scale["mpp"])
+            log.warning("%s: no pixel size in the file and no --mpp; running at its own scale, "
+                        "not the model's %s um/px", image.path, scale["mpp"])
             return 0, full_hw, full_hw
         chosen = working_level(image, float(scale["mpp"]))  # the rule training uses too
         return chosen.level, full_hw, chosen.hw
@@ -318,13 +325,15 @@ def _group_keys(path: str) -> set[str]:
 
 
 def _provenance(input_path: str, image: Image, model_path: str, card: ModelCard,
-                config: RunConfig, level: int, fetched_from: str | None) -> dict[str, Any]:
+                config: RunConfig, level: int, fetched_from: str | None,
+                mpp_from: str | None = None) -> dict[str, Any]:  # fmt: skip
     """What the store records of its making. The input's path only with `keep_paths`
     (invariant 8: file and folder names may name the patient)."""
     where = {"path": fetched_from or str(input_path)} if config.keep_paths else {}
     return {
         "input": {**where, "sha256": location.content_hash(input_path),
-                  "image": image.metadata_safe(), "level": level},
+                  "image": image.metadata_safe(), "level": level, "mpp_from": mpp_from},
+        "postprocess": postprocess.provenance_record(card.postprocess, config.postprocess),
         "model": {"path": str(model_path), "sha256": location.sha256(model_path),
                   "card": card.to_dict()},
         "run": config.to_dict(),
@@ -387,7 +396,7 @@ def _export_input(job: ImageJob, store: OutputStore) -> ExportInput:
         mask_levels=_MaskLevels(store), classes=store.layout.classes, mpp=store.layout.mpp,
         input_path=job.input_path, kind=job.kind, preview=store.preview,
         model=ModelId.from_provenance(provenance.get("model") or {}),
-        input_format=recorded.get("format"),
+        input_format=recorded.get("format"), qc=provenance.get("qc"),
     )  # fmt: skip
 
 

@@ -470,3 +470,44 @@ def test_tables_off_a_terminal_are_never_cut(capsys: pytest.CaptureFixture[str])
     console.print(results_table(rows))
     printed = capsys.readouterr().out
     assert "…" not in printed and "complete" in printed and all(r.image_id in printed for r in rows)
+
+
+FLAG = {"verdict": "flag", "reasons": ["mean_entropy 0.41 > 0.2"], "measures": {}, "checked": 3}
+
+
+@pytest.mark.parametrize(("extra", "code"), [([], 0), (["--qc-flag-exit"], 1)])
+def test_qc_flag_exit_fails_a_run_with_a_flagged_image(extra: list[str], code: int, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """A nightly run with --qc-flag-exit exits 1 when an image is QC-flagged, complete or
+    not; without it a flagged but complete run exits 0."""
+    from flows import cli
+    from flows.report import ImageResult
+
+    done = [ImageResult(input=None, image_id="a", state="complete", qc={**FLAG, "verdict": "pass", "reasons": []}),
+            ImageResult(input=None, image_id="b", state="complete", qc=FLAG)]  # fmt: skip
+    monkeypatch.setattr(cli, "run_collection", lambda *a, **k: done)
+    result = runner.invoke(app, ["run", str(write_png(tmp_path / "x.png")), "-m", "lung-xray",
+                                 "-o", str(tmp_path / "out"), *extra])  # fmt: skip
+    assert result.exit_code == code, result.output
+
+
+def test_the_run_table_status_and_record_show_the_qc_verdict(capsys: pytest.CaptureFixture[str],
+                                                              tmp_path: Path) -> None:  # fmt: skip
+    from flows.console import _console, results_table, status_table
+    from flows.report import ImageResult, qc_flagged, totals, write_record
+
+    rows = [ImageResult(input=None, image_id="a", state="complete", qc={**FLAG, "verdict": "pass", "reasons": []}),
+            ImageResult(input=None, image_id="b", state="complete", qc=FLAG)]  # fmt: skip
+    console = _console()
+    console.print(results_table(rows))
+    summary = {"image_id": "b", "state": "complete", "full_hw": [8, 8], "counts": dict.fromkeys(
+        ("total", "done", "skipped", "failed", "pending"), 0), "qc": FLAG}  # fmt: skip
+    console.print(status_table([summary]))
+    printed = capsys.readouterr().out
+    assert printed.count("flag: mean_entropy 0.41 > 0.2") == 2 and "pass" in printed
+    assert "1 qc flagged" in printed  # the caption's totals
+    assert totals(rows)["qc flagged"] == 1
+    assert qc_flagged(rows) == ["b: QC flag: mean_entropy 0.41 > 0.2"]
+    assert rows[1].row()["qc"] == "flag: mean_entropy 0.41 > 0.2"
+    write_record(str(tmp_path), rows)
+    assert [r.qc for r in read_record(tmp_path)] == [r.qc for r in rows]

@@ -181,6 +181,21 @@ def test_a_source_without_spacing_is_named_in_a_warning(tmp_path: Path, caplog: 
     assert f"{tmp_path / 'img.seg.dcm'}: the source has no valid PixelSpacing" in caplog.text
 
 
+def test_a_qc_flagged_seg_says_so_and_stays_valid(tmp_path: Path) -> None:
+    """A flagged image's SEG is written, marked: "QC flag" first in the series description
+    (an LO value is cut at 64 characters), the reasons in the content description."""
+    path = _source(tmp_path, "DX ImagerPixelSpacing only")
+    reasons = "mean_entropy 0.41 > 0.2; area_fraction.lung 0.02 < 0.1"
+    seg_path = Path(export_dicom_seg(path, _mask(1), ["lung"], tmp_path / "x.seg.dcm", MODEL, qc_flag=reasons))
+    seg = pydicom.dcmread(seg_path)
+    assert seg.SeriesDescription.startswith("QC flag: lung-xray 0285f3c1db69")
+    assert seg.ContentDescription.startswith("QC flag: mean_entropy 0.41 > 0.2")
+    assert len(seg.ContentDescription) <= 64
+    np.testing.assert_array_equal(hd.seg.segread(seg_path).get_pixels_by_source_instance(
+        source_sop_instance_uids=[pydicom.dcmread(path).SOPInstanceUID])[0, ..., 0], _mask(1))
+    assert dciodvfy_errors(seg_path) == []
+
+
 def test_export_refuses_a_mask_that_does_not_fit(tmp_path: Path) -> None:
     path = _source(tmp_path, "DX without spacing")
     with pytest.raises(ConfigError, match="does not match the source image"):

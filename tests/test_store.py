@@ -506,3 +506,17 @@ def test_an_output_lock_is_one_holders_and_dies_with_it(tmp_path: Path) -> None:
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+def test_a_store_from_before_a_pixel_setting_existed_is_the_same_output():
+    """Stores written before `postprocess` and `mpp` existed lack them: they were made with
+    what those settings' defaults do, so a run with the defaults resumes them."""
+    from pipeline.config import RunConfig
+    from pipeline.store.provenance import same_output
+
+    now = RunConfig().to_dict()
+    before = {k: v for k, v in now.items() if k not in ("postprocess", "mpp")}
+    stored = {"input": {"sha256": "a"}, "model": {"sha256": "b"}, "run": before}
+    assert same_output(stored, {"input": {"sha256": "a"}, "model": {"sha256": "b"}, "run": now})
+    off = {**now, "postprocess": False}
+    assert not same_output(stored, {"input": {"sha256": "a"}, "model": {"sha256": "b"}, "run": off})

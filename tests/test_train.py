@@ -16,7 +16,14 @@ from pipeline.models import checkpoint
 from pipeline.train import TrainConfig, train
 from pipeline.train import loop as train_module
 from pipeline.train.augment import Augment, augment
-from pipeline.train.data import DataSpec, Pair, TileSource, find_pairs, mask_labels
+from pipeline.train.data import (
+    DataSpec,
+    Pair,
+    TileSource,
+    find_pairs,
+    mask_labels,
+    select_pairs,
+)
 from pipeline.train.loop import learning_rate
 from pipeline.train.losses import deep_supervision_loss, dice_iou
 
@@ -78,6 +85,22 @@ def test_longest_image_name_owns_a_mask(tmp_path):
         PILImage.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "m" / f"{stem}_mask.png")
     pairs = find_pairs(tmp_path / "i", tmp_path / "m")
     assert {(p.image.stem, p.mask.stem) for p in pairs} == {("a", "a_mask"), ("a_1", "a_1_mask")}
+
+
+def test_a_split_keeps_its_names_and_refuses_missing_ones(pairs_dir):
+    pairs = find_pairs(*pairs_dir)
+    assert select_pairs(pairs, ()) == pairs
+    assert [p.image.name for p in select_pairs(pairs, ("case_2", "case_0"))] == ["case_0.png", "case_2.png"]
+    with pytest.raises(InputError, match="case_9"):
+        select_pairs(pairs, ("case_1", "case_9"))
+
+
+def test_training_and_validation_follow_the_split(pairs_dir, tmp_path):
+    images, masks = pairs_dir
+    config = tiny_config(pairs_dir, tmp_path / "run", val_images=str(images), val_masks=str(masks),
+                         train_names=("case_0", "case_1", "case_2"), val_names=("case_3",))
+    assert [p.image.name for p in train_module.training_pairs(config)] == ["case_0.png", "case_1.png", "case_2.png"]
+    assert [s.source for s in train_module.validation_set(config)] == ["case_3.png"]
 
 
 def test_image_without_mask_is_refused(pairs_dir):
@@ -143,6 +166,8 @@ def test_learning_rate_warms_up_then_decays_to_zero():
 def test_config_refuses_bad_settings():
     with pytest.raises(ConfigError, match="class_names"):
         TrainConfig(images="i", masks="m", classes=3)
+    with pytest.raises(ConfigError, match="overlap"):
+        TrainConfig(images="i", masks="m", train_names=("a", "b"), val_names=("b",))
     with pytest.raises(ConfigError, match="optimizer"):
         TrainConfig(images="i", masks="m", optimizer="sgd")
 
@@ -353,8 +378,17 @@ def test_choose_mode_takes_the_fastest_within_tolerance():
 def test_recipes_build_valid_configs(tmp_path):
     from recipes import recipe
 
+    images = tmp_path / "data" / "cxr-shenzhen-566" / "images"
+    images.mkdir(parents=True)
+    for n in (1, 5, 10, 14, 15, 20, 21, 35):
+        (images / f"CHNCXR_{n:04d}_{n % 2}.jpg").touch()
     config = recipe("lung-xray", tmp_path / "data", tmp_path / "out")
     assert config.size == (256, 256) and config.in_channels == 1 and config.name == "lung-xray"
+    # the recorded split: numbers divisible by 5 above 10 held out, never trained on
+    assert config.val_names == ("CHNCXR_0015_1", "CHNCXR_0020_0", "CHNCXR_0035_1")
+    assert set(config.train_names) == {"CHNCXR_0001_1", "CHNCXR_0005_1", "CHNCXR_0010_0",
+                                       "CHNCXR_0014_0", "CHNCXR_0021_1"}
+    assert config.postprocess and "2 X-rays" not in config.data and "3 X-rays" in config.data
     with pytest.raises(ConfigError, match="unknown recipe"):
         recipe("spleen", tmp_path, tmp_path)
 

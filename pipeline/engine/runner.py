@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import postprocess
 from pipeline.cards import ModelCard
 from pipeline.config import RunConfig
 from pipeline.engine.normalization import normalize
@@ -92,6 +93,8 @@ class TileRunner:
         self.predictor = Predictor(model, config)
         self.threshold = config.threshold if config.threshold is not None else card.threshold
         self.blend = BLENDS[config.blend]
+        # the card's post-processing (a fixed-size model's: cards refuse it otherwise)
+        self.postprocess = dict(card.postprocess) if config.postprocess else {}
         self._compute = threading.Lock()
         self._open: dict[str, tuple[Any, OutputStore]] = {}
         self._open_lock = threading.Lock()
@@ -113,7 +116,7 @@ class TileRunner:
     def read(self, job: ImageJob, tile: Tile, work: Any, store: OutputStore) -> TileInput:
         """Plan the tile's windows and read the raw pixels they cover, once."""
         _, full_box = store.owned_boxes(tile)
-        region = _needed_region(job, tile, full_box)
+        region = _needed_region(job, tile, full_box, whole=bool(self.postprocess))
         windows = self.blend.windows(job, Tile(tile.index, region, tile.size), self.config, self.multiple)
         box = bounding_box(w.input for w in windows)
         pixels = np.asarray(work[box.y0 : box.y1, box.x0 : box.x1, :])
@@ -135,12 +138,16 @@ class TileRunner:
         """Crop to the tile and write its prob chunk; then deliver the mask at full resolution
         one piece of whole chunks at a time (upsample, label, write): the full-res box a tile
         owns grows with the model's scale (a 256² model on a 16384² X-ray: 16384²), a piece
-        does not (invariant 3)."""
+        does not (invariant 3). The stored prob is the model's; the mask is delivered from
+        the card's post-processing of the whole working level (`data.region` is all of it
+        then: _needed_region)."""
         tile = data.tile
         own = probs[tile.region.relative_to(data.region).slices()]
         # Multi-class outputs carry background as channel 0; the store keeps the classes.
         stored = own if own.shape[-1] == 1 else own[..., 1:]
         store.write_tile(tile, stored, None, data.full_box)
+        if self.postprocess and not data.full_box.is_empty:
+            probs = postprocess.apply(probs, self.threshold, self.postprocess)
         pieces = deliver_full_res(probs, data.region, data.full_box, job.work_hw, job.full_hw,
                                   store.layout.full_chunk, self.threshold)  # fmt: skip
         for piece, labels in pieces:
@@ -195,8 +202,12 @@ def _by_shape(windows: list[Window]) -> dict[tuple[int, int], list[Window]]:
     return groups
 
 
-def _needed_region(job: ImageJob, tile: Tile, full_box: Box) -> Box:
-    """The tile's region, grown to what bilinear delivery of its full-res chunks reads."""
+def _needed_region(job: ImageJob, tile: Tile, full_box: Box, whole: bool = False) -> Box:
+    """The tile's region, grown to what bilinear delivery of its full-res chunks reads; the
+    whole working level when the mask is post-processed (`whole`: component steps need
+    every pixel; a fixed-size model's level is small, and usually one tile anyway)."""
+    if whole and not full_box.is_empty:
+        return Box(0, 0, *job.work_hw)
     if job.work_hw == job.full_hw or full_box.is_empty:
         return tile.region
     extra = work_box_for_full(full_box, job.work_hw, job.full_hw)

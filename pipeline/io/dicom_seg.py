@@ -65,10 +65,13 @@ def export_dicom_seg(
     class_names: Sequence[str],
     path: str | Path,
     model: ModelId,
+    qc_flag: str | None = None,
 ) -> str:
     """Write a BINARY DICOM Segmentation of ``mask`` ((H, W) labels, label k is
     class_names[k - 1]; one segment per class) of the source image (a local path or an
-    fsspec URL) to ``path``, naming ``model`` as its algorithm."""
+    fsspec URL) to ``path``, naming ``model`` as its algorithm. ``qc_flag``: the reasons of
+    a QC-flagged image; its series description then starts "QC flag" (first: an LO value
+    is cut at 64 characters) and its content description gives the reasons."""
     import highdicom as hd  # the optional 'dicom' extra, as pydicom
 
     source = _read_dicom(source_location)
@@ -77,7 +80,8 @@ def export_dicom_seg(
     if frame is not None and frame.nominal:
         log.warning("%s: the source has no valid PixelSpacing or ImagerPixelSpacing; "
                     "the SEG's pixels are a nominal %s mm", path, NOMINAL_MM)  # fmt: skip
-    title = _lo(f"{model.name} {model.version} segmentation")
+    title = _lo(f"{'QC flag: ' if qc_flag is not None else ''}{model.name} {model.version} segmentation")
+    described = f"QC flag: {qc_flag}" if qc_flag is not None else f"{title}: {', '.join(class_names)}"
     seg = hd.seg.Segmentation(
         source_images=[source if frame is None else placed(source, frame)],
         pixel_array=labels,
@@ -92,7 +96,7 @@ def export_dicom_seg(
         software_versions=_version(),
         device_serial_number="0",
         content_creator_name="segpipe^",  # family name only (a lone word reads as ambiguous)
-        content_description=_lo(f"{title}: {', '.join(class_names)}"),
+        content_description=_lo(described),
         series_description=title,
     )
     with writing(path) as local:

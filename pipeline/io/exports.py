@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.PngImagePlugin
 import tifffile
 from skimage.segmentation import find_boundaries
 
@@ -52,18 +53,24 @@ from pipeline.io.sniff import sniff
 
 PNG_MAX_PIXELS = 1 << 28  # 16k x 16k
 OVERLAY_ALPHA = 0.4
+QC_KEY = "segpipe-qc"  # the PNG text chunk that marks a QC-flagged image's export
+QC_FRAME = (255, 200, 0)  # the overlay of a QC-flagged image is framed in amber
 
 
-def export_ome_tiff(mask_levels: Sequence[Any], path: str | Path, mpp: float | None) -> str:
+def export_ome_tiff(mask_levels: Sequence[Any], path: str | Path, mpp: float | None,
+                    qc_flag: str | None = None) -> str:  # fmt: skip
     """Write a pyramid of (H, W) uint8 masks (level 0 first, each array-like and sliceable,
     e.g. zarr) as a tiled, zlib-compressed OME-TIFF with sub-IFD levels; PhysicalSizeX/Y and
-    the resolution tags carry ``mpp`` (µm per pixel of level 0) when known."""
+    the resolution tags carry ``mpp`` (µm per pixel of level 0) when known. A QC-flagged
+    image's (``qc_flag``: its reasons) OME image is named "mask (QC flag: ...)"."""
     width0 = mask_levels[0].shape[1]
     # tifffile seeks back to patch offsets: it writes a local file, uploaded after
     with writing(path) as local, tifffile.TiffWriter(local, bigtiff=True, ome=True) as tif:
         for index, level in enumerate(mask_levels):
             level_mpp = None if mpp is None else mpp * width0 / level.shape[1]
             options = _level_options(index, len(mask_levels), level_mpp)
+            if index == 0 and qc_flag is not None:
+                options["metadata"]["Name"] = f"mask (QC flag: {qc_flag})"
             tif.write(tiles(level), shape=level.shape, dtype=np.uint8, **options)
     return str(path)
 
@@ -87,8 +94,9 @@ def _level_options(index: int, n_levels: int, mpp: float | None) -> dict[str, An
     return options
 
 
-def export_png(mask: Any, path: str | Path) -> str:
-    """Write the (H, W) uint8 labels as they are (values 0..C) to a greyscale PNG."""
+def export_png(mask: Any, path: str | Path, qc_flag: str | None = None) -> str:
+    """Write the (H, W) uint8 labels as they are (values 0..C) to a greyscale PNG; a
+    QC-flagged image's (``qc_flag``: its reasons) carries them in a text chunk (QC_KEY)."""
     height, width = mask.shape
     if height * width > PNG_MAX_PIXELS:
         raise ConfigError(
@@ -96,7 +104,8 @@ def export_png(mask: Any, path: str | Path) -> str:
             "export a pyramid level or use the OME-TIFF export"
         )
     with writing(path) as local:
-        PIL.Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(local, format="PNG")
+        PIL.Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(local, format="PNG",
+                                                                   pnginfo=_qc_text(qc_flag))
     return str(path)
 
 
@@ -105,10 +114,13 @@ def export_overlay(
     mask_thumbnail: np.ndarray,
     path: str | Path,
     max_size: int = 2048,
+    qc_flag: str | None = None,
 ) -> str:
     """Write the image with the mask tinted and outlined in class colours as an RGB PNG,
     at most ``max_size`` pixels on the long side. The image is (h, w) or (h, w, C) of any
-    dtype (windowed to 8 bits by pipeline.display); the mask is (h', w') labels at any size."""
+    dtype (windowed to 8 bits by pipeline.display); the mask is (h', w') labels at any size.
+    A QC-flagged image's (``qc_flag``: its reasons) is framed in amber, the reasons in a
+    text chunk (QC_KEY)."""
     rgb = window_uint8(as_rgb(image_rgb_thumbnail)).astype(np.float32)
     scale = min(1.0, max_size / max(rgb.shape[:2]))
     shape = (max(1, round(rgb.shape[0] * scale)), max(1, round(rgb.shape[1] * scale)))
@@ -120,9 +132,21 @@ def export_overlay(
     # padded with background so that objects touching the image edge are outlined there too
     edges = find_boundaries(np.pad(labels, 1), mode="inner")[1:-1, 1:-1] & inside
     rgb[edges] = colours[edges]
+    if qc_flag is not None:
+        frame = max(2, round(0.01 * max(shape)))
+        rgb[:frame], rgb[-frame:], rgb[:, :frame], rgb[:, -frame:] = (QC_FRAME,) * 4
     with writing(path) as local:
-        PIL.Image.fromarray(np.rint(rgb).astype(np.uint8)).save(local, format="PNG")
+        PIL.Image.fromarray(np.rint(rgb).astype(np.uint8)).save(local, format="PNG", pnginfo=_qc_text(qc_flag))
     return str(path)
+
+
+def _qc_text(qc_flag: str | None) -> PIL.PngImagePlugin.PngInfo | None:
+    """A PNG text chunk saying the image was QC-flagged and why (None: not flagged)."""
+    if qc_flag is None:
+        return None
+    info = PIL.PngImagePlugin.PngInfo()
+    info.add_text(QC_KEY, f"flag: {qc_flag}")
+    return info
 
 
 def _nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -148,6 +172,15 @@ class ExportInput:
     preview: Callable[[], np.ndarray]  # the input's colour thumbnail, read only when needed
     model: ModelId  # the model that made the mask, as exports name it
     input_format: str | None = None  # as provenance records it (pipeline.io.sniff's names)
+    qc: Mapping[str, Any] | None = None  # the store's QC verdict (pipeline.qc)
+
+    @property
+    def qc_flag(self) -> str | None:
+        """The reasons of a QC-flagged image ('; '-joined), which its exports are marked
+        with; None when it passed (or has no verdict)."""
+        if not self.qc or self.qc.get("verdict") != "flag":
+            return None
+        return "; ".join(self.qc.get("reasons") or []) or "flagged"
 
 
 def _any_input(source: ExportInput) -> bool:
@@ -167,15 +200,15 @@ class ExportFormat:
 
 
 def _write_overlay(source: ExportInput, path: str) -> str:
-    return export_overlay(source.preview(), np.asarray(source.mask_levels[-1]), path)
+    return export_overlay(source.preview(), np.asarray(source.mask_levels[-1]), path, qc_flag=source.qc_flag)
 
 
 def _write_png(source: ExportInput, path: str) -> str:
-    return export_png(source.mask_levels[0], path)
+    return export_png(source.mask_levels[0], path, qc_flag=source.qc_flag)
 
 
 def _write_ome_tiff(source: ExportInput, path: str) -> str:
-    return export_ome_tiff(source.mask_levels, path, source.mpp)
+    return export_ome_tiff(source.mask_levels, path, source.mpp, qc_flag=source.qc_flag)
 
 
 def _write_slide_tiff(source: ExportInput, path: str) -> str:
@@ -189,7 +222,8 @@ def _write_geojson(source: ExportInput, path: str) -> str:
 
 def _write_dicom_seg(source: ExportInput, path: str) -> str:
     mask = np.asarray(source.mask_levels[0])
-    return export_dicom_seg(source.input_path, mask, list(source.classes), path, source.model)
+    return export_dicom_seg(source.input_path, mask, list(source.classes), path, source.model,
+                            qc_flag=source.qc_flag)
 
 
 def _is_dicom_xray(source: ExportInput) -> bool:

@@ -3,6 +3,7 @@ used by inference (pipeline.stages.working_geometry) and training (pipeline.trai
 model is trained on the pixels it will later be run on.
 
     working_level(image, model_mpp) -> WorkingLevel(level, factor, resample, hw)
+    assume_mpp(image, mpp)          a run's --mpp for a file that records no pixel size
 
 A level whose µm/px is within SCALE_TOLERANCE of the model's is used as it is; otherwise
 the coarsest level finer than the model's (pipeline.io.image.select_level) is resampled to
@@ -51,3 +52,15 @@ def working_level(image: Image, model_mpp: float) -> WorkingLevel:
 
 def _close(factor: float) -> bool:
     return abs(factor - 1) <= SCALE_TOLERANCE
+
+
+def assume_mpp(image: Image, mpp: float | None) -> str | None:
+    """Give a file that records no pixel size the run's `mpp` (--mpp; the reader is the
+    caller's alone); a file's own pixel size wins. Returns where the image's µm/px came
+    from, for provenance: "file", "--mpp" or None (unknown)."""
+    if image.mpp is not None:
+        return "file"
+    if mpp is None:
+        return None
+    image.mpp = mpp
+    return "--mpp"

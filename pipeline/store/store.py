@@ -391,6 +391,7 @@ class OutputStore:
             "failed_total": len(failed),
             "mask_fraction": fractions,
             "damage": damage,
+            "qc": self.provenance.get("qc"),  # the QC verdict (pipeline.qc), once complete
         }
 
     def _mask_fraction(self) -> dict[str, float] | None:

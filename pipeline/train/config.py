@@ -24,6 +24,8 @@ class TrainConfig:
 
     Data: `images` and `masks` are two folders (paired by name) or two files; `val_images`
     and `val_masks` likewise, else validation uses the training images (and says so).
+    `train_names` / `val_names` keep only those image names (stems) of each folder: a
+    recorded split of one folder (recipes.shipped's lung split).
     Scale: `size` (h, w) resizes whole images (X-rays); else `mpp` picks the slide level and
     patches of `patch` px are sampled from it (`image_mpp` for files without a pixel size).
     """
@@ -35,6 +37,9 @@ class TrainConfig:
     val_images: str | None = None
     val_masks: str | None = None
     val_tiles: int = 8  # validation patches per large image
+    # a fixed split of one folder: the image names (stems) to train on / validate on; empty: all
+    train_names: tuple[str, ...] = ()
+    val_names: tuple[str, ...] = ()
     # model
     arch: str = "unetpp"
     filters: tuple[int, ...] = (8, 16, 32, 64, 128)
@@ -77,6 +82,9 @@ class TrainConfig:
     data: str = ""
     license: str = ""
     threshold: float = 0.5
+    # the card's post-processing of the working-level mask (pipeline.postprocess): e.g.
+    # {"keep_largest": 2, "fill_holes": True, "min_area_fraction": 0.01}; {}: none
+    postprocess: dict[str, Any] = field(default_factory=dict)
     mode: str = "accurate"  # UNet++ default inference mode written to the card
     prune_level: int | None = None
     tile: int | None = None
@@ -100,6 +108,9 @@ class TrainConfig:
         if len(self.class_names) != names:
             raise ConfigError(f"{self.classes=} needs {names} foreground class_names, "
                               f"got {list(self.class_names)}")
+        if set(self.train_names) & set(self.val_names):
+            raise ConfigError("train_names and val_names overlap: "
+                              f"{sorted(set(self.train_names) & set(self.val_names))[:5]}")
         if self.augment.photometric and self.normalization.get("kind") == "meanstd":
             raise ConfigError("photometric augmentation needs [0, 1] inputs: use percentile or "
                               "scale normalisation, or turn brightness/contrast/gamma/hsv/stain off")

@@ -102,6 +102,19 @@ def find_pairs(images: str | Path, masks: str | Path) -> list[Pair]:
     return [Pair(by_stem[s], found[s]) for s in sorted(found)]
 
 
+def select_pairs(pairs: list[Pair], names: tuple[str, ...] | list[str]) -> list[Pair]:
+    """The pairs whose image name (stem) is in `names`, in their order; all when `names`
+    is empty. A name without a pair is an error: a split must not shrink silently."""
+    if not names:
+        return pairs
+    chosen = [p for p in pairs if _stem(p.image) in set(names)]
+    missing = sorted(set(names) - {_stem(p.image) for p in chosen})
+    if missing:
+        raise InputError(f"{pairs[0].image.parent if pairs else '?'}: no image/mask pair for "
+                         f"split names {missing[:5]} (of {len(missing)})")
+    return chosen
+
+
 def _image_files(folder: Path) -> list[Path]:
     """Files (and zarr folders) the readers recognise; README files and the like are skipped."""
     out = []

@@ -38,6 +38,7 @@ from pipeline.train.data import (
     find_pairs,
     patch_fits,
     sample_batch,
+    select_pairs,
     validation_samples,
 )
 from pipeline.train.losses import deep_supervision_loss, overlap_counts, overlap_scores
@@ -99,7 +100,7 @@ class _Run:
 def _prepare(config: TrainConfig, worker: Worker) -> _Run:
     """Data sources, validation samples (rank 0), model, optimiser, EMA, autocast."""
     spec = data_spec(config)
-    sources = build_sources(find_pairs(config.images, config.masks), spec)
+    sources = build_sources(training_pairs(config), spec)
     torch.manual_seed(config.seed)
     model = new_model(config).to(worker.device, memory_format=torch.channels_last)
     patch_fits(spec.sample_hw, model.multiple)
@@ -218,13 +219,19 @@ def validation_set(config: TrainConfig, train_sources: list | None = None) -> li
     """The held-out pairs' samples, else the training images' (`train_sources` if built)."""
     spec = data_spec(config)
     if config.val_images:
-        sources = build_sources(find_pairs(config.val_images, config.val_masks), spec)
+        pairs = select_pairs(find_pairs(config.val_images, config.val_masks), config.val_names)
+        sources = build_sources(pairs, spec)
     else:
-        sources = train_sources or build_sources(find_pairs(config.images, config.masks), spec)
+        sources = train_sources or build_sources(training_pairs(config), spec)
     return validation_samples(sources, config.val_tiles, config.seed)
 
 
 # ------------------------------------------------------------------- pieces of the loop
+
+
+def training_pairs(config: TrainConfig) -> list:
+    """The training image/mask pairs: the folders' pairs, kept to `train_names` if given."""
+    return select_pairs(find_pairs(config.images, config.masks), config.train_names)
 
 
 def data_spec(config: TrainConfig) -> DataSpec:

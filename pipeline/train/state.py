@@ -27,7 +27,8 @@ from pipeline.train.config import TrainConfig
 log = logging.getLogger(__name__)
 
 # settings that may change between a run and its resumption without changing its course
-RESUMABLE_CHANGES = frozenset({"epochs", "resume", "progress", "workers", "ray_address", "threads"})
+RESUMABLE_CHANGES = frozenset({"epochs", "resume", "progress", "workers", "ray_address", "threads",
+                               "postprocess"})  # the card's, applied at inference only
 
 
 def save_best(config: TrainConfig, model: SegmentationModel, record: dict[str, Any],
@@ -42,6 +43,7 @@ def save_best(config: TrainConfig, model: SegmentationModel, record: dict[str, A
         normalization=dict(config.normalization), scale=config.scale, tile=config.tile,
         halo=config.halo, threshold=config.threshold, modalities=list(config.modalities),
         selection=list(config.selection),
+        postprocess=dict(config.postprocess),
         data=config.data, license=config.license,
         metrics={"val_dice": round(record["dice"], 4), "val_iou": round(record["iou"], 4),
                  "validated_on": validated_on, "epoch": record["epoch"],

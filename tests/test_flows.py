@@ -661,19 +661,25 @@ def test_pipeline_info_logs_reach_the_run_log(flows_env: None, tiny_checkpoint: 
     """A `segpipe run` driver sends the pipeline's INFO lines to Prefect with its own."""
     import subprocess
     import sys
+    from datetime import datetime, timezone
 
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTimestamp
     from prefect.settings import PREFECT_API_URL
 
     write_png(tmp_path / "in" / "x.png")
+    started = time.time()
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     env.pop("PREFECT_LOGGING_EXTRA_LOGGERS", None)  # the CLI's own default, as a user has it
     done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(tmp_path / "in"), "-m", str(tiny_checkpoint),
                            "-o", str(tmp_path / "out"), "--tile", "32"], env=env, capture_output=True, text=True,
                           timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs()
+    logs = []
+    with get_client(sync_client=True) as client:  # every page since the run started (the session's server holds many)
+        since = LogFilter(timestamp=LogFilterTimestamp(after_=datetime.fromtimestamp(started, timezone.utc)))
+        while page := client.read_logs(log_filter=since, limit=200, offset=len(logs)):
+            logs += page
     assert any(entry.name == "pipeline.stages" and entry.level == logging.INFO and "tiles to run" in entry.message
                for entry in logs)  # fmt: skip
 

@@ -175,3 +175,16 @@ def giant_tile_value(y: int, x: int, size: int = 50_000, tile: int = 512) -> int
 def read_pixels(path: Path) -> np.ndarray:
     """The stored pixel values of a DICOM file, as pydicom decodes them."""
     return pydicom.dcmread(path).pixel_array
+
+
+class ReadRecorder:
+    """An array-like over `data` that records the size of every slice read from it: what
+    a writer that must read tile by tile is checked with."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data, self.shape, self.reads = data, data.shape, []
+
+    def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
+        block = self.data[index]
+        self.reads.append(block.size)
+        return block

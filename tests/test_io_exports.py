@@ -28,7 +28,7 @@ from pipeline.io.exports import (
 )
 from pipeline.job import ImageJob
 from pipeline.store import OutputStore
-from tests.io_fixtures import dicom_dataset, write_dicom, xray_pixels
+from tests.io_fixtures import ReadRecorder, dicom_dataset, write_dicom, xray_pixels
 
 
 def _mask(height: int, width: int) -> np.ndarray:
@@ -59,18 +59,7 @@ def test_ome_tiff_export_is_a_pyramid_with_mpp(tmp_path: Path) -> None:
 
 
 def test_ome_tiff_export_reads_tile_by_tile(tmp_path: Path) -> None:
-    class Recorder:
-        """Array-like that records the size of every slice read from it."""
-
-        def __init__(self, data: np.ndarray) -> None:
-            self.data, self.shape, self.reads = data, data.shape, []
-
-        def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
-            block = self.data[index]
-            self.reads.append(block.size)
-            return block
-
-    level = Recorder(_mask(1200, 1500))
+    level = ReadRecorder(_mask(1200, 1500))
     export_ome_tiff([level], tmp_path / "mask.ome.tif", mpp=None)
     assert len(level.reads) == 3 * 3 and max(level.reads) <= EXPORT_TILE**2
     with tifffile.TiffFile(tmp_path / "mask.ome.tif") as tif:

@@ -21,6 +21,7 @@ from pipeline.io import geojson
 from pipeline.io.geojson import DETECTION_MAX_UM2, export_geojson
 from pipeline.io.polygons import pixel_polygon, signed_area
 from pipeline.io.regions import mask_regions
+from tests.io_fixtures import ReadRecorder
 
 # ---------------------------------------------------------------------------------------
 # geometry
@@ -188,19 +189,8 @@ def test_geojson_has_each_region_once_whole_with_its_class(tmp_path: Path, small
 
 
 def test_geojson_reads_the_mask_tile_by_tile(tmp_path: Path, small_tiles: None) -> None:
-    class Recorder:
-        """Array-like that records the size of every slice read from it."""
-
-        def __init__(self, data: np.ndarray) -> None:
-            self.data, self.shape, self.reads = data, data.shape, []
-
-        def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
-            block = self.data[index]
-            self.reads.append(block.size)
-            return block
-
     mask, regions = _slide_mask()
-    level = Recorder(mask)
+    level = ReadRecorder(mask)
     export_geojson(level, CLASSES, tmp_path / "mask.geojson", mpp=MPP)
     assert len(level.reads) == 6 * 8 and max(level.reads) <= TILE * TILE  # each tile once
     assert len(_features(tmp_path / "mask.geojson")) == 2 + len(regions["nucleus"])

@@ -16,6 +16,7 @@ from pipeline.display import class_colour
 from pipeline.io.exports import EXPORT_TILE
 from pipeline.io.slide_tiff import export_slide_tiff
 from pipeline.store.layout import pyramid_shapes
+from tests.io_fixtures import ReadRecorder
 
 CLASSES = ("tumour", "stroma", "necrosis")
 
@@ -96,19 +97,8 @@ def test_tifffile_reads_the_pyramid_palette_and_class_names(exported) -> None:
 
 
 def test_slide_tiff_reads_the_mask_tile_by_tile(tmp_path: Path) -> None:
-    class Recorder:
-        """Array-like that records the size of every slice read from it."""
-
-        def __init__(self, data: np.ndarray) -> None:
-            self.data, self.shape, self.reads = data, data.shape, []
-
-        def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
-            block = self.data[index]
-            self.reads.append(block.size)
-            return block
-
     full = _labels(1200, 1500)
-    levels = [Recorder(full), Recorder(full[::2, ::2])]
+    levels = [ReadRecorder(full), ReadRecorder(full[::2, ::2])]
     export_slide_tiff(levels, CLASSES, tmp_path / "mask.tif", mpp=None)
     assert max(r for level in levels for r in level.reads) <= EXPORT_TILE**2
     assert len(levels[0].reads) == 3 * 3

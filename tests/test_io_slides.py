@@ -64,19 +64,25 @@ def test_svs_like_tiff_skips_thumbnail_label_macro_and_parses_mpp(tmp_path: Path
     assert np.abs(region.astype(int) - level0[::2, ::2][40:140, 50:170]).mean() < 3  # JPEG tiles
 
 
+def _count_gets(store) -> list[str]:
+    """The keys `store` is asked for from now on (its async get, wrapped)."""
+    keys: list[str] = []
+    original_get = store.get
+
+    async def counting_get(key, *args, **kwargs):
+        keys.append(key)
+        return await original_get(key, *args, **kwargs)
+
+    store.get = counting_get
+    return keys
+
+
 def test_lazy_region_of_50k_tiff_touches_only_its_tiles(tmp_path: Path) -> None:
     path = write_sparse_giant_tiff(tmp_path / "giant.tif")
     with open_image(path) as image:
         assert image.levels == [(50_000, 50_000, 1)] and image.kind == "slide"
         store = image._stores[0].store_path.store
-        requested: list[str] = []
-        original_get = store.get
-
-        async def counting_get(key, *args, **kwargs):
-            requested.append(key)
-            return await original_get(key, *args, **kwargs)
-
-        store.get = counting_get
+        requested = _count_gets(store)
         y, x = 20_000 + 100, 30_000 + 100  # a 512^2 region straddling 2x2 tiles
         region = image.read_region(0, y, x, 512, 512)
     chunk_reads = [key for key in requested if not key.endswith("zarr.json")]
@@ -206,14 +212,7 @@ def test_decoded_tiles_are_cached_within_a_bound_and_shared_by_threads(tmp_path:
     tile_bytes = 128 * 128 * 3
     with TiffImage(path, Limits(), cache_bytes=10 * tile_bytes) as image:
         inner = image._stores[0].store_path.store._store  # tifffile's store, behind the cache
-        decoded: list[str] = []
-        original_get = inner.get
-
-        async def counting_get(key, *args, **kwargs):
-            decoded.append(key)
-            return await original_get(key, *args, **kwargs)
-
-        inner.get = counting_get
+        decoded = _count_gets(inner)
         first = image.read_region(0, 100, 100, 200, 200)  # 3x3 tiles
         again = image.read_region(0, 130, 140, 150, 150)  # the same 3x3 tiles
         assert len(decoded) == 9  # the second read decoded nothing

@@ -167,3 +167,18 @@ def test_a_synthetic_limb_through_the_lung_model_is_flagged(tmp_path: Path) -> N
     verdict = store.summary()["qc"]
     assert verdict["verdict"] == "flag", verdict
     assert any(r.startswith("mean_entropy") for r in verdict["reasons"])
+
+
+def test_an_output_completed_before_qc_verdicts_gets_one_on_its_next_run(tmp_path: Path) -> None:
+    import zarr
+
+    image = grey_png(tmp_path / "cxr.png")
+    model = lung_like_model(tmp_path)
+    path = segment(image, model, tmp_path / "out", **EXACT)
+    group = zarr.open_group(str(path), mode="r+")
+    meta = dict(group.attrs["segpipe"])
+    meta["provenance"] = {k: v for k, v in meta["provenance"].items() if k != "qc"}
+    group.attrs["segpipe"] = meta
+    assert OutputStore.open(path).summary()["qc"] is None
+    segment(image, model, tmp_path / "out", **EXACT)  # complete: nothing runs, finalize verifies
+    assert OutputStore.open(path).summary()["qc"]["verdict"] == "pass"

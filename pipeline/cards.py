@@ -1,7 +1,7 @@
 """The model card: what a checkpoint says about its model (architecture and config,
-classes, normalisation, scale, halo, threshold, data and licence), read from the
-safetensors metadata without building the model. Torch-free: the driver, the scheduler
-and the flows read cards; only workers and training build models
+classes, normalisation, scale, halo, threshold, post-processing, QC ranges, data and
+licence), read from the safetensors metadata without building the model. Torch-free: the
+driver, the scheduler and the flows read cards; only workers and training build models
 (`pipeline.models.checkpoint`).
 """
 

@@ -161,10 +161,10 @@ def infer(job: ImageJob, config: RunConfig, pool: RunPool,
 
 def finalize(job: ImageJob) -> dict[str, Any]:
     """Build the mask pyramid, record each chunk's checksum and write the completion
-    state, last; then the QC verdict of a complete image (`store.qc.record_qc`). A store already
-    complete (infer left it alone) is verified instead, never re-recorded: that would
-    bless damage found since as the truth. A damaged one is set to be repaired by the next
-    run, and its summary says partial."""
+    state, last; then the QC verdict of a complete image (`store.qc.record_qc`). A store
+    already complete (infer left it alone) is verified instead, never re-recorded: that
+    would bless damage found since as the truth. A damaged one is set to be repaired by
+    the next run, and its summary says partial."""
     from pipeline.store import schedule_repair, verify_store
     from pipeline.store.qc import record_qc
 
@@ -173,14 +173,14 @@ def finalize(job: ImageJob) -> dict[str, Any]:
         if store.finalize() == "complete":
             record_qc(store)
         return store.summary()
-    if "qc" not in store.provenance:  # completed before QC verdicts existed
-        record_qc(store)
     verdict = verify_store(store, full=False)
     if verdict.ok and verdict.moved:  # copied or restored, same bytes: refresh the markers
         store.record_checksums()
     elif not verdict.ok:
         tiles = schedule_repair(store, verdict)
         log.warning("%s; %d tiles run again on the next run", verdict.summary(), len(tiles))
+    if verdict.ok and "qc" not in store.provenance:  # completed before QC verdicts existed
+        record_qc(store)
     return store.summary()
 
 

@@ -93,7 +93,7 @@ def qc_ranges(rows: list[dict[str, Any]], spec: dict[str, Any]) -> dict[str, lis
             high = min(high, 1.0)
         # a lower bound at 0 checks nothing for measures that are never negative
         upper_only = low <= 0 or name.split(".")[0] in UPPER_ONLY
-        ranges[name] = [None if upper_only else round(low, 4), round(high, 4)]
+        ranges[name] = [None if upper_only else round(float(low), 4), round(float(high), 4)]
     return ranges
 
 

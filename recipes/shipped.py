@@ -3,8 +3,9 @@
     recipe(name, data, out)        the TrainConfig of a shipped model, reading the real-data
                                    folder `data` (required: nothing from it is copied into
                                    the repository) and writing to `out`
-    train_and_choose_mode(config)  train, then make the fastest UNet++ mode within 0.005 Dice
-                                   of the best the card's default
+    train_and_choose_mode(config)  train, then make the fastest UNet++ mode within the
+                                   recipe's Dice tolerance (MODE_TOLERANCE, else 0.005) of the
+                                   best the card's default
 
 Slide recipes first write their classical labels (tissue mask, nuclei pseudo-labels,
 recipes.pseudolabels) under `out/labels/`. `python -m recipes NAME --data DIR --out OUT`
@@ -85,8 +86,9 @@ def lung_xray(data: Path, out: Path) -> TrainConfig:
         # and aspect ratios (films elsewhere are not square, and are squeezed into 256x256)
         augment=Augment(hflip=True, rotate_deg=10, scale=0.3, aspect=0.15, translate=0.08,
                         brightness=0.1, contrast=0.25, gamma=0.35, opacity=0.35),
-        # 640 steps: about an hour on 1 thread of the shared CPU (5 s a step under its load)
-        epochs=8, steps_per_epoch=80, batch_size=4, lr=3e-3, weight_decay=1e-4,
+        # 1,280 steps: 25 min on 1 thread of the shared CPU at a load of 2-4 (1.1 s a step),
+        # an hour at a load of 10 (the Dice still rose between 8 and 16 epochs: 0.956 -> 0.959)
+        epochs=16, steps_per_epoch=80, batch_size=4, lr=3e-3, weight_decay=1e-4,
         schedule="cosine", warmup_epochs=1, ema=0.98, seed=0, threads=1,
         data=SHENZHEN_DATA.format(train=len(train_names), val=len(val_names)),
         license=SHENZHEN_LICENSE,
@@ -172,17 +174,22 @@ def recipe(name: str, data: str | Path, out: str | Path = "runs/train") -> Train
     return RECIPES[name](Path(data), Path(out))
 
 
+# Dice a faster UNet++ mode may give up to become the default (choose_mode), per recipe.
+# lung-xray: none to speak of: a 256² forward pass is tens of ms beside decoding the X-ray.
+MODE_TOLERANCE = {"lung-xray": 0.001}
+
+
 def train_and_choose_mode(config: TrainConfig) -> Path:
     """Train; for a deep-supervised UNet++, measure Dice and speed in accurate mode and at
-    each prune level on the validation set and make the fastest one within 0.005 Dice of
-    the best the card's default; for an X-ray model with a held-out split, score its
+    each prune level on the validation set and make the fastest one within the recipe's
+    tolerance (MODE_TOLERANCE, else 0.005 Dice) of the best the card's default; for an X-ray model with a held-out split, score its
     post-processing and choose its QC ranges there (recipes.calibrate)."""
     path = train(config)
     if config.arch != "unetpp" or not config.deep_supervision:
         return path
     with torch_threads(config.threads):
         table = prune_report(path, validation_set(config))
-    mode, level = choose_mode(table)
+    mode, level = choose_mode(table, MODE_TOLERANCE.get(config.name, 0.005))
     for row in table:
         log.info("%s", row)
     log.info("%s: default mode %s%s", path, mode, f" L{level}" if level else "")

@@ -100,3 +100,18 @@ def test_only_fixed_size_binary_models_may_declare_it() -> None:
     assert any("fixed working size" in p for p in slide)
     assert any("fixed working size" in p for p in postprocess.card_problems(LUNGS, None, 1))
     assert any("binary" in p for p in postprocess.card_problems(LUNGS, {"size": [64, 64]}, 3))
+
+
+def test_a_card_declaring_it_on_a_slide_model_is_refused_when_read() -> None:
+    from pipeline.cards import ModelCard
+    from pipeline.errors import CheckpointError
+
+    xray = ModelCard(arch="unet", config={"filters": [4, 8]}, scale={"size": [64, 64]}, postprocess=LUNGS,
+                     qc={"ranges": {"components.lung": [2, 2]}, "how": "by hand"})  # fmt: skip
+    xray.validate()
+    slide = ModelCard(arch="unet", config={"filters": [4, 8]}, scale={"mpp": 0.5}, postprocess=LUNGS)
+    with pytest.raises(CheckpointError, match="fixed working size"):
+        slide.validate("slide.safetensors")
+    with pytest.raises(CheckpointError, match="qc.ranges.sharpness"):
+        ModelCard.from_json(ModelCard(arch="unet", config={"filters": [4, 8]},
+                                      qc={"ranges": {"sharpness": [0, 1]}}).to_json(), "x.safetensors")

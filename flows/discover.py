@@ -288,7 +288,8 @@ def _named(found: Iterable[str], key: bytes) -> list[Source]:
 
 def localize(source: Source, cache_dir: str | Path) -> str:
     """A local path for the source (the readers decode local files): a local one as it
-    is; a DICOMweb instance fetched once (WADO-RS) into `cache_dir` as `<image_id>.dcm`;
+    is; a DICOMweb instance fetched once (WADO-RS) into `cache_dir` as `<image_id>.dcm`
+    (a DICOMweb slide series is its URI: its reader fetches only the frames it reads);
     a remote object fetched once into `cache_dir` as `<image_id>.<version><suffix>`,
     its version a digest of its size and modification marker (`fingerprint`), so a changed
     object is fetched again, never read stale; the copy of an older version is removed.
@@ -298,6 +299,8 @@ def localize(source: Source, cache_dir: str | Path) -> str:
     """
     if not source.is_remote:
         return source.uri.removeprefix("file://")
+    if dicomweb.is_slide_series(source.uri):  # read frame by frame through DICOMweb: not fetched
+        return source.uri
     if dicomweb.is_dicomweb(source.uri):  # an instance's content never changes under its UID
         local = Path(cache_dir) / f"{source.image_id}.dcm"
         if not local.is_file():

@@ -307,7 +307,7 @@ def test_http_errors_are_one_line_without_the_request_url(status: int, kind: str
     response.status_code, response.reason = status, requests.status_codes._codes[status][0].replace("_", " ").title()
     response.url = "https://pacs.example/dicom-web/studies/1.2.840.99/series"
     error = requests.HTTPError(f"{status} for url: {response.url}", response=response)
-    found = dicomweb._failure(dicomweb.Endpoint("https://pacs.example/dicom-web"), "QIDO-RS search", error)
+    found = dicomweb.failure(dicomweb.Endpoint("https://pacs.example/dicom-web"), "QIDO-RS search", error)
     assert type(found).__name__ == kind and text in str(found)
     assert str(found).startswith("https://pacs.example/dicom-web: QIDO-RS search: ") and "1.2.840.99" not in str(found)
 

@@ -2,7 +2,7 @@
 
 ``open_image`` sniffs the content (magic bytes, not the extension) and dispatches to one
 reader per format: dicom.py (X-rays), dicom_wsi.py (DICOM whole-slide series, wsidicom),
-raster.py (PNG/JPEG), tiff.py (TIFF, SVS, NDPI, Philips, OME-TIFF), zarr_image.py (zarr,
+dicom_wsi_web.py (the same from a PACS over DICOMweb), raster.py (PNG/JPEG), tiff.py (TIFF, SVS, NDPI, Philips, OME-TIFF), zarr_image.py (zarr,
 OME-Zarr), openslide_image.py (MRXS, SCN, BIF, VMS/VMU and OpenSlide's other formats). See
 ingest.py for which path each format takes to zarr.
 """
@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SLIDE_PIXELS
+from pipeline.io.dicomweb import is_slide_series
 from pipeline.io.image import Image, Limits, level_mpp, select_level, to_channels
 from pipeline.io.ingest import (
     ingest,
@@ -54,10 +55,16 @@ def open_image(
 
     Pass RunConfig.max_pixels / max_slide_pixels; see image.Limits for what each bounds.
     """
+    limits = Limits(max_pixels=max_pixels, max_slide_pixels=max_slide_pixels)
+    if is_slide_series(str(path)):  # a slide in a PACS: read frame by frame, nothing to sniff
+        from pipeline.io.dicom_wsi_web import (
+            DicomWebWsiImage,  # wsidicom: the 'slides' extra
+        )
+
+        return DicomWebWsiImage(str(path), limits)
     path = Path(path)
     fmt = sniff(path)
     check_extension(path, fmt)
-    limits = Limits(max_pixels=max_pixels, max_slide_pixels=max_slide_pixels)
     return READERS[fmt](path, fmt, limits)
 
 

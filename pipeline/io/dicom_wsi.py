@@ -29,6 +29,7 @@ from wsidicom import WsiDicom, WsiInstance
 from wsidicom.errors import WsiDicomNoResolutionError
 from wsidicom.file import WsiDicomFileSource
 from wsidicom.geometry import Point, Region, Size
+from wsidicom.source import Source
 from wsidicom.thread import ReadExecutor
 
 from pipeline.errors import InputError
@@ -50,25 +51,35 @@ class DicomWsiImage(Image):
     def __init__(self, path: Path, limits: Limits) -> None:
         files = series_files(path)
         try:
-            self._source = WsiDicomFileSource.open(files)
+            source = WsiDicomFileSource.open(files)
         except Exception as exc:  # wsidicom and pydicom raise many types on bad headers
             raise InputError(f"{path}: unreadable DICOM WSI: {one_line(exc)}") from exc
         try:
-            _check_all_opened(path, files, self._source)
-            self._instances, mpp = _pyramid(self._source)
+            _check_all_opened(path, files, source)
+        except InputError:
+            source.close()
+            raise
+        self._open_pyramid(path, source, limits)
+
+    def _open_pyramid(self, where: Any, source: Source, limits: Limits) -> None:
+        """Take `source`'s pyramid as this image's levels (closing it on a refusal):
+        `where` names the image in errors (a path, or a DICOMweb series' URI)."""
+        self._source = source
+        try:
+            self._instances, mpp = _pyramid(source)
             if not self._instances:
-                raise InputError(f"{path}: DICOM WSI series without a VOLUME (pyramid) instance")
+                raise InputError(f"{where}: DICOM WSI series without a VOLUME (pyramid) instance")
             first = self._instances[0].image_data
             levels = [(i.size.height, i.size.width, first.samples_per_pixel) for i in self._instances]
-            super().__init__(path, levels, mpp, first.dtype, limits)
+            super().__init__(where, levels, mpp, first.dtype, limits)
             for instance in self._instances:
-                check_chunk_size(path, (instance.tile_size.height, instance.tile_size.width), limits)
+                check_chunk_size(where, (instance.tile_size.height, instance.tile_size.width), limits)
         except InputError:
-            self._source.close()
+            source.close()
             raise
         except Exception as exc:  # an inconsistent series: levels not a pyramid, bad tiling
-            self._source.close()
-            raise InputError(f"{path}: unreadable DICOM WSI structure: {one_line(exc)}") from exc
+            source.close()
+            raise InputError(f"{where}: unreadable DICOM WSI structure: {one_line(exc)}") from exc
 
     @property
     def format_name(self) -> str:
@@ -84,6 +95,7 @@ class DicomWsiImage(Image):
             tiling=[i.dataset.tile_type.value for i in self._instances],
             focal_planes=len(base.focal_planes),
             optical_paths=len(base.optical_paths),
+            modality=_modality(base),  # a code (SM), for the card's modality check
         )
         return meta
 
@@ -117,7 +129,7 @@ def _check_all_opened(path: Path, files: list[Path], source: WsiDicomFileSource)
                          "unreadable (truncated or damaged header)")  # fmt: skip
 
 
-def _pyramid(source: WsiDicomFileSource) -> tuple[list[WsiInstance], float | None]:
+def _pyramid(source: Source) -> tuple[list[WsiInstance], float | None]:
     """One instance per level, finest first, and level 0's µm per pixel (None: no spacing)."""
     try:
         slide = WsiDicom(source, source_owned=False)
@@ -133,3 +145,10 @@ def _pyramid(source: WsiDicomFileSource) -> tuple[list[WsiInstance], float | Non
         return [], None
     mpp = levels[0].mpp.width  # µm per pixel along x (columns), as every reader reports
     return [level.default_instance for level in levels], float(mpp) if mpp > 0 else None
+
+
+def _modality(instance: WsiInstance) -> str:
+    """The instance's Modality (SM for a slide); wsidicom keeps the pydicom header it read
+    private (`WsiDataset._dataset`), and has no accessor for it."""
+    header = getattr(instance.dataset, "_dataset", None)
+    return str(header.get("Modality", "") or "").strip() if header is not None else ""

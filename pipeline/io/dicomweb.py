@@ -3,7 +3,10 @@ fetch their headers and files, STOW-RS to send a DICOM SEG back.
 
 A DICOMweb source is written `dicomweb+https://pacs.example/dicom-web[?Key=VALUE&...]`: the
 service root, and query keys the operator fixes (e.g. `StudyDescription=THORAX*`). One
-instance of it is `dicomweb+<root>/studies/<study>/series/<series>/instances/<sop>`.
+instance of it is `dicomweb+<root>/studies/<study>/series/<series>/instances/<sop>`; a
+whole-slide image (VL Whole Slide Microscopy series: one instance per pyramid level, plus
+label and overview) is one image, its series: `dicomweb+<root>/studies/<study>/series/<series>`,
+never fetched whole but read frame by frame (pipeline/io/dicom_wsi_web.py).
 
 Credentials never travel on the command line, in a URL or in a log: they come from
 SEGPIPE_DICOMWEB_TOKEN (a bearer token), SEGPIPE_DICOMWEB_USER and SEGPIPE_DICOMWEB_PASSWORD
@@ -45,7 +48,9 @@ SERVER_RETRIES = 3  # dicomweb-client's own attempts on 429/503/504, before the 
 # Series that hold no image segpipe reads (our own SEGs sent back among them): left out of
 # every query's answer, so a nightly run does not meet them as failures.
 NOT_IMAGES = frozenset({"SEG", "SR", "PR", "KO", "DOC", "REG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RWV", "FID", "PLAN"})
-_INSTANCE = re.compile(r"^(?P<root>.+)/studies/(?P<study>[0-9.]+)/series/(?P<series>[0-9.]+)/instances/(?P<sop>[0-9.]+)$")
+_INSTANCE = re.compile(r"^(?P<root>.+)/studies/(?P<study>[0-9.]+)/series/(?P<series>[0-9.]+)"
+                       r"(?:/instances/(?P<sop>[0-9.]+))?$")  # fmt: skip
+WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 _REASONS = ("Connection refused", "Name or service not known", "No route to host", "timed out",
             "Temporary failure in name resolution", "Connection reset", "Network is unreachable")  # fmt: skip
 
@@ -92,7 +97,8 @@ class Endpoint:
         return f"{PREFIX}{self.root}{'?' + query if query else ''}"
 
     def instance_uri(self, instance: Instance) -> str:
-        return f"{PREFIX}{self.root}/studies/{instance.study}/series/{instance.series}/instances/{instance.sop}"
+        series = f"{PREFIX}{self.root}/studies/{instance.study}/series/{instance.series}"
+        return series if instance.is_series else f"{series}/instances/{instance.sop}"
 
 
 @dataclass(frozen=True)
@@ -101,14 +107,18 @@ class Instance:
 
     study: str
     series: str
-    sop: str
+    sop: str  # "": the whole series is the image (a whole-slide image)
     header: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
+
+    @property
+    def is_series(self) -> bool:
+        return not self.sop
 
     @property
     def identity(self) -> str:
         """What its output id is a keyed hash of: its UIDs, not the PACS's address (the same
         instance from a moved or mirrored PACS is the same image)."""
-        return f"dicomweb://{self.study}/{self.series}/{self.sop}"
+        return f"dicomweb://{self.study}/{self.series}" + ("" if self.is_series else f"/{self.sop}")
 
 
 def is_dicomweb(text: str) -> bool:
@@ -121,11 +131,17 @@ def split_inputs(items: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def split_instance(uri: str) -> tuple[Endpoint, Instance]:
-    """The endpoint and instance of an instance URI (`Endpoint.instance_uri`)."""
+    """The endpoint and instance (or slide series) of an image's URI (`Endpoint.instance_uri`)."""
     match = _INSTANCE.match(uri.removeprefix(PREFIX))
     if not match:
         raise PacsError("not a DICOMweb instance URI")
-    return Endpoint(match["root"]), Instance(match["study"], match["series"], match["sop"])
+    return Endpoint(match["root"]), Instance(match["study"], match["series"], match["sop"] or "")
+
+
+def is_slide_series(uri: str) -> bool:
+    """Whether `uri` names a whole-slide series (read frame by frame, never fetched whole)."""
+    match = _INSTANCE.match(str(uri).removeprefix(PREFIX)) if is_dicomweb(str(uri)) else None
+    return match is not None and not match["sop"]
 
 
 # -- QIDO-RS and WADO-RS metadata -----------------------------------------------------------------
@@ -137,7 +153,10 @@ def search(endpoint: Endpoint, study_dates: str | None, modalities: Sequence[str
     "20240101-", or None: any) and whose Modality is one of `modalities` (None: any), with
     the endpoint's own query keys; each with the header attributes `keywords` read from its
     WADO-RS metadata (no pixel data). One QIDO-RS query per modality (a list of values in
-    one key is not matched alike by every server), one metadata request per series."""
+    one key is not matched alike by every server), one metadata request per series. A VL
+    Whole Slide Microscopy series is one image (`Instance.is_series`), its header its
+    pyramid's first instance's (limit: a sparse slide's metadata, per-frame positions
+    included, is read whole once here, and again per instance by the reader)."""
     filters = dict(endpoint.filters)
     if study_dates:
         filters["StudyDate"] = study_dates
@@ -155,6 +174,11 @@ def search(endpoint: Endpoint, study_dates: str | None, modalities: Sequence[str
             metadata = _call(endpoint, "WADO-RS series metadata", lambda c, s=study, e=serie: c.retrieve_series_metadata(s, e))
         except PacsGone:  # deleted between the query and now: nothing to segment
             log.warning("%s: a series found by the query is gone from the PACS; left out", endpoint.root)
+            continue
+        slide = [item for item in metadata if _values(item, "SOPClassUID") == (WSI_SOP_CLASS,)]
+        if slide:  # its levels, label and overview: one image, read frame by frame
+            volume = [item for item in slide if "VOLUME" in _values(item, "ImageType")] or slide
+            yield Instance(study, serie, "", {k: v for k in wanted if (v := _values(volume[0], k))})
             continue
         for item in metadata:
             header = {k: v for k in wanted if (v := _values(item, k))}
@@ -261,6 +285,11 @@ def _acknowledgements(record: str) -> dict[str, str]:
 # -- the client, credentials and errors ------------------------------------------------------------
 
 
+def client(endpoint: Endpoint) -> DICOMwebClient:
+    """The process's client of `endpoint`, with the run's credentials (for wsidicom)."""
+    return _client(endpoint.root, _authorization())
+
+
 def _call(endpoint: Endpoint, what: str, request: Any) -> Any:
     """`request(client)`, its errors made one line naming the service root (`_failure`)."""
     try:
@@ -268,7 +297,7 @@ def _call(endpoint: Endpoint, what: str, request: Any) -> Any:
     except PacsError:
         raise
     except Exception as exc:
-        raise _failure(endpoint, what, exc) from None
+        raise failure(endpoint, what, exc) from None
 
 
 @cache
@@ -327,7 +356,7 @@ def credentials_source() -> str:
     return ""
 
 
-def _failure(endpoint: Endpoint, what: str, exc: Exception) -> Exception:
+def failure(endpoint: Endpoint, what: str, exc: Exception) -> Exception:
     """One line naming the service root and what failed, never the request's URL nor a secret."""
     import requests
 

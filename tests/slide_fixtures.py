@@ -114,7 +114,14 @@ def _wsi_header(compression: str) -> Dataset:
     ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
     for key, value in PATIENT.items():
         setattr(ds, key, value)
+    ds.PatientSex, ds.ReferringPhysicianName, ds.StudyID = "F", "", "1"  # type 2, as scanners write them
+    ds.StudyDate, ds.StudyTime = "20240102", "120000"
     ds.ContainerIdentifier = "SLIDE-4711"
+    ds.IssuerOfTheContainerIdentifierSequence, ds.ContainerTypeCodeSequence = [], []  # type 2
+    specimen = Dataset()
+    specimen.SpecimenIdentifier, specimen.SpecimenUID = "S-1", uid.generate_uid()
+    specimen.IssuerOfTheSpecimenIdentifierSequence, specimen.SpecimenPreparationSequence = [], []
+    ds.SpecimenDescriptionSequence = [specimen]
     ds.SamplesPerPixel = 3
     ds.PhotometricInterpretation = "YBR_FULL_422" if compression == "jpeg" else "RGB"
     ds.PlanarConfiguration = 0
@@ -128,6 +135,7 @@ def _wsi_header(compression: str) -> Dataset:
     origin = Dataset()
     origin.XOffsetInSlideCoordinateSystem, origin.YOffsetInSlideCoordinateSystem = 20.0, 40.0
     ds.TotalPixelMatrixOriginSequence = [origin]
+    ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]  # type 1: rows along -Y, columns along -X
     if compression == "jpeg":
         ds.LossyImageCompression = "01"
     return ds

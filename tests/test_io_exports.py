@@ -122,7 +122,7 @@ def test_export_writes_each_format_by_the_registry(tmp_path: Path, caplog) -> No
         "overlay": f"{base}.overlay.png", "png": f"{base}.mask.png",
         "ome-tiff": f"{base}.mask.ome.tif", "tiff": f"{base}.mask.tif", "geojson": f"{base}.geojson",
     }  # fmt: skip
-    assert "img: dicom-seg needs a DICOM X-ray input; skipped" in caplog.text
+    assert "img: dicom-seg needs a DICOM source image to reference (a DICOM X-ray or DICOM WSI series" in caplog.text
     np.testing.assert_array_equal(np.asarray(PILImage.open(written["png"])), _mask(48, 40))
     assert np.asarray(PILImage.open(written["overlay"])).shape == (48, 40, 3)
     np.testing.assert_array_equal(tifffile.imread(written["ome-tiff"]), _mask(48, 40))

@@ -80,7 +80,7 @@ def export_dicom_seg(
     if frame is not None and frame.nominal:
         log.warning("%s: the source has no valid PixelSpacing or ImagerPixelSpacing; "
                     "the SEG's pixels are a nominal %s mm", path, NOMINAL_MM)  # fmt: skip
-    title = _lo(f"{'QC flag: ' if qc_flag is not None else ''}{model.name} {model.version} segmentation")
+    title = lo_value(f"{'QC flag: ' if qc_flag is not None else ''}{model.name} {model.version} segmentation")
     described = f"QC flag: {qc_flag}" if qc_flag is not None else f"{title}: {', '.join(class_names)}"
     seg = hd.seg.Segmentation(
         source_images=[source if frame is None else placed(source, frame)],
@@ -88,15 +88,15 @@ def export_dicom_seg(
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(class_names, model),
         series_instance_uid=hd.UID(),
-        series_number=_series_number(source),
+        series_number=series_number(source),
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer="segpipe",
         manufacturer_model_name="segpipe",
-        software_versions=_version(),
+        software_versions=software_version(),
         device_serial_number="0",
         content_creator_name="segpipe^",  # family name only (a lone word reads as ambiguous)
-        content_description=_lo(described),
+        content_description=lo_value(described),
         series_description=title,
     )
     with writing(path) as local:
@@ -167,8 +167,8 @@ def segment_descriptions(class_names: Sequence[str], model: ModelId) -> list[Any
     from pydicom.sr.codedict import codes
 
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=_lo(model.name),
-        version=_lo(model.version),
+        name=lo_value(model.name),
+        version=lo_value(model.version),
         family=codes.cid7162.ArtificialIntelligence,
         source="segpipe",
     )
@@ -177,7 +177,7 @@ def segment_descriptions(class_names: Sequence[str], model: ModelId) -> list[Any
         category, kind = _property_codes(name)
         segments.append(hd.seg.SegmentDescription(
             segment_number=number,
-            segment_label=_lo(name),
+            segment_label=lo_value(name),
             segmented_property_category=category,
             segmented_property_type=kind,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
@@ -207,19 +207,19 @@ def _property_codes(name: str) -> tuple[Any, Any]:
     return known.get(name.lower(), (anatomy, codes.SCT.Tissue))
 
 
-def _lo(text: str) -> str:
+def lo_value(text: str) -> str:
     """``text`` as a valid LO value: no backslash (DICOM's value separator), at most 64."""
     return text.replace("\\", "/")[:LO_MAX]
 
 
-def _series_number(source: Dataset) -> int:
+def series_number(source: Dataset) -> int:
     try:
         return int(source.get("SeriesNumber", 0) or 0) + SERIES_NUMBER_OFFSET
     except (TypeError, ValueError):  # a malformed IS string
         return SERIES_NUMBER_OFFSET
 
 
-def _version() -> str:
+def software_version() -> str:
     try:
         return metadata.version("segpipe")
     except metadata.PackageNotFoundError:

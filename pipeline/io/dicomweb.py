@@ -165,9 +165,9 @@ def search(endpoint: Endpoint, study_dates: str | None, modalities: Sequence[str
     for query in queries:
         for item in _call(endpoint, "QIDO-RS search for series",
                           lambda c, q=query: c.search_for_series(search_filters=q, get_remaining=True)):  # fmt: skip
-            modality = _values(item, "Modality")
+            modality = attribute_values(item, "Modality")
             if not set(modality) & NOT_IMAGES:
-                series[(_values(item, "StudyInstanceUID")[0], _values(item, "SeriesInstanceUID")[0])] = None
+                series[(attribute_values(item, "StudyInstanceUID")[0], attribute_values(item, "SeriesInstanceUID")[0])] = None
     wanted = tuple(dict.fromkeys(("Modality", *keywords)))
     for study, serie in series:
         try:
@@ -175,14 +175,14 @@ def search(endpoint: Endpoint, study_dates: str | None, modalities: Sequence[str
         except PacsGone:  # deleted between the query and now: nothing to segment
             log.warning("%s: a series found by the query is gone from the PACS; left out", endpoint.root)
             continue
-        slide = [item for item in metadata if _values(item, "SOPClassUID") == (WSI_SOP_CLASS,)]
+        slide = [item for item in metadata if attribute_values(item, "SOPClassUID") == (WSI_SOP_CLASS,)]
         if slide:  # its levels, label and overview: one image, read frame by frame
-            volume = [item for item in slide if "VOLUME" in _values(item, "ImageType")] or slide
-            yield Instance(study, serie, "", {k: v for k in wanted if (v := _values(volume[0], k))})
+            volume = [item for item in slide if "VOLUME" in attribute_values(item, "ImageType")] or slide
+            yield Instance(study, serie, "", {k: v for k in wanted if (v := attribute_values(volume[0], k))})
             continue
         for item in metadata:
-            header = {k: v for k in wanted if (v := _values(item, k))}
-            yield Instance(study, serie, _values(item, "SOPInstanceUID")[0], header)
+            header = {k: v for k in wanted if (v := attribute_values(item, k))}
+            yield Instance(study, serie, attribute_values(item, "SOPInstanceUID")[0], header)
 
 
 def probe(endpoint: Endpoint) -> None:
@@ -190,7 +190,7 @@ def probe(endpoint: Endpoint) -> None:
     _call(endpoint, "QIDO-RS search for studies", lambda c: c.search_for_studies(limit=1))
 
 
-def _values(item: Mapping[str, Any], keyword: str) -> tuple[str, ...]:
+def attribute_values(item: Mapping[str, Any], keyword: str) -> tuple[str, ...]:
     """An attribute's values in a DICOM JSON object (PS3.18 F.2) as strings; () if absent."""
     from pydicom import datadict
 

@@ -13,7 +13,8 @@
 - ``export_overlay``: the input with the mask tinted and outlined in class colours, at most
   ``max_size`` on the long side (X-rays and slide thumbnails).
 - ``export_dicom_seg`` (``pipeline.io.dicom_seg``): a DICOM Segmentation (highdicom, BINARY)
-  referencing the source X-ray's study, series and instance, naming the model.
+  referencing the source X-ray's study, series and instance, naming the model; for a DICOM
+  WSI, ``export_slide_seg`` (``pipeline.io.dicom_seg_slide``): a tiled SEG on one level.
 
 ``EXPORTS`` is the registry: export name -> ``ExportFormat`` (writer, file suffix, which
 inputs it applies to). Its writers take an ``ExportInput``: one image's mask pyramid and
@@ -42,6 +43,7 @@ from pipeline.cards import ModelId
 from pipeline.display import as_rgb, class_colours, window_uint8
 from pipeline.errors import ConfigError
 from pipeline.io.dicom_seg import export_dicom_seg
+from pipeline.io.dicom_seg_slide import export_slide_seg
 from pipeline.io.export_files import EXPORT_TILE, tiles, writing
 from pipeline.io.export_files import export_exists as export_exists
 from pipeline.io.export_files import export_location as export_location
@@ -221,20 +223,23 @@ def _write_geojson(source: ExportInput, path: str) -> str:
 
 
 def _write_dicom_seg(source: ExportInput, path: str) -> str:
+    if source.kind == "slide":  # a tiled SEG on one level of the slide (dicom_seg_slide.py)
+        return export_slide_seg(source.input_path, source.mask_levels, list(source.classes), path,
+                                source.model, qc_flag=source.qc_flag)  # fmt: skip
     mask = np.asarray(source.mask_levels[0])
     return export_dicom_seg(source.input_path, mask, list(source.classes), path, source.model,
                             qc_flag=source.qc_flag)
 
 
-def _is_dicom_xray(source: ExportInput) -> bool:
-    """DICOM SEG references its source instance: only a DICOM X-ray has one to reference.
-    The format is the one provenance recorded; a local input without that record (a store
-    written before formats were recorded) is sniffed."""
-    if source.kind != "xray":
-        return False
+def _has_dicom_source(source: ExportInput) -> bool:
+    """DICOM SEG references its source image: a DICOM X-ray, or a level of a DICOM WSI
+    series (files or DICOMweb). An SVS, TIFF or any other slide has no DICOM instance to
+    reference. The format is the one provenance recorded; a local input without that record
+    (a store written before formats were recorded) is sniffed."""
+    wanted = "dicom" if source.kind == "xray" else "dicom-wsi"
     if source.input_format is not None:
-        return source.input_format == "dicom"
-    return not is_remote(source.input_path) and sniff(local_path(source.input_path)) == "dicom"
+        return source.input_format == wanted
+    return not is_remote(source.input_path) and sniff(local_path(source.input_path)) == wanted
 
 
 EXPORTS: Mapping[str, ExportFormat] = {
@@ -243,5 +248,7 @@ EXPORTS: Mapping[str, ExportFormat] = {
     "ome-tiff": ExportFormat(_write_ome_tiff, ".mask.ome.tif"),
     "tiff": ExportFormat(_write_slide_tiff, ".mask.tif"),
     "geojson": ExportFormat(_write_geojson, ".geojson"),
-    "dicom-seg": ExportFormat(_write_dicom_seg, ".seg.dcm", _is_dicom_xray, "a DICOM X-ray input"),
+    "dicom-seg": ExportFormat(_write_dicom_seg, ".seg.dcm", _has_dicom_source,
+                              "a DICOM source image to reference (a DICOM X-ray or DICOM WSI series; "
+                              "an SVS, TIFF or other slide has none)"),  # fmt: skip
 }

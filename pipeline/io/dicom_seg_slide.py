@@ -181,6 +181,7 @@ def _web_headers(uri: str) -> list[Dataset]:
     from pydicom.dataset import Dataset
 
     from pipeline.io import dicomweb
+    from pipeline.io.dicom_wsi_web import PIXEL_DATA
 
     endpoint, series = dicomweb.split_instance(uri)
     try:
@@ -188,5 +189,5 @@ def _web_headers(uri: str) -> list[Dataset]:
     except Exception as exc:
         raise dicomweb.failure(endpoint, "WADO-RS series metadata", exc) from None
     wsi = [item for item in items if dicomweb.attribute_values(item, "SOPClassUID") == (dicomweb.WSI_SOP_CLASS,)]
-    return [Dataset.from_json({k: v for k, v in item.items() if k != "7FE00010"}) for item in wsi]
+    return [Dataset.from_json({k: v for k, v in item.items() if k != PIXEL_DATA}) for item in wsi]
 

@@ -20,13 +20,12 @@ frame 1 of each instance in each syntax it tries, and take a transcoded JPEG fir
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import requests
+from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
 from wsidicom.web import WsiDicomWebClient
 from wsidicom.web.wsidicom_web_source import WsiDicomWebSource
@@ -36,15 +35,19 @@ from pipeline.io import dicomweb
 from pipeline.io.dicom_wsi import DicomWsiImage
 from pipeline.io.image import Limits, one_line
 
-# WADO-RS metadata gives Pixel Data as a bulk data URI, which wsidicom never reads from the
-# header (frames come by number); pydicom warns and logs once per instance that it could not.
-warnings.filterwarnings("ignore", message="No bulk data URI handler", category=UserWarning)
-logging.getLogger("pydicom").addFilter(lambda record: "No bulk data URI handler" not in record.getMessage())
+PIXEL_DATA = "7FE00010"  # its tag in DICOM JSON
 
 
 class _Client(WsiDicomWebClient):
     """wsidicom's client, asked which syntax a PACS serves only when the PACS did not list
     the ones it holds: Explicit VR Little Endian, without a probing request (module doc)."""
+
+    def get_instance(self, study_uid: UID, series_uid: UID, instance_uid: UID) -> Dataset:
+        """The instance's WADO-RS metadata without Pixel Data: it comes as a bulk data URI,
+        which pydicom warns it cannot resolve, and wsidicom reads frames by number."""
+        item = self._client.retrieve_instance_metadata(study_uid, series_uid, instance_uid)
+        item.pop(PIXEL_DATA, None)
+        return Dataset.from_json(item)
 
     def get_frames(self, study_uid: UID, series_uid: UID, instance_uid: UID, frame_indices: list[int],
                    transfer_syntax: UID) -> Iterator[bytes]:  # fmt: skip

@@ -261,6 +261,7 @@ def export(
     from flows.report import one_line_error
     from pipeline import stages
     from pipeline.config import RunConfig
+    from pipeline.io.exports import EXPORTS
 
     config = usage_checked(lambda: RunConfig(exports=options.parse(format, tuple[str, ...], "format")))
     stores = usage_checked(lambda: outputs.stores(out))
@@ -302,6 +303,9 @@ def export(
             continue
         for fmt, path in written.items():
             out_console.print(f"{fmt:>9}  {path}", highlight=False)
+        for fmt in (f for f in config.exports if f not in written):  # e.g. dicom-seg of an SVS
+            err_console.print(f"[yellow]skipped[/] {store.image_id}: {fmt} needs {EXPORTS[fmt].requires}",
+                              highlight=False, soft_wrap=True)  # fmt: skip
     raise typer.Exit(code)
 
 

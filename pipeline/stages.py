@@ -357,7 +357,7 @@ def export(job: ImageJob, config: RunConfig, formats: tuple[str, ...] | None = N
     planned = _export_locations(job, source, requested)
     for name in requested:
         if name not in planned:
-            log.info("%s: %s needs %s; skipped", job.image_id, name, EXPORTS[name].requires)
+            log.warning("%s: %s needs %s; skipped", job.image_id, name, EXPORTS[name].requires)
     for name, where in planned.items():
         EXPORTS[name].write(source, where)
     return planned

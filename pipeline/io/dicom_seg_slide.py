@@ -87,7 +87,7 @@ def export_slide_seg(
     import highdicom as hd  # the optional 'dicom' extra
 
     levels = source_levels(source_location)
-    chosen = seg_level([tuple(m.shape) for m in mask_levels], [shape for shape, _ in levels])
+    chosen = seg_level([tuple(m.shape) for m in mask_levels], [shape for shape, _ in levels], SEG_MAX_PIXELS)
     if chosen is None:
         sizes = ", ".join(f"{h}x{w}" for (h, w), _ in levels)
         raise ConfigError(f"{path}: no mask level of at most {SEG_MAX_PIXELS} pixels has the size of a level "

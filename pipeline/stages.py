@@ -30,6 +30,7 @@ from pipeline.engine.tiling import (
 from pipeline.errors import InputError
 from pipeline.io import (
     Image,
+    dicomweb,
     location,
     open_image,
     picture_level,
@@ -324,6 +325,12 @@ def _group_keys(path: str) -> set[str]:
     return set(zarr.open_group(path, mode="r").keys())
 
 
+def _content_hash(input_path: str) -> str:
+    """The input's content hash (`location.content_hash`); a DICOMweb slide series is read,
+    never fetched whole, so its UIDs stand for its content (`dicomweb.series_hash`)."""
+    return dicomweb.series_hash(input_path) if dicomweb.is_slide_series(input_path) else location.content_hash(input_path)
+
+
 def _provenance(input_path: str, image: Image, model_path: str, card: ModelCard,
                 config: RunConfig, level: int, fetched_from: str | None,
                 mpp_from: str | None = None) -> dict[str, Any]:  # fmt: skip
@@ -331,7 +338,7 @@ def _provenance(input_path: str, image: Image, model_path: str, card: ModelCard,
     (invariant 8: file and folder names may name the patient)."""
     where = {"path": fetched_from or str(input_path)} if config.keep_paths else {}
     return {
-        "input": {**where, "sha256": location.content_hash(input_path),
+        "input": {**where, "sha256": _content_hash(input_path),
                   "image": image.metadata_safe(), "level": level, "mpp_from": mpp_from},
         "postprocess": postprocess.provenance_record(card.postprocess, config.postprocess),
         "model": {"path": str(model_path), "sha256": location.sha256(model_path),

@@ -40,7 +40,6 @@ from pipeline.io.dicom_seg import (
     software_version,
 )
 from pipeline.io.export_files import writing
-from pipeline.io.image import one_line
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -122,7 +121,8 @@ def export_slide_seg(
             omit_empty_frames=True,
         )
     except Exception as exc:  # highdicom refuses a source it cannot place a SEG on
-        raise ConfigError(f"{path}: highdicom cannot build a SEG on this slide: {one_line(exc)}") from None
+        raise ConfigError(f"{path}: highdicom cannot build a SEG on this slide: "
+                          f"{' '.join(f'{type(exc).__name__}: {exc}'.split())}") from None  # fmt: skip
     if "PatientOrientation" not in seg:
         # type 2C in General Image, required without Image Orientation (Patient), which a
         # slide's SEG has not (its frame is the slide's); highdicom 0.28 leaves it out and
@@ -180,8 +180,7 @@ def _web_headers(uri: str) -> list[Dataset]:
     out: a SEG needs no pixels of its source)."""
     from pydicom.dataset import Dataset
 
-    from pipeline.io import dicomweb
-    from pipeline.io.dicom_wsi_web import PIXEL_DATA
+    import pipeline.io.dicomweb as dicomweb
 
     endpoint, series = dicomweb.split_instance(uri)
     try:
@@ -189,5 +188,5 @@ def _web_headers(uri: str) -> list[Dataset]:
     except Exception as exc:
         raise dicomweb.failure(endpoint, "WADO-RS series metadata", exc) from None
     wsi = [item for item in items if dicomweb.attribute_values(item, "SOPClassUID") == (dicomweb.WSI_SOP_CLASS,)]
-    return [Dataset.from_json({k: v for k, v in item.items() if k != PIXEL_DATA}) for item in wsi]
+    return [Dataset.from_json({k: v for k, v in item.items() if k != dicomweb.PIXEL_DATA}) for item in wsi]
 

@@ -30,12 +30,10 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from wsidicom.web import WsiDicomWebClient
 from wsidicom.web.wsidicom_web_source import WsiDicomWebSource
 
+import pipeline.io.dicomweb as dicomweb
 from pipeline.errors import InputError, SegpipeError
-from pipeline.io import dicomweb
 from pipeline.io.dicom_wsi import DicomWsiImage
 from pipeline.io.image import Limits, one_line
-
-PIXEL_DATA = "7FE00010"  # its tag in DICOM JSON
 
 
 class _Client(WsiDicomWebClient):
@@ -46,7 +44,7 @@ class _Client(WsiDicomWebClient):
         """The instance's WADO-RS metadata without Pixel Data: it comes as a bulk data URI,
         which pydicom warns it cannot resolve, and wsidicom reads frames by number."""
         item = self._client.retrieve_instance_metadata(study_uid, series_uid, instance_uid)
-        item.pop(PIXEL_DATA, None)
+        item.pop(dicomweb.PIXEL_DATA, None)
         return Dataset.from_json(item)
 
     def get_frames(self, study_uid: UID, series_uid: UID, instance_uid: UID, frame_indices: list[int],

@@ -51,6 +51,7 @@ NOT_IMAGES = frozenset({"SEG", "SR", "PR", "KO", "DOC", "REG", "RTSTRUCT", "RTPL
 _INSTANCE = re.compile(r"^(?P<root>.+)/studies/(?P<study>[0-9.]+)/series/(?P<series>[0-9.]+)"
                        r"(?:/instances/(?P<sop>[0-9.]+))?$")  # fmt: skip
 WSI_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
+PIXEL_DATA = "7FE00010"  # Pixel Data's key in DICOM JSON (metadata gives it as a bulk data URI)
 _REASONS = ("Connection refused", "Name or service not known", "No route to host", "timed out",
             "Temporary failure in name resolution", "Connection reset", "Network is unreachable")  # fmt: skip
 
@@ -142,6 +143,15 @@ def is_slide_series(uri: str) -> bool:
     """Whether `uri` names a whole-slide series (read frame by frame, never fetched whole)."""
     match = _INSTANCE.match(str(uri).removeprefix(PREFIX)) if is_dicomweb(str(uri)) else None
     return match is not None and not match["sop"]
+
+
+def series_hash(uri: str) -> str:
+    """What provenance records as a slide series' content: the sha256 of its study and
+    series UIDs (read, not fetched: like a SOP Instance UID, they name one slide)."""
+    import hashlib
+
+    _, series = split_instance(uri)
+    return hashlib.sha256(f"{series.study}/{series.series}".encode()).hexdigest()
 
 
 # -- QIDO-RS and WADO-RS metadata -----------------------------------------------------------------

@@ -7,7 +7,6 @@ import hashlib
 from pathlib import Path
 
 from pipeline.io.dicom_series import members
-from pipeline.io.dicomweb import is_slide_series
 
 HASH_BLOCK = 1 << 20  # bytes read at a time: hashing holds one block, whatever the file
 
@@ -43,10 +42,7 @@ def content_hash(location: str | Path) -> str:
     """What provenance records as an input's content: sha256 of a file; for a DICOM WSI
     (any instance file of the series, or its folder) the sha256 of its instance files'
     bytes in name order; for a directory (a zarr store) the hash of its files' names and
-    sizes and of its JSON metadata; for a DICOM WSI series in a PACS, the sha256 of its
-    study and series UIDs (read, not fetched: like a SOP Instance UID, they name one slide)."""
-    if is_slide_series(str(location)):
-        return hashlib.sha256(str(location).split("/studies/", 1)[1].encode()).hexdigest()
+    sizes and of its JSON metadata."""
     if is_remote(location):
         return sha256(location)
     files = members(local_path(location))

@@ -351,8 +351,8 @@ def _provenance(input_path: str, image: Image, model_path: str, card: ModelCard,
 def export(job: ImageJob, config: RunConfig, formats: tuple[str, ...] | None = None) -> dict[str, str]:
     """Write the requested exports beside the store (a local folder or any fsspec URL);
     returns format -> file location. Each format in pipeline.io.exports.EXPORTS says which
-    inputs it applies to (dicom-seg: DICOM X-rays); it is skipped, with a log line, for the
-    others."""
+    inputs it applies to (dicom-seg: DICOM X-rays and DICOM WSI); it is skipped, with a
+    warning line saying what it needs, for the others."""
     from pipeline.io.exports import EXPORTS
 
     store = OutputStore.open(job.store_path)

@@ -20,6 +20,7 @@ import argparse
 import json
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,6 +55,7 @@ def reads(size: int, regions: int, compression: str) -> str:
     work = Path(tempfile.mkdtemp(prefix="segpipe-dicomweb-bench-"))
     paths = write_dicom_wsi(work / "slide", tissue_rgb(size, size), tile=256, mpp=0.25, levels=3,
                             compression=compression)  # fmt: skip
+    (work / "orthanc").mkdir()
     server = Orthanc(work / "orthanc")
     server.start()
     try:
@@ -77,6 +79,7 @@ def reads(size: int, regions: int, compression: str) -> str:
         per_region = len(frames) / (ROUNDS * regions)
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
     rows = [f"| {name} | {statistics.median(t[0] for t in ts) * 1e3:.1f} | "
             f"{statistics.median(t[1] for t in ts) * 1e3:.1f} |" for name, ts in timings.items()]  # fmt: skip
     web, files = (statistics.median(t[1] for t in timings[n]) for n in timings)
@@ -125,8 +128,10 @@ def seg_one(size: int) -> dict[str, float]:
     out = export_slide_seg(paths[0], [mask], ["tissue"], work / "slide.seg.dcm", model)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    size_bytes = Path(out).stat().st_size
+    shutil.rmtree(work, ignore_errors=True)
     return {"size": size, "seconds": seconds, "peak_rss_mb": peak, "before_mb": base,
-            "bytes": Path(out).stat().st_size, "tiles": (size // 256) ** 2}  # fmt: skip
+            "bytes": size_bytes, "tiles": (size // 256) ** 2}  # fmt: skip
 
 
 def segs(sizes: list[int]) -> str:

@@ -69,16 +69,19 @@ def fetched(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
     return frames
 
 
-def upload_slide(orthanc: Orthanc, folder: Path) -> list[pydicom.Dataset]:
-    paths = write_dicom_wsi(folder, LEVEL0, tile=TILE, mpp=4.0, levels=3)
+def upload_slide(orthanc: Orthanc, folder: Path, compression: str = "none") -> list[pydicom.Dataset]:
+    paths = write_dicom_wsi(folder, LEVEL0, tile=TILE, mpp=4.0, levels=3, compression=compression)
     datasets = [pydicom.dcmread(p) for p in paths]
     orthanc.upload(*datasets)
     return datasets
 
 
-def test_a_slide_series_is_one_image_read_frame_by_frame(orthanc: Orthanc, tmp_path: Path,
+@pytest.mark.parametrize("compression", ["none", "jpeg"])
+def test_a_slide_series_is_one_image_read_frame_by_frame(orthanc: Orthanc, tmp_path: Path, compression: str,
                                                          fetched: list[tuple[str, int]]) -> None:  # fmt: skip
-    levels = upload_slide(orthanc, tmp_path / "slide")
+    """Uncompressed and JPEG frames alike: the frames the PACS holds, not transcoded (the
+    same pixels as the files decoded here)."""
+    levels = upload_slide(orthanc, tmp_path / "slide", compression)
     out = str(tmp_path / "out")
 
     found = pacs.query(orthanc.source, out, ("Modality in [SM]",), RunConfig(watermark=False))
@@ -89,6 +92,7 @@ def test_a_slide_series_is_one_image_read_frame_by_frame(orthanc: Orthanc, tmp_p
     with open_image(source.uri) as web, open_image(tmp_path / "slide") as files:
         assert web.levels == files.levels and web.mpp == files.mpp == pytest.approx(4.0)
         assert web.metadata_safe() == {**files.metadata_safe(), "source": "dicomweb"}
+        assert web.metadata_safe()["modality"] == "SM"  # what the card's modality check reads
         assert not fetched  # opening reads metadata only
         region = web.read_region(1, 10, TILE + 10, 200, TILE)  # columns 1-2 of level 1's row 0
         np.testing.assert_array_equal(region, files.read_region(1, 10, TILE + 10, 200, TILE))

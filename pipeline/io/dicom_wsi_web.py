@@ -9,13 +9,16 @@ caches. The series is never downloaded whole: levels the run does not read (leve
 the model works on a coarser one and the picture starts below it) are not fetched at all.
 Levels, spacing and sparse rules are the file reader's (pipeline/io/dicom_wsi.py).
 
-Transfer syntax (quirk): a frame is asked for in a syntax the PACS says it holds the
-instance in (QIDO-RS AvailableTransferSyntaxUID; wsidicom's preference order, JPEG first),
-so nothing is transcoded. A PACS that does not say (Orthanc 1.10) is asked for Explicit VR
-Little Endian, which every DICOMweb server must serve for frames (PS3.18 8.7.3.5): never a
-lossy re-encoding (the mask equals the one from the same series' files), at the cost of
-uncompressed transfers of a JPEG-stored slide. wsidicom would otherwise probe by fetching
-frame 1 of each instance in each syntax it tries, and take a transcoded JPEG first.
+Transfer syntax (quirk): frames are asked for in the syntax the instance is stored in, so
+nothing is transcoded. A PACS that lists it (QIDO-RS AvailableTransferSyntaxUID) is
+believed (wsidicom's preference order among those listed, JPEG first). One that does not
+(Orthanc 1.10) is asked for the syntax the header implies: YBR_FULL_422 pixels are JPEG
+Baseline, YBR_ICT JPEG 2000, YBR_RCT JPEG 2000 lossless (PS3.5 8.2); anything else
+Explicit VR Little Endian, which every DICOMweb server serves for frames (PS3.18 8.7.3.5)
+and is never lossy (limit: an RGB JPEG slide then travels uncompressed, decoded by the
+PACS). wsidicom would otherwise probe each instance by fetching frame 1 in each syntax
+it tries, JPEG first, which a transcoding PACS answers with a lossy re-encoding of an
+uncompressed slide.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ from typing import Any
 import numpy as np
 import requests
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+)
 from wsidicom.web import WsiDicomWebClient
 from wsidicom.web.wsidicom_web_source import WsiDicomWebSource
 
@@ -35,17 +44,28 @@ from pipeline.errors import InputError, SegpipeError
 from pipeline.io.dicom_wsi import DicomWsiImage
 from pipeline.io.image import Limits, one_line
 
+# Photometric interpretations only a compressed syntax carries (PS3.5 8.2): the syntax an
+# instance with them is stored in.
+STORED_AS = {"YBR_FULL_422": JPEGBaseline8Bit, "YBR_ICT": JPEG2000, "YBR_RCT": JPEG2000Lossless}
+
 
 class _Client(WsiDicomWebClient):
     """wsidicom's client, asked which syntax a PACS serves only when the PACS did not list
-    the ones it holds: Explicit VR Little Endian, without a probing request (module doc)."""
+    the ones it holds: the one the header implies, without a probing request (module doc)."""
+
+    def __init__(self, client: Any) -> None:
+        super().__init__(client)
+        self._stored: dict[str, UID] = {}  # SOP Instance UID -> the syntax its header implies
 
     def get_instance(self, study_uid: UID, series_uid: UID, instance_uid: UID) -> Dataset:
         """The instance's WADO-RS metadata without Pixel Data: it comes as a bulk data URI,
         which pydicom warns it cannot resolve, and wsidicom reads frames by number."""
         item = self._client.retrieve_instance_metadata(study_uid, series_uid, instance_uid)
         item.pop(dicomweb.PIXEL_DATA, None)
-        return Dataset.from_json(item)
+        header = Dataset.from_json(item)
+        photometric = str(header.get("PhotometricInterpretation", "")).strip()
+        self._stored[str(instance_uid)] = STORED_AS.get(photometric, ExplicitVRLittleEndian)
+        return header
 
     def get_frames(self, study_uid: UID, series_uid: UID, instance_uid: UID, frame_indices: list[int],
                    transfer_syntax: UID) -> Iterator[bytes]:  # fmt: skip
@@ -57,7 +77,7 @@ class _Client(WsiDicomWebClient):
 
     def is_transfer_syntax_supported(self, study_uid: UID, series_uid: UID, instance_uid: UID,
                                      transfer_syntax: UID) -> bool:  # fmt: skip
-        return transfer_syntax == ExplicitVRLittleEndian
+        return transfer_syntax == self._stored.get(str(instance_uid), ExplicitVRLittleEndian)
 
 
 class DicomWebWsiImage(DicomWsiImage):

@@ -7,11 +7,11 @@ so elsewhere). Open time (metadata) and random 512² region reads at level 0, th
 segpipe's DICOMweb reader and its file reader, each opened afresh (cold caches), three
 rounds interleaved, medians kept; frames fetched per region.
 
-Part 2: seconds, peak RSS and file size of a slide's tiled BINARY SEG
-(pipeline.io.dicom_seg_slide) of a tissue-like mask, one size per fresh process.
+Part 2: seconds, peak allocation (tracemalloc), frames and file size of a slide's tiled
+BINARY SEG (pipeline.io.dicom_seg_slide) of a tissue-like mask, one size per process.
 
 Usage: sh tests/isolated.sh python benchmarks/dicomweb_slide.py [--size 4096] [--regions 50]
-           [--seg-sizes 4096 8192] [--quick]
+           [--seg-sizes 4096 8192 16384] [--quick] [--skip-reads]
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -85,7 +84,8 @@ def reads(size: int, regions: int, compression: str) -> str:
     web, files = (statistics.median(t[1] for t in timings[n]) for n in timings)
     return "\n".join([
         f"{size}² DICOM WSI, 3 levels, 256² {compression} frames; {regions} random {REGION}² regions at "
-        f"level 0, median of {ROUNDS} rounds; {per_region:.1f} frames fetched per region through DICOMweb; "
+        f"level 0, median of {ROUNDS} rounds; {per_region:.1f} frames fetched per region through DICOMweb "
+        f"(after wsidicom's frame cache); "
         f"load average {load()}", "",
         "| reader | open (ms) | region read (ms) |", "|---|---|---|", *rows, "",
         f"DICOMweb / files region read: {web / files:.2f}x", "",
@@ -108,9 +108,13 @@ def _counting() -> list[int]:
 
 
 def seg_one(size: int) -> dict[str, float]:
-    """Write the SEG of a size² tissue-like mask on a size² DICOM WSI (uncompressed level 0
-    frames written only as headers matter: levels=1); seconds, peak RSS, bytes."""
+    """Write the SEG of a size² tissue-like mask on a size² DICOM WSI; seconds (untraced),
+    the export's peak allocation (tracemalloc, which numpy reports to: a second, traced
+    export), bytes and frames."""
+    import tracemalloc
+
     import numpy as np
+    import pydicom
 
     from pipeline.cards import ModelId
     from pipeline.io.dicom_seg_slide import export_slide_seg
@@ -119,19 +123,22 @@ def seg_one(size: int) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="segpipe-seg-bench-"))
     yy, xx = np.ogrid[:size, :size]
     mask = ((((yy - size / 2) / (size * 0.35)) ** 2 + ((xx - size / 2) / (size * 0.3)) ** 2) <= 1).astype(np.uint8)
-    # a source of the mask's size: its frames do not matter to the SEG, so one grey frame
-    # repeated keeps the file small (the SEG reads headers only)
-    paths = write_dicom_wsi(work / "slide", np.full((size, size, 3), 200, np.uint8), tile=256, levels=1)
+    # the SEG reads only the source's headers: grey JPEG frames keep its source small
+    grey = np.broadcast_to(np.uint8(200), (size, size, 3))
+    paths = write_dicom_wsi(work / "slide", grey, tile=256, levels=1, compression="jpeg")
     model = ModelId.from_provenance({"card": {"name": "tissue-he", "weights_sha256": "ab" * 32}})
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     out = export_slide_seg(paths[0], [mask], ["tissue"], work / "slide.seg.dcm", model)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tracemalloc.start()
+    export_slide_seg(paths[0], [mask], ["tissue"], work / "traced.seg.dcm", model)
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    frames = int(pydicom.dcmread(out, stop_before_pixels=True).NumberOfFrames)
     size_bytes = Path(out).stat().st_size
     shutil.rmtree(work, ignore_errors=True)
-    return {"size": size, "seconds": seconds, "peak_rss_mb": peak, "before_mb": base,
-            "bytes": size_bytes, "tiles": (size // 256) ** 2}  # fmt: skip
+    return {"size": size, "seconds": seconds, "peak_mb": peak, "mask_mb": mask.nbytes / 2**20,
+            "bytes": size_bytes, "frames": frames, "tiles": -(-size // 256) ** 2}  # fmt: skip
 
 
 def segs(sizes: list[int]) -> str:
@@ -140,12 +147,13 @@ def segs(sizes: list[int]) -> str:
         proc = subprocess.run([sys.executable, __file__, "--seg-one", str(size)], capture_output=True,
                               text=True, check=True, cwd=ROOT)  # fmt: skip
         r = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append(f"| {size}² | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} ({r['before_mb']:.0f} before) | "
-                    f"{r['bytes'] / 1e6:.2f} |")  # fmt: skip
+        rows.append(f"| {size}² | {r['seconds']:.1f} | {r['peak_mb']:.0f} ({r['mask_mb']:.0f}) | "
+                    f"{r['frames']} of {r['tiles']} | {r['bytes'] / 1e6:.2f} |")  # fmt: skip
     return "\n".join([
-        f"Tiled BINARY SEG of a tissue ellipse (~33% of the slide), 256² frames, empty ones omitted; "
-        f"load average {load()}", "",
-        "| mask | write (s) | peak RSS (MB) | file (MB) |", "|---|---|---|---|", *rows, "",
+        f"Tiled BINARY SEG (uncompressed) of a tissue ellipse (~33% of the slide), 256² frames, empty ones "
+        f"omitted, one size per process; load average {load()}", "",
+        "| mask | write (s) | export's peak allocation, MB (the mask's) | frames | file (MB) |",
+        "|---|---|---|---|---|", *rows, "",
     ])  # fmt: skip
 
 
@@ -154,7 +162,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--regions", type=int, default=50)
     parser.add_argument("--uncompressed", action="store_true")
-    parser.add_argument("--seg-sizes", type=int, nargs="*", default=[4096, 8192])
+    parser.add_argument("--seg-sizes", type=int, nargs="*", default=[4096, 8192, 16384])
+    parser.add_argument("--skip-reads", action="store_true")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seg-one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -164,7 +173,8 @@ def main() -> None:
     if args.quick:
         args.size, args.regions, args.seg_sizes = 2048, 20, [2048]
     print("## DICOM WSI through DICOMweb (benchmarks/dicomweb_slide.py)\n")
-    print(reads(args.size, args.regions, "none" if args.uncompressed else "jpeg"))
+    if not args.skip_reads:
+        print(reads(args.size, args.regions, "none" if args.uncompressed else "jpeg"))
     print(segs(args.seg_sizes))
 
 

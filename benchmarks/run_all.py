@@ -41,6 +41,8 @@ def parts(args: argparse.Namespace) -> dict[str, list[str]]:
         "prune_levels": ["prune_levels.py", *quick],
         "wsi_read": ["wsi_read.py", *quick],
         "slide_exports": ["slide_exports.py", *quick],
+        # its DICOMweb part runs only in tests/isolated.sh's namespace (Orthanc), else says so
+        "dicomweb_slide": ["dicomweb_slide.py", *quick],
     }
 
 

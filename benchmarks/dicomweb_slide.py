@@ -138,7 +138,7 @@ def seg_one(size: int) -> dict[str, float]:
     size_bytes = Path(out).stat().st_size
     shutil.rmtree(work, ignore_errors=True)
     return {"size": size, "seconds": seconds, "peak_mb": peak, "mask_mb": mask.nbytes / 2**20,
-            "bytes": size_bytes, "frames": frames, "tiles": -(-size // 256) ** 2}  # fmt: skip
+            "bytes": size_bytes, "frames": frames, "tiles": (-(-size // 256)) ** 2}  # fmt: skip
 
 
 def segs(sizes: list[int]) -> str:

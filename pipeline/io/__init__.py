@@ -2,8 +2,8 @@
 
 ``open_image`` sniffs the content (magic bytes, not the extension) and dispatches to one
 reader per format: dicom.py (X-rays), dicom_wsi.py (DICOM whole-slide series, wsidicom),
-dicom_wsi_web.py (the same from a PACS over DICOMweb), raster.py (PNG/JPEG), tiff.py (TIFF, SVS, NDPI, Philips, OME-TIFF), zarr_image.py (zarr,
-OME-Zarr), openslide_image.py (MRXS, SCN, BIF, VMS/VMU and OpenSlide's other formats). See
+dicom_wsi_web.py (the same from a PACS over DICOMweb), raster.py (PNG/JPEG), tiff.py
+(TIFF, SVS, NDPI, Philips, OME-TIFF), zarr_image.py (zarr, OME-Zarr), openslide_image.py (MRXS, SCN, BIF, VMS/VMU and OpenSlide's other formats). See
 ingest.py for which path each format takes to zarr.
 """
 
@@ -57,9 +57,8 @@ def open_image(
     """
     limits = Limits(max_pixels=max_pixels, max_slide_pixels=max_slide_pixels)
     if is_slide_series(str(path)):  # a slide in a PACS: read frame by frame, nothing to sniff
-        from pipeline.io.dicom_wsi_web import (
-            DicomWebWsiImage,  # wsidicom: the 'slides' extra
-        )
+        # wsidicom is the optional 'slides' extra
+        from pipeline.io.dicom_wsi_web import DicomWebWsiImage
 
         return DicomWebWsiImage(str(path), limits)
     path = Path(path)

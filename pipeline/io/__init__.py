@@ -3,8 +3,9 @@
 ``open_image`` sniffs the content (magic bytes, not the extension) and dispatches to one
 reader per format: dicom.py (X-rays), dicom_wsi.py (DICOM whole-slide series, wsidicom),
 dicom_wsi_web.py (the same from a PACS over DICOMweb), raster.py (PNG/JPEG), tiff.py
-(TIFF, SVS, NDPI, Philips, OME-TIFF), zarr_image.py (zarr, OME-Zarr), openslide_image.py (MRXS, SCN, BIF, VMS/VMU and OpenSlide's other formats). See
-ingest.py for which path each format takes to zarr.
+(TIFF, SVS, NDPI, Philips, OME-TIFF), zarr_image.py (zarr, OME-Zarr), openslide_image.py
+(MRXS, SCN, BIF, VMS/VMU and OpenSlide's other formats). See ingest.py for which path each
+format takes to zarr.
 """
 
 from __future__ import annotations

@@ -136,3 +136,16 @@ def test_a_slide_from_the_pacs_segments_like_its_files_and_its_seg_goes_back(
     np.testing.assert_array_equal(segmentation.get_total_pixel_matrix(combine_segments=True), mask[...])
     local = next((tmp_path / "web").glob("*.seg.dcm"))
     assert "Error" not in subprocess.run(["dciodvfy", "-new", str(local)], capture_output=True, text=True).stderr
+
+
+def test_a_pacs_gone_mid_slide_is_one_line_naming_the_service_root(orthanc: Orthanc, tmp_path: Path) -> None:
+    """An OSError (the ingest task retries it), never a decoding error of the image, and
+    no UID in it (the request URL's path holds them)."""
+    levels = upload_slide(orthanc, tmp_path / "slide")
+    [source] = pacs.query(orthanc.source, str(tmp_path / "out"), ("Modality in [SM]",), RunConfig()).sources
+    with open_image(source.uri) as web:
+        orthanc.stop()
+        with pytest.raises(OSError) as caught:
+            web.read_region(2, 0, 0, 100, 100)
+    assert str(caught.value) == f"{orthanc.url}: WADO-RS frames: cannot reach the PACS (Connection refused)"
+    assert levels[2].SOPInstanceUID not in str(caught.value)

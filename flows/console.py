@@ -164,8 +164,9 @@ def run_collection(inputs: list[str], model: str, out: str, config: Any, concurr
     import httpx
     from prefect import tags
 
-    from flows import reaper, runs
+    from flows import offline, reaper, runs
     from flows.discover import Inputs
+    from flows.preflight import verbose
     from flows.segment import (  # Prefect: only for commands that run
         results,
         segment_collection,
@@ -173,17 +174,28 @@ def run_collection(inputs: list[str], model: str, out: str, config: Any, concurr
     from pipeline.store import storage_refusal
 
     reaper.start()  # the Prefect server and local Ray this run starts end with it, even on kill -9
+    unreachable = None  # why Prefect's API failed the run, if it did (flows/offline.py)
     try:
         runs.check_api()
         with live_progress(err_console), tags("segpipe", runs.driver_tag()):
             runs.mark_crashed_runs()
             done = results(segment_collection(Inputs(inputs), model, out, config, concurrency, return_state=True))
-    except (SegpipeError, ValueError, OSError, httpx.HTTPError) as exc:
-        # the run itself could not go on: a setting, the cluster, the server or the storage
-        # (OSError: unreachable, timed out, or storage refusing a write: full, read-only)
-        refused = storage_refusal(exc)
-        text = str(refused) if refused else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-        usage_error(f"run stopped: {text}")
+        if not report.all_complete(done) and offline.may_fall_back():
+            unreachable = offline.failing_now()  # images' errors are text by now: ask the API
+    except Exception as exc:
+        unreachable = offline.why_unreachable(exc)
+        if unreachable is None and not isinstance(exc, (SegpipeError, ValueError, OSError, httpx.HTTPError)):
+            raise
+        if unreachable is None:
+            # the run itself could not go on: a setting, the cluster, the server or the storage
+            # (OSError: unreachable, timed out, or storage refusing a write: full, read-only)
+            refused = storage_refusal(exc)
+            text = str(refused) if refused else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            usage_error(f"run stopped: {text}")
+    if unreachable is not None:  # Prefect is never the reason a run fails
+        code, done = offline.run_without_api(unreachable, inputs, model, out, config, concurrency, verbose())
+        if code:
+            offline.leave(code)  # the child said why
     if show_table:
         out_console.print(results_table(done, title=title))
         for line in report.problems(done):

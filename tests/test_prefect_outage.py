@@ -1,0 +1,121 @@
+"""Prefect is never the reason a run fails: `segpipe run` against a real Prefect server
+behind a loopback proxy that is made to fail mid-run (503 Service Unavailable, refused
+connections), for a while and for good.
+
+A short outage is ridden out by the client's retries, and Prefect keeps the whole record;
+an API gone for good leaves the run to go on without it: exit 0, one line saying so, and
+the stores and the run record complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import PIL.Image
+import pytest
+
+from tests.prefect_fixtures import ApiProxy, PrefectServer, stop_process
+
+pytestmark = pytest.mark.slow  # a Prefect server, and runs of a few tiny images through it
+
+IMAGES = 3
+UNREACHABLE_LINE = "Prefect API unreachable"
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PrefectServer, ApiProxy]]:
+    server = PrefectServer(tmp_path_factory.mktemp("prefect-server"))
+    server.start()
+    proxy = ApiProxy(("127.0.0.1", server.port))
+    yield server, proxy
+    proxy.close()
+    server.stop()
+
+
+def _images(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(IMAGES):
+        pixels = np.random.default_rng(i).integers(0, 255, (96, 96, 3), dtype=np.uint8)
+        PIL.Image.fromarray(pixels).save(folder / f"x{i}.png")
+    return folder
+
+
+def _run_with_outage(api: ApiProxy, model: Path, root: Path, outage: Callable[[], None],
+                     **settings: str) -> tuple[subprocess.CompletedProcess, Path]:  # fmt: skip
+    """`segpipe run` on a few tiny images through the proxy; `outage` runs once the first
+    output exists (the run is under way), then the proxy passes again."""
+    out = root / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_"))}
+    env |= {"PREFECT_API_URL": api.api, "PREFECT_HOME": str(root / "client"), **settings}
+    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(_images(root / "in")), "-m", str(model),
+                            "-o", str(out), "--tile", "32", "--export", "none", "--concurrency", "1", "--json"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("*.zarr")):
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.1)
+        outage()
+        stdout, stderr = run.communicate(timeout=600)
+    finally:
+        stop_process(run, 9)
+        api.set("pass")
+    return subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr), out
+
+
+def _flow_runs(server: PrefectServer, name: str) -> list[dict]:
+    body = {"flows": {"name": {"any_": [name]}}}
+    return httpx.post(f"{server.api}/flow_runs/filter", json=body, timeout=30).json()
+
+
+def test_a_short_outage_is_ridden_out_and_prefect_keeps_the_whole_record(
+    api: tuple[PrefectServer, ApiProxy], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    server, proxy = api
+
+    def outage() -> None:  # answering 503 for a while, then gone for a while
+        proxy.set("503")
+        time.sleep(5)
+        proxy.set("refuse")
+        time.sleep(5)
+        proxy.set("pass")
+
+    done, out = _run_with_outage(proxy, tiny_checkpoint, tmp_path, outage)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [r["state"] for r in json.loads(done.stdout)] == ["complete"] * IMAGES
+    assert UNREACHABLE_LINE not in done.stderr  # ridden out, not gone around
+    [collection] = _flow_runs(server, "segment-collection")
+    assert collection["state_type"] == "COMPLETED", collection["state"]
+    images = _flow_runs(server, "segment-image")
+    assert sorted(r["state_type"] for r in images) == ["COMPLETED"] * IMAGES
+
+
+def test_an_api_gone_for_good_leaves_the_run_to_go_on_without_it(
+    api: tuple[PrefectServer, ApiProxy], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    _, proxy = api
+    # two retries (2 + 4 s) instead of the CLI's seven (~4 min) keep the test short
+    done, out = _run_with_outage(proxy, tiny_checkpoint, tmp_path, lambda: proxy.set("503"),
+                                 PREFECT_CLIENT_MAX_RETRIES="2")  # fmt: skip
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    said = [line for line in done.stderr.splitlines() if UNREACHABLE_LINE in line]
+    assert len(said) == 1, done.stderr[-3000:]
+    assert "503" in said[0] and "segpipe-run.json" in said[0]
+    assert [r["state"] for r in json.loads(done.stdout)] == ["complete"] * IMAGES
+    record = json.loads((out / "segpipe-run.json").read_text())
+    assert [r["state"] for r in record["images"]] == ["complete"] * IMAGES
+    status = subprocess.run([sys.executable, "-m", "flows.cli", "status", str(out), "--json"],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert status.returncode == 0, status.stdout[-2000:] + status.stderr[-2000:]
+    assert [s["state"] for s in json.loads(status.stdout)["images"]] == ["complete"] * IMAGES

@@ -118,6 +118,12 @@ class ApiProxy:
     def close(self) -> None:
         self.set("refuse")
 
+    def __enter__(self) -> ApiProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _listen(self) -> None:
         listener = socket.socket()
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

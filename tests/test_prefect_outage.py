@@ -22,9 +22,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from tests.prefect_fixtures import ApiProxy, PrefectServer, stop_process
+from tests.prefect_fixtures import ApiProxy, PrefectServer, free_port, stop_process
 
-pytestmark = pytest.mark.slow  # a Prefect server, and runs of a few tiny images through it
+slow = pytest.mark.slow  # a Prefect server, and runs of a few tiny images through it
 
 IMAGES = 3
 UNREACHABLE_LINE = "Prefect API unreachable"
@@ -38,6 +38,53 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PrefectServe
     yield server, proxy
     proxy.close()
     server.stop()
+
+
+# -- which errors are Prefect's: real errors of Prefect's client and of plain httpx ------------
+
+
+def _prefect_client_error(api: str) -> Exception:
+    """What Prefect's own client raises against `api`."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_CLIENT_MAX_RETRIES,
+        temporary_settings,
+    )
+
+    with temporary_settings({PREFECT_API_URL: api, PREFECT_CLIENT_MAX_RETRIES: 0}):
+        with get_client(sync_client=True) as client:
+            try:
+                client.read_flows(limit=1)
+            except Exception as exc:
+                return exc
+    raise AssertionError(f"{api} answered")
+
+
+def test_errors_of_prefects_api_are_told_from_the_runs_own() -> None:
+    from flows.offline import api_failure
+    from flows.runs import ApiUnreachable
+    from pipeline.errors import InputError
+
+    refused = _prefect_client_error(f"http://127.0.0.1:{free_port()}/api")  # nothing listens there
+    assert api_failure(refused).startswith("ConnectError")
+    try:  # the same error deep in a flow's failure
+        try:
+            raise refused
+        except Exception as inner:
+            raise RuntimeError("segment-collection ended Crashed") from inner
+    except RuntimeError as outer:
+        assert api_failure(outer) == api_failure(refused)
+    with ApiProxy(("127.0.0.1", free_port())) as proxy:  # a proxy answering 503
+        proxy.set("503")
+        assert api_failure(_prefect_client_error(proxy.api)) == "503 Service Unavailable"
+    assert api_failure(ApiUnreachable("cannot reach ...", "ConnectError: refused")) == "ConnectError: refused"
+    assert api_failure(RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server."))
+    # not Prefect's: a PACS (plain httpx) that refuses, a bad input
+    with pytest.raises(httpx.ConnectError) as pacs:
+        httpx.get(f"http://127.0.0.1:{free_port()}/dicom-web/studies")
+    assert api_failure(pacs.value) is None
+    assert api_failure(InputError("x.png: not an image")) is None
 
 
 def _images(folder: Path) -> Path:
@@ -77,6 +124,7 @@ def _flow_runs(server: PrefectServer, name: str) -> list[dict]:
     return httpx.post(f"{server.api}/flow_runs/filter", json=body, timeout=30).json()
 
 
+@slow
 def test_a_short_outage_is_ridden_out_and_prefect_keeps_the_whole_record(
     api: tuple[PrefectServer, ApiProxy], tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -100,6 +148,7 @@ def test_a_short_outage_is_ridden_out_and_prefect_keeps_the_whole_record(
     assert sorted(r["state_type"] for r in images) == ["COMPLETED"] * IMAGES
 
 
+@slow
 def test_an_api_gone_for_good_leaves_the_run_to_go_on_without_it(
     api: tuple[PrefectServer, ApiProxy], tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -119,3 +168,37 @@ def test_an_api_gone_for_good_leaves_the_run_to_go_on_without_it(
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert status.returncode == 0, status.stdout[-2000:] + status.stderr[-2000:]
     assert [s["state"] for s in json.loads(status.stdout)["images"]] == ["complete"] * IMAGES
+
+
+OUTAGE_S = 70  # longer than Prefect's own retries wait (5 retries: 2 + 4 + ... + 32 = 62 s)
+
+
+@slow
+def test_a_run_rides_out_its_prefect_api_going_away_for_a_while(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The server itself stopped and started again (on its port and database), for longer
+    than Prefect's default retries wait: the CLI's retries ride it out."""
+    server = PrefectServer(tmp_path / "server")
+    server.start()
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_"))}
+    env.update(PREFECT_API_URL=server.api, PREFECT_HOME=str(tmp_path / "client"))
+    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(_images(tmp_path / "in")), "-m", str(tiny_checkpoint),
+                            "-o", str(out), "--tile", "32", "--export", "none", "--concurrency", "1", "--json"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("*.zarr")):  # the run is under way
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.2)
+        server.stop()
+        time.sleep(OUTAGE_S)
+        server.start()
+        stdout, stderr = run.communicate(timeout=600)
+    finally:
+        stop_process(run, 9)
+        server.stop()
+
+    assert run.returncode == 0, stderr[-3000:]
+    assert [r["state"] for r in json.loads(stdout)] == ["complete"] * IMAGES
+    assert UNREACHABLE_LINE not in stderr

@@ -95,7 +95,7 @@ def _images(folder: Path) -> Path:
     return folder
 
 
-def _run_with_outage(api: ApiProxy, model: Path, root: Path, outage: Callable[[], None],
+def _run_with_outage(api: ApiProxy, model: Path, root: Path, outage: Callable[[], None], concurrency: int = 1,
                      **settings: str) -> tuple[subprocess.CompletedProcess, Path]:  # fmt: skip
     """`segpipe run` on a few tiny images through the proxy; `outage` runs once the first
     output exists (the run is under way), then the proxy passes again."""
@@ -103,7 +103,7 @@ def _run_with_outage(api: ApiProxy, model: Path, root: Path, outage: Callable[[]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_"))}
     env |= {"PREFECT_API_URL": api.api, "PREFECT_HOME": str(root / "client"), **settings}
     run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(_images(root / "in")), "-m", str(model),
-                            "-o", str(out), "--tile", "32", "--export", "none", "--concurrency", "1", "--json"],
+                            "-o", str(out), "--tile", "32", "--export", "none", "--concurrency", str(concurrency), "--json"],
                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                            start_new_session=True)  # fmt: skip
     try:
@@ -153,8 +153,9 @@ def test_an_api_gone_for_good_leaves_the_run_to_go_on_without_it(
     api: tuple[PrefectServer, ApiProxy], tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     _, proxy = api
-    # two retries (2 + 4 s) instead of the CLI's seven (~4 min) keep the test short
-    done, out = _run_with_outage(proxy, tiny_checkpoint, tmp_path, lambda: proxy.set("503"),
+    # two retries (2 + 4 s) instead of the CLI's seven (~4 min) keep the test short; two
+    # images at once: the one the stopped run was still working on must not stay locked
+    done, out = _run_with_outage(proxy, tiny_checkpoint, tmp_path, lambda: proxy.set("503"), concurrency=2,
                                  PREFECT_CLIENT_MAX_RETRIES="2")  # fmt: skip
 
     assert done.returncode == 0, done.stderr[-3000:]

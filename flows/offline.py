@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from rich.markup import escape
 
 from flows.runs import ApiUnreachable
 
@@ -98,13 +99,16 @@ def run_without_api(reason: str, inputs: list[str], model: str, out: str, config
     child process on a private embedded Prefect, and return (the child's exit code, the
     results of its run record)."""
     global _went_offline
+    from prefect.settings import PREFECT_API_URL
+
     from flows.console import err_console
     from flows.report import read_record, record_location
 
     _went_offline = True
     _quiet_prefect(verbose)
-    err_console.print(f"[yellow]Prefect API unreachable[/] ({reason}): the run goes on without it; results in "
-                      f"{record_location(out)}", highlight=False, soft_wrap=True)  # fmt: skip
+    where = f"at {PREFECT_API_URL.value()}" if PREFECT_API_URL.value() else "(embedded server)"
+    err_console.print(f"[yellow]Prefect API {escape(where)} unreachable[/] ({escape(reason)}): the run goes on "
+                      f"without it; results in {escape(record_location(out))}", highlight=False, soft_wrap=True)  # fmt: skip
     _stop_ray()  # the child starts its own (or joins RAY_ADDRESS's cluster again)
     with tempfile.TemporaryDirectory(prefix="segpipe-prefect-") as home:
         spec = Path(home) / "run.pickle"

@@ -177,7 +177,7 @@ def run_collection(inputs: list[str], model: str, out: str, config: Any, concurr
     unreachable = None  # why Prefect's API failed the run, if it did (flows/offline.py)
     try:
         runs.check_api()
-        with live_progress(err_console), tags("segpipe", runs.driver_tag()):
+        with live_progress(err_console), tags("segpipe", runs.driver_tag()), offline.watch_api():
             runs.mark_crashed_runs()
             done = results(segment_collection(Inputs(inputs), model, out, config, concurrency, return_state=True))
         if not report.all_complete(done) and offline.may_fall_back():

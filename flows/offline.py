@@ -21,12 +21,16 @@ input, a PACS or storage that fails, stays the run's error.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ from rich.markup import escape
 
 from flows.runs import ApiUnreachable
 
+log = logging.getLogger(__name__)
 FALLBACK_ENV = "SEGPIPE_PREFECT_FALLBACK"  # set in the child: it does not fall back again
 RETRIED_CODES = frozenset({408, 429, 500, 502, 503, 504})
 EPHEMERAL_TIMEOUT = "ephemeral Prefect API server"  # Prefect's message when it did not start
@@ -87,6 +92,69 @@ def failing_now() -> str | None:
     if failure is None:
         return None
     return api_failure(failure) or f"{type(failure).__name__}: {' '.join(str(failure).split())}"
+
+
+WATCH_S = 2.0  # how often the watch asks the API's health while a run goes
+PROBE_TIMEOUT_S = 10.0
+
+
+@contextmanager
+def watch_api() -> Iterator[None]:
+    """While the block runs, ask the API's health every WATCH_S (a plain GET, no retries).
+    Once it has failed for longer than the client's retries ride out (`retry_budget_s`),
+    Prefect's client retries no more: each call still waiting fails at its next attempt,
+    and the run unwinds to go on without the API. Without this, every later call of a
+    run's teardown (states of the task, the subflow, the collection, each a few in a
+    row) would wait the retries out again: minutes each."""
+    if not may_fall_back():
+        yield
+        return
+    from prefect.client.orchestration import get_client
+
+    health = f"{str(get_client(sync_client=True).api_url).rstrip('/')}/health"  # starts the embedded server
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(health, stop), name="segpipe-api-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+
+
+def retry_budget_s() -> float:
+    """How long one call of Prefect's client waits on a failing API at most: its backoff
+    (2, 4, ... 2^retries s) with the jitter's upper end."""
+    from prefect.settings import (
+        PREFECT_CLIENT_MAX_RETRIES,
+        PREFECT_CLIENT_RETRY_JITTER_FACTOR,
+    )
+
+    return sum(2.0**k for k in range(1, PREFECT_CLIENT_MAX_RETRIES.value() + 1)) * (
+        1 + PREFECT_CLIENT_RETRY_JITTER_FACTOR.value())
+
+
+def _watch(health: str, stop: threading.Event) -> None:
+    failing_since = None
+    while not stop.wait(WATCH_S):
+        try:
+            answered = httpx.get(health, timeout=PROBE_TIMEOUT_S).status_code not in RETRIED_CODES
+        except httpx.HTTPError:
+            answered = False
+        now = time.monotonic()
+        failing_since = None if answered else failing_since or now
+        if failing_since is not None and now - failing_since > retry_budget_s():
+            _stop_retrying()
+            return
+
+
+def _stop_retrying() -> None:
+    """Prefect's client reads its retry count from the live settings at every attempt (an
+    object its threads share): set to 0, no call waits on the API any more."""
+    from prefect.settings import get_current_settings
+
+    log.warning("the Prefect API has not answered for %.0f s: no more retries", retry_budget_s())
+    get_current_settings().client.max_retries = 0
 
 
 def may_fall_back() -> bool:

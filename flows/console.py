@@ -40,6 +40,12 @@ def _console(stderr: bool = False) -> Console:
 
 
 OFF_TERMINAL_WIDTH = 400  # rich tables take only the width their cells need
+_verbose = False  # -v: Prefect's and the pipeline's logs on the terminal (flows/preflight.py)
+
+
+def set_verbose(verbose: bool) -> None:
+    global _verbose
+    _verbose = verbose
 out_console = _console()
 err_console = _console(stderr=True)
 
@@ -166,7 +172,6 @@ def run_collection(inputs: list[str], model: str, out: str, config: Any, concurr
 
     from flows import offline, reaper, runs
     from flows.discover import Inputs
-    from flows.preflight import verbose
     from flows.segment import (  # Prefect: only for commands that run
         results,
         segment_collection,
@@ -193,7 +198,8 @@ def run_collection(inputs: list[str], model: str, out: str, config: Any, concurr
             text = str(refused) if refused else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
             usage_error(f"run stopped: {text}")
     if unreachable is not None:  # Prefect is never the reason a run fails
-        code, done = offline.run_without_api(unreachable, inputs, model, out, config, concurrency, verbose())
+        err_console.print(f"[yellow]{escape(offline.announcement(unreachable, out))}[/]", highlight=False, soft_wrap=True)
+        code, done = offline.run_without_api(inputs, model, out, config, concurrency, _verbose)
         if code:
             offline.leave(code)  # the child said why
     if show_table:

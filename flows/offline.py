@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from rich.markup import escape
 
 from flows.runs import ApiUnreachable
 
@@ -161,29 +160,32 @@ def may_fall_back() -> bool:
     return not os.environ.get(FALLBACK_ENV)
 
 
-def run_without_api(reason: str, inputs: list[str], model: str, out: str, config: Any,
-                    concurrency: int, verbose: bool) -> tuple[int, list[Any]]:  # fmt: skip
-    """Say on one line that the run goes on without Prefect, run the collection again in a
-    child process on a private embedded Prefect, and return (the child's exit code, the
-    results of its run record)."""
+def run_without_api(inputs: list[str], model: str, out: str, config: Any, concurrency: int,
+                    verbose: bool) -> tuple[int, list[Any]]:  # fmt: skip
+    """Run the collection again in a child process (flows/rerun.py) on a private embedded
+    Prefect, and return (the child's exit code, the results of its run record)."""
     global _went_offline
-    from prefect.settings import PREFECT_API_URL
-
-    from flows.console import err_console
-    from flows.report import read_record, record_location
+    from flows.report import read_record
 
     _went_offline = True
     _quiet_prefect(verbose)
-    where = f"at {PREFECT_API_URL.value()}" if PREFECT_API_URL.value() else "(embedded server)"
-    err_console.print(f"[yellow]Prefect API {escape(where)} unreachable[/] ({escape(reason)}): the run goes on "
-                      f"without it; results in {escape(record_location(out))}", highlight=False, soft_wrap=True)  # fmt: skip
     _stop_ray()  # the child starts its own (or joins RAY_ADDRESS's cluster again)
     with tempfile.TemporaryDirectory(prefix="segpipe-prefect-") as home:
         spec = Path(home) / "run.pickle"
         spec.write_bytes(pickle.dumps({"inputs": inputs, "model": model, "out": out, "config": config,
                                        "concurrency": concurrency, "verbose": verbose}))  # fmt: skip
-        code = subprocess.call([sys.executable, "-m", "flows.offline", str(spec)], env=_private_env(home))
+        code = subprocess.call([sys.executable, "-m", "flows.rerun", str(spec)], env=_private_env(home))
     return code, read_record(out) if code == 0 else []
+
+
+def announcement(reason: str, out: str) -> str:
+    """The one line a run that goes on without the API says."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.report import record_location
+
+    where = f"at {PREFECT_API_URL.value()}" if PREFECT_API_URL.value() else "(embedded server)"
+    return f"Prefect API {where} unreachable ({reason}): the run goes on without it; results in {record_location(out)}"
 
 
 def went_offline() -> bool:
@@ -250,18 +252,3 @@ def _request(error: httpx.TransportError) -> httpx.Request | None:
 def _from_prefect(request: httpx.Request | None) -> bool:
     """A request of Prefect's client (it names itself in the User-Agent: `prefect/3.x`)."""
     return request is not None and request.headers.get("user-agent", "").startswith("prefect/")
-
-
-def _child(spec_path: str) -> None:
-    """The run again, on a private embedded Prefect (this process's environment)."""
-    from flows.console import run_collection
-    from flows.preflight import quiet_logs
-
-    spec = pickle.loads(Path(spec_path).read_bytes())
-    quiet_logs(spec["verbose"])
-    run_collection(spec["inputs"], spec["model"], spec["out"], spec["config"], spec["concurrency"],
-                   show_table=False)  # fmt: skip
-
-
-if __name__ == "__main__":
-    _child(sys.argv[1])

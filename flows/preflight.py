@@ -9,15 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flows.console import err_console, usage_error
+from flows.console import err_console, set_verbose, usage_error
 from pipeline.errors import SegpipeError
-
-_verbose = False
-
-
-def verbose() -> bool:
-    """Whether the command was asked for Prefect's and the pipeline's logs (-v)."""
-    return _verbose
 
 
 def quiet_logs(verbose: bool) -> None:
@@ -25,8 +18,7 @@ def quiet_logs(verbose: bool) -> None:
     (its logs still reach its API); pipeline logs go to Prefect too. These settings are
     read when prefect and ray are first imported, so a process that already imported
     them (a test, a notebook) keeps its own."""
-    global _verbose
-    _verbose = verbose
+    set_verbose(verbose)
     if "prefect" in sys.modules:
         return
     defaults = {

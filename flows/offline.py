@@ -109,10 +109,12 @@ def watch_api() -> Iterator[None]:
         yield
         return
     from prefect.client.orchestration import get_client
+    from prefect.settings import get_current_settings
 
     health = f"{str(get_client(sync_client=True).api_url).rstrip('/')}/health"  # starts the embedded server
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(health, stop), name="segpipe-api-watch", daemon=True)
+    watcher = threading.Thread(target=_watch, args=(health, get_current_settings(), stop),
+                               name="segpipe-api-watch", daemon=True)  # fmt: skip
     watcher.start()
     try:
         yield
@@ -121,20 +123,15 @@ def watch_api() -> Iterator[None]:
         watcher.join()
 
 
-def retry_budget_s() -> float:
+def retry_budget_s(retries: int, jitter: float) -> float:
     """How long one call of Prefect's client waits on a failing API at most: its backoff
-    (2, 4, ... 2^retries s) with the jitter's upper end."""
-    from prefect.settings import (
-        PREFECT_CLIENT_MAX_RETRIES,
-        PREFECT_CLIENT_RETRY_JITTER_FACTOR,
-    )
-
-    return sum(2.0**k for k in range(1, PREFECT_CLIENT_MAX_RETRIES.value() + 1)) * (
-        1 + PREFECT_CLIENT_RETRY_JITTER_FACTOR.value())
+    (2, 4, ... 2^retries s) at the jitter's upper end."""
+    return sum(2.0**k for k in range(1, retries + 1)) * (1 + jitter)
 
 
-def _watch(health: str, stop: threading.Event) -> None:
+def _watch(health: str, settings: Any, stop: threading.Event) -> None:
     failing_since = None
+    budget = retry_budget_s(settings.client.max_retries, settings.client.retry_jitter_factor)
     while not stop.wait(WATCH_S):
         try:
             answered = httpx.get(health, timeout=PROBE_TIMEOUT_S).status_code not in RETRIED_CODES
@@ -142,18 +139,12 @@ def _watch(health: str, stop: threading.Event) -> None:
             answered = False
         now = time.monotonic()
         failing_since = None if answered else failing_since or now
-        if failing_since is not None and now - failing_since > retry_budget_s():
-            _stop_retrying()
+        if failing_since is not None and now - failing_since > budget:
+            # Prefect's client reads its retry count from these settings at every attempt
+            # (one object its threads share): at 0, no call waits on the API any more
+            log.warning("the Prefect API has not answered for %.0f s: no more retries", budget)
+            settings.client.max_retries = 0
             return
-
-
-def _stop_retrying() -> None:
-    """Prefect's client reads its retry count from the live settings at every attempt (an
-    object its threads share): set to 0, no call waits on the API any more."""
-    from prefect.settings import get_current_settings
-
-    log.warning("the Prefect API has not answered for %.0f s: no more retries", retry_budget_s())
-    get_current_settings().client.max_retries = 0
 
 
 def may_fall_back() -> bool:

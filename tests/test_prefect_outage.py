@@ -9,10 +9,12 @@ the stores and the run record complete.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -85,6 +87,46 @@ def test_errors_of_prefects_api_are_told_from_the_runs_own() -> None:
         httpx.get(f"http://127.0.0.1:{free_port()}/dicom-web/studies")
     assert api_failure(pacs.value) is None
     assert api_failure(InputError("x.png: not an image")) is None
+
+
+class _Healthy(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_watch_stops_the_retries_once_the_api_failed_longer_than_they_ride_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_CLIENT_MAX_RETRIES,
+        PREFECT_CLIENT_RETRY_JITTER_FACTOR,
+        temporary_settings,
+    )
+
+    from flows import offline
+
+    assert offline.retry_budget_s(7, 0.2) == pytest.approx((2 + 4 + 8 + 16 + 32 + 64 + 128) * 1.2)
+    monkeypatch.setattr(offline, "WATCH_S", 0.2)
+    monkeypatch.delenv(offline.FALLBACK_ENV, raising=False)
+    healthy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Healthy)
+    threading.Thread(target=healthy.serve_forever, daemon=True).start()
+    retries = {PREFECT_CLIENT_MAX_RETRIES: 2, PREFECT_CLIENT_RETRY_JITTER_FACTOR: 0}  # a budget of 6 s
+    with ApiProxy(healthy.server_address) as proxy, temporary_settings({PREFECT_API_URL: proxy.api, **retries}):
+        with offline.watch_api():
+            time.sleep(8)  # an API that answers: retries stay
+            assert PREFECT_CLIENT_MAX_RETRIES.value() == 2
+            proxy.set("503")
+            deadline = time.monotonic() + 60
+            while PREFECT_CLIENT_MAX_RETRIES.value() != 0:
+                assert time.monotonic() < deadline, "retries never stopped"
+                time.sleep(0.1)
+    healthy.shutdown()
 
 
 def _images(folder: Path) -> Path:

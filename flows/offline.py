@@ -207,8 +207,6 @@ def _quiet_prefect(verbose: bool) -> None:
     """The dead API's workers log every item they cannot send: not on the terminal."""
     if verbose:
         return
-    import logging
-
     for name in list(logging.root.manager.loggerDict):
         if name == "prefect" or name.startswith("prefect."):
             logging.getLogger(name).disabled = True

@@ -128,13 +128,23 @@ def run(inputs: list[str], model: str, out: str, concurrency: int = 2, as_json: 
     results = run_collection(inputs, model_path, out, config, concurrency, show_table=not as_json)
     if as_json:
         out_console.print_json(json.dumps([asdict(r) for r in results]))
-    raise typer.Exit(exit_code(results, qc_flag_exit=config.qc_flag_exit))
+    finish(exit_code(results, qc_flag_exit=config.qc_flag_exit))
 
 
 options.command(run, [
     _param("inputs", Inputs), _param("model", Model), _param("out", Out),
     _param("as_json", AsJson, False), *settings_options(), _param("concurrency", Concurrency, 2),
 ])  # fmt: skip
+
+
+def finish(code: int) -> None:
+    """Exit with `code`; at once when the run went on without Prefect's API (its workers
+    would wait on the dead API at interpreter exit: flows/offline.py)."""
+    from flows import offline
+
+    if offline.went_offline():
+        offline.leave(code)
+    raise typer.Exit(code)
 
 
 def exit_code(results: list[Any], qc_flag_exit: bool = False) -> int:
@@ -383,7 +393,7 @@ def demo(
     from flows.demo import run_demo
 
     results = usage_checked(lambda: run_demo(out, concurrency))
-    raise typer.Exit(exit_code(results) if results else EXIT_FAILED)
+    finish(exit_code(results) if results else EXIT_FAILED)
 
 
 def _train(build_config: Any) -> None:

@@ -40,6 +40,12 @@ def _console(stderr: bool = False) -> Console:
 
 
 OFF_TERMINAL_WIDTH = 400  # rich tables take only the width their cells need
+_verbose = False  # -v: Prefect's and the pipeline's logs on the terminal (flows/preflight.py)
+
+
+def set_verbose(verbose: bool) -> None:
+    global _verbose
+    _verbose = verbose
 out_console = _console()
 err_console = _console(stderr=True)
 
@@ -164,7 +170,7 @@ def run_collection(inputs: list[str], model: str, out: str, config: Any, concurr
     import httpx
     from prefect import tags
 
-    from flows import reaper, runs
+    from flows import offline, reaper, runs
     from flows.discover import Inputs
     from flows.segment import (  # Prefect: only for commands that run
         results,
@@ -173,17 +179,29 @@ def run_collection(inputs: list[str], model: str, out: str, config: Any, concurr
     from pipeline.store import storage_refusal
 
     reaper.start()  # the Prefect server and local Ray this run starts end with it, even on kill -9
+    unreachable = None  # why Prefect's API failed the run, if it did (flows/offline.py)
     try:
         runs.check_api()
-        with live_progress(err_console), tags("segpipe", runs.driver_tag()):
+        with live_progress(err_console), tags("segpipe", runs.driver_tag()), offline.watch_api():
             runs.mark_crashed_runs()
             done = results(segment_collection(Inputs(inputs), model, out, config, concurrency, return_state=True))
-    except (SegpipeError, ValueError, OSError, httpx.HTTPError) as exc:
-        # the run itself could not go on: a setting, the cluster, the server or the storage
-        # (OSError: unreachable, timed out, or storage refusing a write: full, read-only)
-        refused = storage_refusal(exc)
-        text = str(refused) if refused else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-        usage_error(f"run stopped: {text}")
+        if not report.all_complete(done) and offline.may_fall_back():
+            unreachable = offline.failing_now()  # images' errors are text by now: ask the API
+    except Exception as exc:
+        unreachable = offline.why_unreachable(exc)
+        if unreachable is None and not isinstance(exc, (SegpipeError, ValueError, OSError, httpx.HTTPError)):
+            raise
+        if unreachable is None:
+            # the run itself could not go on: a setting, the cluster, the server or the storage
+            # (OSError: unreachable, timed out, or storage refusing a write: full, read-only)
+            refused = storage_refusal(exc)
+            text = str(refused) if refused else f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+            usage_error(f"run stopped: {text}")
+    if unreachable is not None:  # Prefect is never the reason a run fails
+        err_console.print(f"[yellow]{escape(offline.announcement(unreachable, out))}[/]", highlight=False, soft_wrap=True)
+        code, done = offline.run_without_api(inputs, model, out, config, concurrency, _verbose)
+        if code:
+            offline.leave(code)  # the child said why
     if show_table:
         out_console.print(results_table(done, title=title))
         for line in report.problems(done):

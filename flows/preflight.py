@@ -3,12 +3,13 @@ seconds with one line and exit 2, before Prefect or Ray start (`segpipe run`, `s
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from flows.console import err_console, usage_error
+from flows.console import err_console, set_verbose, usage_error
 from pipeline.errors import SegpipeError
 
 
@@ -17,6 +18,7 @@ def quiet_logs(verbose: bool) -> None:
     (its logs still reach its API); pipeline logs go to Prefect too. These settings are
     read when prefect and ray are first imported, so a process that already imported
     them (a test, a notebook) keeps its own."""
+    set_verbose(verbose)
     if "prefect" in sys.modules:
         return
     defaults = {
@@ -25,29 +27,36 @@ def quiet_logs(verbose: bool) -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no network here
         # Prefect must never be the reason a run fails. On a loaded machine the embedded
         # server took over 20 s (its default) to start, and answered 503 for longer than
-        # the client's 5 retries (2 + 4 + ... + 32 s): 8 retries wait up to ~8.5 min, and
-        # a server that went away is waited for just as long (ConnectError is retried
-        # once the client has connected).
-        "PREFECT_CLIENT_MAX_RETRIES": "8",
+        # the client's 5 retries (2 + 4 + ... + 32 s = 62 s). 7 retries ride out ~4 min
+        # (2 + 4 + ... + 128 s = 254 s, jitter ±20%) of 503/502/504/408/429, timeouts and
+        # refused connections (ConnectError is retried once the client has connected);
+        # past that the run goes on without the API (flows/offline.py), so more retries
+        # would only delay it. 504: a proxy in front of a slow server.
+        "PREFECT_CLIENT_MAX_RETRIES": "7",
+        "PREFECT_CLIENT_RETRY_EXTRA_CODES": "504",
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     }
     if not verbose:
         defaults |= {
             "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+            # while its API is unreachable, Prefect's log and event workers print an error
+            # per item they could not send: the run's one line says it (flows/offline.py)
+            "PREFECT_INTERNAL_LOGGING_LEVEL": "CRITICAL",
             "RAY_LOGGER_LEVEL": "error",
             "RAY_LOG_TO_DRIVER": "0",  # tile errors are recorded anyway
         }
     for name, value in defaults.items():
         os.environ.setdefault(name, value)
     if not verbose:
+        # Prefect's API log handler writes "--- Error logging to API ---" and the error to
+        # stderr for each batch it could not send, unless the stdlib is told not to
+        logging.raiseExceptions = False
         _show_cluster_warnings()
 
 
 def _show_cluster_warnings() -> None:
     """Workers waiting for a node, or started on CPU where GPUs may come: a user must see
     that on the terminal, not only in Prefect, even with Prefect's console quiet."""
-    import logging
-
     from rich.logging import RichHandler
 
     handler = RichHandler(console=err_console, show_time=False, show_path=False, level=logging.WARNING)

@@ -30,10 +30,19 @@ def driver_tag() -> str:
     return f"{TAG_PREFIX}{socket.gethostname()}:{os.getpid()}"
 
 
+class ApiUnreachable(ConfigError):
+    """The Prefect API at PREFECT_API_URL does not answer (`reason`, a few words): the run
+    goes on without it (flows/offline.py)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def check_api() -> None:
-    """With PREFECT_API_URL set, the server must answer its health check: else a
-    ConfigError naming the address and the likely cause (the embedded server needs no
-    check: this process starts it)."""
+    """With PREFECT_API_URL set, the server must answer its health check: else
+    ApiUnreachable, or a ConfigError for a server that refuses this client (the embedded
+    server needs no check: this process starts it)."""
     from prefect.settings import PREFECT_API_KEY, PREFECT_API_URL
 
     url = PREFECT_API_URL.value()
@@ -43,12 +52,15 @@ def check_api() -> None:
     try:
         response = httpx.get(f"{url.rstrip('/')}/health", timeout=API_TIMEOUT_S, headers=headers)
     except httpx.HTTPError as exc:
-        raise ConfigError(f"cannot reach the Prefect API at {url} ({type(exc).__name__}: {exc}); is the "
-                          "server running and reachable from here? Unset PREFECT_API_URL to use the "
-                          "embedded one") from None  # fmt: skip
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        raise ApiUnreachable(f"cannot reach the Prefect API at {url} ({reason}); is the server running and "
+                             "reachable from here? Unset PREFECT_API_URL to use the embedded one", reason) from None
     if response.status_code in (401, 403):
         raise ConfigError(f"the Prefect API at {url} refused this client ({response.status_code}): set "
                           "PREFECT_API_KEY (or PREFECT_API_AUTH_STRING) for it")  # fmt: skip
+    if response.status_code >= 500 or response.status_code in (408, 429):
+        raise ApiUnreachable(f"the Prefect API at {url} answered {response.status_code} to its health check",
+                             f"{response.status_code} {response.reason_phrase}".strip())
     if response.status_code >= 400:
         raise ConfigError(f"the Prefect API at {url} answered {response.status_code} to its health check")
 

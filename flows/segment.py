@@ -305,27 +305,31 @@ def _run_bounded(todo: list[Source], model_path: str, out: str, config: RunConfi
     is reused when that run completed it (no tile runs twice), else it runs here."""
     queue, running, results = deque(todo), {}, []
     aside: list[tuple[Source, StoreLock]] = []
-    while queue or running or aside:
-        while queue and len(running) < limit:
-            source = queue.popleft()
-            lock = StoreLock(out, source.image_id)
-            if lock.try_acquire():
-                running[image_task.submit(source, model_path, out, config, pool)] = lock
-            else:
-                get_run_logger().info("%s: another run is working on it; taken up last", source.image_id)
-                aside.append((source, lock))
-        if running:
-            finished = next(iter(as_completed(running)))
-            running.pop(finished).release()
-            results.append(finished.result())
-        elif aside:
-            source, lock = _first_released(aside)
-            done = _reusable([source], out, wanted, config)
-            if source.image_id in done:
-                lock.release()
-                results.append(done[source.image_id])
-            else:
-                running[image_task.submit(source, model_path, out, config, pool)] = lock
+    try:
+        while queue or running or aside:
+            while queue and len(running) < limit:
+                source = queue.popleft()
+                lock = StoreLock(out, source.image_id)
+                if lock.try_acquire():
+                    running[image_task.submit(source, model_path, out, config, pool)] = lock
+                else:
+                    get_run_logger().info("%s: another run is working on it; taken up last", source.image_id)
+                    aside.append((source, lock))
+            if running:
+                finished = next(iter(as_completed(running)))
+                running.pop(finished).release()
+                results.append(finished.result())
+            elif aside:
+                source, lock = _first_released(aside)
+                done = _reusable([source], out, wanted, config)
+                if source.image_id in done:
+                    lock.release()
+                    results.append(done[source.image_id])
+                else:
+                    running[image_task.submit(source, model_path, out, config, pool)] = lock
+    finally:  # stopped midway (its Prefect API gone: flows/offline.py runs the rest): no image stays locked
+        for lock in running.values():
+            lock.release()
     return results
 
 

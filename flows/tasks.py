@@ -47,6 +47,7 @@ from pipeline.io.dicomweb import is_dicomweb
 from pipeline.job import ImageJob, TileReport, TileStatus
 from pipeline.store import OutputStore
 
+log = logging.getLogger(__name__)
 IO_RETRIES = 2
 IO_BACKOFF = exponential_backoff(backoff_factor=2)  # 2 s, then 4 s
 IO_JITTER = 0.5
@@ -170,9 +171,13 @@ class TileProgress:
         self.image_id = job.image_id
         self.total = counts["total"]
         self.settled = counts["done"] + counts["skipped"]
-        self._artifact = create_progress_artifact(
-            progress=self._percent(), description=f"{job.image_id}: tiles settled (done, skipped or failed)"
-        )
+        self._artifact = None
+        try:
+            self._artifact = create_progress_artifact(
+                progress=self._percent(), description=f"{job.image_id}: tiles settled (done, skipped or failed)"
+            )
+        except Exception as exc:  # Prefect's API, after its client's retries: the tiles matter, not the bar
+            log.warning("%s: no progress artifact (%s)", job.image_id, type(exc).__name__)
         self._last = time.monotonic()
         progress.emit(progress.Event("started", self.image_id, self.settled, self.total))
 
@@ -188,8 +193,14 @@ class TileProgress:
         self._update()
 
     def _update(self) -> None:
-        update_progress_artifact(self._artifact, progress=self._percent())
         self._last = time.monotonic()
+        if self._artifact is None:
+            return
+        try:
+            update_progress_artifact(self._artifact, progress=self._percent())
+        except Exception as exc:  # as in __init__; and no more updates: each would wait the retries out
+            log.warning("%s: progress artifact no longer updated (%s)", self.image_id, type(exc).__name__)
+            self._artifact = None
 
     def _percent(self) -> float:
         return 100.0 * self.settled / self.total if self.total else 100.0

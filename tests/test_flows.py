@@ -5,6 +5,7 @@ tiny untrained U-Net (its masks mean nothing; states, counts and files do)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -606,7 +607,8 @@ def test_dicom_output_names_do_not_come_from_the_file_name(tmp_path: Path) -> No
     assert "IM0001" not in source.image_id and source.image_id == Source.of(str(path), str(tmp_path / "out")).image_id
 
 
-def test_an_unreachable_prefect_api_is_one_line_and_exit_2(tiny_checkpoint: Path, tmp_path: Path) -> None:
+@pytest.mark.slow  # the run goes on: a private embedded Prefect server and Ray start
+def test_an_unreachable_prefect_api_is_one_line_and_the_run_goes_on(tiny_checkpoint: Path, tmp_path: Path) -> None:
     import subprocess
     import sys
 
@@ -614,10 +616,13 @@ def test_an_unreachable_prefect_api_is_one_line_and_exit_2(tiny_checkpoint: Path
     api = "http://127.0.0.1:9/api"  # nothing listens on the discard port
     env = {**os.environ, "PREFECT_API_URL": api}
     done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(tmp_path / "in"), "-m", str(tiny_checkpoint),
-                           "-o", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert len(lines) <= 3 and api in " ".join(lines) and "Traceback" not in done.stderr
+                           "-o", str(tmp_path / "out"), "--json"], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = [line for line in done.stderr.splitlines() if "unreachable" in line]
+    assert len(said) == 1 and api in said[0] and "the run goes on" in said[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert [r["state"] for r in json.loads(done.stdout)] == ["complete"]
 
 
 @pytest.mark.slow  # a driver process started and killed

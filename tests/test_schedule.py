@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,69 +22,12 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from tests.prefect_fixtures import PrefectServer
+from tests.prefect_fixtures import stop_process as _stop
+
 pytestmark = pytest.mark.slow  # a Prefect server, a serving process and two scheduled runs
 
 INTERVAL_S = 20  # between scheduled runs; a run of two tiny images takes ~10 s here
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-    """End a process group we started (never by name), return its exit code."""
-    if process.poll() is None:
-        os.killpg(process.pid, sig)
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            return process.wait()
-    return process.returncode
-
-
-class PrefectServer:
-    """`prefect server start` on 127.0.0.1 with its own database, which can be stopped
-    and started again on the same port and database (an API going away for a while)."""
-
-    def __init__(self, home: Path, port: int | None = None):
-        self.home, self.port = home, port or _free_port()
-        self.api = f"http://127.0.0.1:{self.port}/api"
-        self.log_path = home / "server.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        env = {
-            **os.environ,
-            "PREFECT_HOME": str(self.home),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home}/prefect.db",
-            # the scheduler looks for new deployments every 5 s; its full loop every 5 s here
-            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
-            "PREFECT_UI_ENABLED": "false",
-        }
-        env.pop("PREFECT_API_URL", None)
-        with open(self.log_path, "a") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.api}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        self.stop()
-        pytest.fail(f"Prefect server did not start: {self.log_path.read_text()[-2000:]}")
-
-    def stop(self) -> None:
-        if self.process is not None:
-            _stop(self.process)
-            self.process = None
 
 
 @pytest.fixture(scope="module")
@@ -219,36 +161,3 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(prefect_server: dict[str, str
         assert list(out.glob("*.overlay.png"))
     finally:
         _stop(worker, signal.SIGTERM)
-
-
-OUTAGE_S = 70  # longer than Prefect's own retries wait (5 retries: 2 + 4 + ... + 32 = 62 s)
-
-
-def test_a_run_rides_out_its_prefect_api_going_away_for_a_while(tiny_checkpoint: Path, tmp_path: Path) -> None:
-    server = PrefectServer(tmp_path / "server")
-    (tmp_path / "server").mkdir()
-    server.start()
-    for i in range(4):
-        _write_png(tmp_path / "in" / f"x{i}.png", seed=i)
-    out = tmp_path / "out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "RAY_"))}
-    env.update(PREFECT_API_URL=server.api, PREFECT_HOME=str(tmp_path / "client"))
-    run = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(tmp_path / "in"), "-m", str(tiny_checkpoint),
-                            "-o", str(out), "--tile", "32", "--export", "none", "--concurrency", "1", "--json"],
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while not list(out.glob("*.zarr")):  # the run is under way
-            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
-            time.sleep(0.2)
-        server.stop()
-        time.sleep(OUTAGE_S)
-        server.start()
-        stdout, stderr = run.communicate(timeout=600)
-    finally:
-        _stop(run, signal.SIGKILL)
-        server.stop()
-
-    assert run.returncode == 0, stderr[-3000:]
-    assert [r["state"] for r in json.loads(stdout)] == ["complete"] * 4

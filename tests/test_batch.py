@@ -21,22 +21,6 @@ from pipeline.store import OutputStore, store_path
 from tests.test_flows import counting, write_png  # noqa: F401  (fixture)
 
 TILE = 32
-SIZE = 32  # the model's working size: one tile at TILE
-
-
-@pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny untrained RGB U-Net whose card fixes its working size (as lung-xray's does)."""
-    import torch
-
-    from pipeline import cards
-    from pipeline.models import build_model, checkpoint
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("small") / "small.safetensors"
-    model = build_model("unet", in_channels=3, classes=1, filters=[4, 8, 16])
-    checkpoint.save(model, cards.ModelCard(arch="", config={}, scale={"size": [SIZE, SIZE]}), path)
-    return path
 
 
 def _images(folder: Path, n: int) -> list[Path]:

@@ -119,7 +119,7 @@ def segment_collection(inputs: Inputs | list[str], model: str, out: str, config:
     progress.emit(progress.Event("discovered", total=len(sources)))
     skipped = _not_selected(sources, rules)
     selected = [s for s in sources if s.image_id not in skipped]
-    wanted = {"model": {"sha256": location.sha256(model_path)}, "run": run.to_dict()}
+    wanted = {"model": {"sha256": location.sha256_cached(model_path)}, "run": run.to_dict()}
     reused = reusable(selected, out, wanted, run)
     todo = [s for s in selected if s.image_id not in reused]
     logger.info("%d images: %d not selected, %d already complete, %d to run", len(sources), len(skipped),

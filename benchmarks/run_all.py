@@ -41,6 +41,7 @@ def parts(args: argparse.Namespace) -> dict[str, list[str]]:
         "prune_levels": ["prune_levels.py", *quick],
         "wsi_read": ["wsi_read.py", *quick],
         "slide_exports": ["slide_exports.py", *quick],
+        "archive": ["archive.py", *quick],
     }
 
 

@@ -64,8 +64,8 @@ def batch_task(sources: list[Source], model_path: str, out: str, config: RunConf
         state = outcome.summary["state"] if outcome.summary else "failed"
         progress.emit(progress.Event("finished", outcome.image_id, state=state))
 
-    for source in sources:
-        progress.emit(progress.Event("started", source.image_id, 0, 1))
+    # no "started" events: a bar per one-tile image would be 32 bars at once; the run's
+    # images bar counts each as it finishes
     outcomes = segment_batch(items, model_path, config, out, pool, guard=guard, on_done=on_done)
     results = [_result(o) for o in outcomes]
     for result in results:

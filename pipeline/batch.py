@@ -113,7 +113,9 @@ def _stages(item: BatchItem, model_path: str, config: RunConfig, out: str,
     summary = stages.finalize(job)
     exports: dict[str, str] = {}
     if summary["state"] == "complete":
-        exports = stages.export(job, config)
+        # with no export asked for (--export none), not even export's full verify: finalize
+        # has just recorded every chunk's checksum
+        exports = stages.export(job, config) if config.exports else {}
     else:
         log.warning("%s: %d tiles failed; exports wait for a complete output", job.image_id, summary["failed_total"])
     return summary, exports

@@ -1,6 +1,7 @@
 """The flows: `segment_image` (one image through ingest → plan → infer → finalize →
 export) and `segment_collection` (discover, skip what is already done, run the rest a few
-at a time on one shared pool of Ray workers, report).
+at a time on one shared pool of Ray workers, report). Small images (one tile each) run in
+batches, one task per batch (flows/batch.py), not a subflow each.
 
 Both run on Prefect's embedded server when PREFECT_API_URL is unset, and on a real server
 when it is set. An image that fails is one line in the report; the others go on.

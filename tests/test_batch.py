@@ -116,6 +116,10 @@ def test_a_collection_batches_small_images_one_row_each(flows_env: None, small_c
     assert bad.error.startswith(ids["bad.png"]) and "bad.png" not in bad.error and "\n" not in bad.error
     assert state.is_failed() and "1 failed of 5 images" in state.message
     assert counting["infer"] == 4 and counting["pools"] == 1
+    # each complete image carries its QC verdict, in its result and its store
+    complete = [r for r in results if r.state == "complete"]
+    assert all(r.qc and r.qc["verdict"] in ("pass", "flag") for r in complete)
+    assert all(OutputStore.open(r.output).provenance["qc"] == r.qc for r in complete)
     # a row per image: the run record and the Prefect table artifact
     assert sorted(r.image_id for r in report.read_record(out)) == sorted(ids.values())
     with get_client(sync_client=True) as client:

@@ -277,8 +277,8 @@ def main() -> None:
     print(f"Machine: {machine()}\n")
     work = Path(tempfile.mkdtemp(prefix="segpipe-archive-"))
     try:
-        rows = [measure(f"{n} PNG 1024²", png_archive(n), work),
-                measure(f"{dicom_n} DICOM CR 2000² 12-bit", dicom_archive(dicom_n), work)]
+        rows = [measure(f"{n} PNG 1024²", png_archive(n), work)] if n else []
+        rows += [measure(f"{dicom_n} DICOM CR 2000² 12-bit", dicom_archive(dicom_n), work)] if dicom_n else []
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(table(["archive", "bare img/s (before, after)", "segpipe img/s (steady)", "segpipe img/s (whole command)",

@@ -43,6 +43,7 @@ def parts(args: argparse.Namespace) -> dict[str, list[str]]:
         "slide_exports": ["slide_exports.py", *quick],
         # its DICOMweb part runs only in tests/isolated.sh's namespace (Orthanc), else says so
         "dicomweb_slide": ["dicomweb_slide.py", *quick],
+        "archive": ["archive.py", *quick],
     }
 
 

@@ -1,6 +1,7 @@
 """The flows: `segment_image` (one image through ingest → plan → infer → finalize →
 export) and `segment_collection` (discover, skip what is already done, run the rest a few
-at a time on one shared pool of Ray workers, report).
+at a time on one shared pool of Ray workers, report). Small images (one tile each) run in
+batches, one task per batch (flows/batch.py), not a subflow each.
 
 Both run on Prefect's embedded server when PREFECT_API_URL is unset, and on a real server
 when it is set. An image that fails is one line in the report; the others go on.
@@ -23,37 +24,27 @@ from prefect.runtime import flow_run
 from prefect.states import Failed, State
 
 from flows import pacs, progress, report
-from flows.discover import Inputs, Source, fingerprint
+from flows.batch import batch_task, batchable, batches
+from flows.discover import Inputs, Source
 from flows.outcome import keep, outcome
-from flows.outputs import job_for
 from flows.report import ImageResult
+from flows.reuse import reusable
 from flows.tasks import (
     discover_task,
     export_task,
     finalize_task,
     infer_task,
     ingest_task,
-    input_sha256,
     plan_task,
     select_task,
 )
-from pipeline import cards, selection, stages
+from pipeline import cards, selection
+from pipeline.batch import BATCH_IMAGES
 from pipeline.config import RunConfig
 from pipeline.engine.pool import RunPool
 from pipeline.io import location
-from pipeline.io.dicomweb import is_dicomweb, split_inputs
-from pipeline.io.exports import export_exists
-from pipeline.store import (
-    LOCK_POLL_S,
-    OutputStore,
-    StoreError,
-    StoreLock,
-    Verdict,
-    same_output,
-    schedule_repair,
-    store_path,
-    verify_store,
-)
+from pipeline.io.dicomweb import split_inputs
+from pipeline.store import LOCK_POLL_S, StoreLock
 
 DEFAULT_CONCURRENCY = 2
 
@@ -129,15 +120,15 @@ def segment_collection(inputs: Inputs | list[str], model: str, out: str, config:
     progress.emit(progress.Event("discovered", total=len(sources)))
     skipped = _not_selected(sources, rules)
     selected = [s for s in sources if s.image_id not in skipped]
-    wanted = {"model": {"sha256": location.sha256(model_path)}, "run": run.to_dict()}
-    reused = _reusable(selected, out, wanted, run)
+    wanted = {"model": {"sha256": location.sha256_cached(model_path)}, "run": run.to_dict()}
+    reused = reusable(selected, out, wanted, run)
     todo = [s for s in selected if s.image_id not in reused]
     logger.info("%d images: %d not selected, %d already complete, %d to run", len(sources), len(skipped),
                 len(reused), len(todo))  # fmt: skip
     if todo:
         _connect(run)  # here, in the flow's thread: Ray starts best from the main thread
     with _ray_pool(model_path, run) as pool:
-        fresh = _run_bounded(todo, model_path, out, run, pool, max(1, concurrency), wanted)
+        fresh = _run_bounded(todo, model_path, out, run, pool, max(1, concurrency), wanted, card)
     order = {s.image_id: i for i, s in enumerate(sources)}
     results = sorted([*skipped.values(), *reused.values(), *fresh], key=lambda r: order[r.image_id])
     results = _report(results, out, {s.image_id: s.uri for s in sources} if run.keep_paths else {})
@@ -188,149 +179,78 @@ def image_task(source: Source, model_path: str, out: str, config: RunConfig, poo
     return result
 
 
-def _reusable(sources: list[Source], out: str, wanted: dict[str, Any],
-              config: RunConfig) -> dict[str, ImageResult]:  # fmt: skip
-    """Sources whose output is complete for this model and these settings, whose content
-    hash (cached across runs by size and modification marker) is the one recorded and whose
-    chunks pass the reuse check (`_intact`). Such an output gets the exports the run asks
-    for that it lacks (no tile runs: only the export task). An output that cannot be
-    checked is a failed result: running it would re-finalize what was not verified.
-    A DICOMweb instance is not hashed (that would fetch it): its id is a keyed hash of its
-    UIDs, and a SOP Instance UID names one content (PS3.3 C.12.1.1.1)."""
-    candidates: dict[str, tuple[OutputStore, str | None, PrefectFuture]] = {}
-    matching: dict[str, OutputStore] = {}
-    for source in sources:
-        store = _complete_store(out, source.image_id)
-        if store is None:
-            continue
-        stored = store.provenance
-        recorded = stored.get("input", {})
-        # model and settings first: the input is hashed only when they match
-        if not same_output(stored, {**wanted, "input": recorded}):
-            continue
-        if is_dicomweb(source.uri):
-            matching[source.image_id] = store
-            continue
-        try:
-            key = fingerprint(source)
-        except Exception:  # gone or unreachable since discovery: the image's own run reports it
-            continue
-        candidates[source.image_id] = (store, recorded.get("sha256"), input_sha256.submit(source, *key))
-    matching |= {image_id: store for image_id, (store, recorded_sha, digest) in candidates.items()
-                 if digest.result(raise_on_failure=False) == recorded_sha}  # fmt: skip
-    by_id = {s.image_id: s for s in sources}
-    intact, reused = _intact(matching)
-    exporting: dict[str, tuple[OutputStore, dict[str, str], PrefectFuture | None]] = {}
-    for image_id, store in intact.items():
-        job = job_for(store)
-        planned = stages.planned_exports(job, config.exports)
-        missing = tuple(name for name, where in planned.items() if not export_exists(where))
-        writing = export_task.submit(job, config, missing, by_id[image_id]) if missing else None
-        exporting[image_id] = (store, planned, writing)
-    for image_id, (store, planned, writing) in exporting.items():
-        failure = writing.result(raise_on_failure=False) if writing is not None else None
-        if isinstance(failure, BaseException):
-            reused[image_id] = report.failed(store.image_id, failure)
-            get_run_logger().error(reused[image_id].error)
-        else:
-            reused[image_id] = report.from_summary(store.summary(), 0.0, planned, reused=True)
-    reused = {r.image_id: r for r in pacs.stored(list(reused.values()), by_id, config)}  # --store: SEGs not yet sent
-    for image_id in exporting:  # those that _intact failed were reported there
-        state = "reused" if reused[image_id].ok else reused[image_id].state
-        progress.emit(progress.Event("finished", image_id, state=state))
-    return reused
-
-
-def _complete_store(out: str, image_id: str) -> OutputStore | None:
-    """The image's store when it is marked complete in the current store format (metadata
-    only: its chunks are checked by `_intact` once its input and settings match, its
-    exports by `_reusable`); an older format's output runs again (ingest remakes it)."""
-    try:
-        store = OutputStore.open(store_path(out, image_id))
-    except StoreError:  # none, or damaged metadata: the image's own run says which
-        return None
-    return store if store.state == "complete" and not store.outdated else None
-
-
-VERIFY_THREADS = 8  # stores checked at once before reuse: the checks wait on storage
-
-
-def _intact(stores: dict[str, OutputStore]) -> tuple[dict[str, OutputStore], dict[str, ImageResult]]:
-    """(stores that pass the reuse check, failed results of those that cannot be checked).
-
-    The reuse check is pipeline/store/verify.py's cheap one (full=False): every chunk
-    present or absent as finalize recorded it, with its recorded size; bytes are read only
-    of chunks written since (new mtime/ctime/inode or ETag). A damaged store is set to be
-    repaired (its damaged tiles PENDING, state partial) and left to run: the infer stage
-    recomputes exactly those tiles and finalize rebuilds the pyramid. The full check (every
-    chunk's bytes) is `segpipe status --verify`'s and `segpipe export`'s."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    logger = get_run_logger()
-    with ThreadPoolExecutor(VERIFY_THREADS) as pool:
-        verdicts = dict(zip(stores, pool.map(_cheap_verdict, stores.values()), strict=True))
-    intact, failed = {}, {}
-    for image_id, found in verdicts.items():
-        store = stores[image_id]
-        try:
-            if isinstance(found, Exception):
-                raise found
-            if found.ok:
-                if found.moved:  # copied or restored, same bytes: next time, read nothing
-                    OutputStore.open(store.path, mode="r+").record_checksums()
-                intact[image_id] = store
-                continue
-            tiles = schedule_repair(OutputStore.open(store.path, mode="r+"), found)
-            logger.warning("%s; %d tiles run again", found.summary(), len(tiles))
-        except (StoreError, OSError) as exc:
-            failed[image_id] = report.failed(store.image_id, exc)
-            logger.error(failed[image_id].error)
-            progress.emit(progress.Event("finished", store.image_id, state="failed"))
-    return intact, failed
-
-
-def _cheap_verdict(store: OutputStore) -> Verdict | Exception:
-    try:
-        return verify_store(store, full=False)
-    except (StoreError, OSError) as exc:  # in a worker thread: handed to the flow's thread
-        return exc
-
-
-def _run_bounded(todo: list[Source], model_path: str, out: str, config: RunConfig,
-                 pool: RunPool, limit: int, wanted: dict[str, Any]) -> list[ImageResult]:  # fmt: skip
-    """Run the images, at most `limit` at a time; results in the order they finish.
+def _run_bounded(todo: list[Source], model_path: str, out: str, config: RunConfig, pool: RunPool,
+                 limit: int, wanted: dict[str, Any], card: cards.ModelCard) -> list[ImageResult]:  # fmt: skip
+    """Run the images, at most `limit` units at a time; results in the order they finish.
+    A unit is one image's subflow, or a batch of small images (flows/batch.py) in one task.
 
     Each image runs under its output's lock (pipeline/store/lock.py). One that another run
     holds is put aside and taken up when nothing else is left: once its lock is ours, it
     is reused when that run completed it (no tile runs twice), else it runs here."""
-    queue, running, results = deque(todo), {}, []
+    queue, results = deque(_units(todo, card, config, limit)), []
+    running: dict[PrefectFuture, tuple[list[Source], list[StoreLock]]] = {}
     aside: list[tuple[Source, StoreLock]] = []
     try:
         while queue or running or aside:
             while queue and len(running) < limit:
-                source = queue.popleft()
-                lock = StoreLock(out, source.image_id)
-                if lock.try_acquire():
-                    running[image_task.submit(source, model_path, out, config, pool)] = lock
-                else:
-                    get_run_logger().info("%s: another run is working on it; taken up last", source.image_id)
-                    aside.append((source, lock))
+                batched, unit = queue.popleft()
+                locked = []
+                for source in unit:
+                    lock = StoreLock(out, source.image_id)
+                    if lock.try_acquire():
+                        locked.append((source, lock))
+                    else:
+                        get_run_logger().info("%s: another run is working on it; taken up last", source.image_id)
+                        aside.append((source, lock))
+                if locked:
+                    sources = [s for s, _ in locked]
+                    future = (batch_task.submit(sources, model_path, out, config, pool) if batched
+                              else image_task.submit(sources[0], model_path, out, config, pool))  # fmt: skip
+                    running[future] = (sources, [lock for _, lock in locked])
             if running:
                 finished = next(iter(as_completed(running)))
-                running.pop(finished).release()
-                results.append(finished.result())
+                sources, locks = running.pop(finished)
+                for lock in locks:
+                    lock.release()
+                results.extend(_unit_results(finished, sources))
             elif aside:
                 source, lock = _first_released(aside)
-                done = _reusable([source], out, wanted, config)
+                done = reusable([source], out, wanted, config)
                 if source.image_id in done:
                     lock.release()
                     results.append(done[source.image_id])
                 else:
-                    running[image_task.submit(source, model_path, out, config, pool)] = lock
+                    running[image_task.submit(source, model_path, out, config, pool)] = ([source], [lock])
     finally:  # stopped midway (its Prefect API gone: flows/offline.py runs the rest): no image stays locked
-        for lock in running.values():
-            lock.release()
+        for _, locks in running.values():
+            for lock in locks:
+                lock.release()
     return results
+
+
+def _units(todo: list[Source], card: cards.ModelCard, config: RunConfig, limit: int) -> list[tuple[bool, list[Source]]]:
+    """(batched, sources) per unit of work: small images in batches (spread over `limit`
+    batches when there are few, so that the run's concurrency is used), the others alone."""
+    small = [s for s in todo if batchable(s, card, config)]
+    size = max(1, min(BATCH_IMAGES, -(-len(small) // limit)))
+    taken = {s.image_id for s in small}
+    return [*((True, b) for b in batches(small, size)), *((False, [s]) for s in todo if s.image_id not in taken)]
+
+
+def _unit_results(finished: PrefectFuture, sources: list[Source]) -> list[ImageResult]:
+    """A unit's results; a batch task that raised (not an image in it: those are results)
+    fails each of its images with its error."""
+    value = finished.result(raise_on_failure=False)
+    if isinstance(value, ImageResult):
+        return [value]
+    if isinstance(value, list):
+        return value
+    exc = value if isinstance(value, BaseException) else RuntimeError(f"batch ended with {value!r}")
+    failed = [report.failed(s.image_id, exc) for s in sources]
+    for result in failed:
+        get_run_logger().error(result.error)
+        progress.emit(progress.Event("finished", result.image_id, state="failed"))
+    return failed
 
 
 def _first_released(aside: list[tuple[Source, StoreLock]]) -> tuple[Source, StoreLock]:

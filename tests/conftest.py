@@ -62,6 +62,22 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny untrained RGB U-Net whose card fixes its working size at 32² (as lung-xray's
+    fixes 256²): with tile 32 every image plans one tile, so runs take the batch path."""
+    import torch
+
+    from pipeline import cards
+    from pipeline.models import build_model, checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("small") / "small.safetensors"
+    model = build_model("unet", in_channels=3, classes=1, filters=[4, 8, 16])
+    checkpoint.save(model, cards.ModelCard(arch="", config={}, scale={"size": [32, 32]}), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def chest_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny untrained grey U-Net (1 in, 1 class) whose card is for chest radiographs:
     the shipped lung model's modalities and selection rules."""

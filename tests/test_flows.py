@@ -498,10 +498,13 @@ def _prefect_home_bytes() -> dict[str, bytes]:
     return {str(p): p.read_bytes() for folder in folders for p in folder.rglob("*") if p.is_file()}
 
 
-def test_no_identifier_in_file_or_folder_names_leaks(flows_env: None, tiny_checkpoint: Path, tmp_path: Path,
-                                                     every_log_record: Capture) -> None:
+@pytest.mark.parametrize("model", ["tiny_checkpoint", "small_checkpoint"])  # per-image subflows; batches
+def test_no_identifier_in_file_or_folder_names_leaks(flows_env: None, model: str, tmp_path: Path,
+                                                     every_log_record: Capture, request: pytest.FixtureRequest) -> None:
     """Invariant 8 for file and folder names: hospital exports are named after the patient."""
     from typer.testing import CliRunner
+
+    tiny_checkpoint = request.getfixturevalue(model)
 
     from flows.cli import app
 

@@ -193,7 +193,7 @@ def test_a_rerun_recomputes_only_the_damaged_tiles_to_the_clean_arrays(
     flip(chunk(store, "prob/0", 0, 0, 2))
     OutputStore.open(store.path, mode="r+").set_many([TileReport((1, 1), TileStatus.FAILED, error="lost")])
 
-    # what the collection flow does before reusing an output (flows/segment.py `_intact`)
+    # what the collection flow does before reusing an output (flows/reuse.py `intact`)
     verdict = verify_store(store, full=False)
     assert schedule_repair(OutputStore.open(store.path, mode="r+"), verdict) == [(0, 2), (3, 0)]
     assert reopen(store).state == "partial" and len(reopen(store).summary()["damage"]) == 3

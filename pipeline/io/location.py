@@ -4,6 +4,7 @@ and the one way a file's content is hashed (streamed, local or remote)."""
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from pipeline.io.dicom_series import members
@@ -36,6 +37,24 @@ def sha256(location: str | Path) -> str:
         for block in iter(lambda: f.read(HASH_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_cached(location: str | Path) -> str:
+    """`sha256`, hashed once per process for a local file (keyed by its real path, size
+    and modification time, so a rewritten file is hashed again): a checkpoint's, which an
+    archive run records in every image's provenance (hashed per image, it cost more than
+    a small image's mask)."""
+    if is_remote(location):
+        return sha256(location)
+    path = local_path(location)
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256(location)
+    return _HASHES[key]
 
 
 def content_hash(location: str | Path) -> str:

@@ -5,6 +5,7 @@ run would write."""
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 from collections.abc import Mapping
@@ -47,6 +48,11 @@ def as_json(value: Any, where: str) -> Any:
 
 def versions() -> dict[str, str | None]:
     """Python's version and the installed versions of segpipe and its main libraries."""
+    return dict(_versions())
+
+
+@functools.cache  # read once per process: importlib.metadata took ~15 ms an image in an archive run
+def _versions() -> dict[str, str | None]:
     found: dict[str, str | None] = {"python": platform.python_version()}
     for dist in _VERSIONED:
         try:

@@ -158,7 +158,7 @@ def _subset(folder: Path, suffix: str, n: int) -> Path:
 # -- the bare loop ------------------------------------------------------------------------
 
 
-def bare(folder: Path, out: Path) -> dict:
+def bare(folder: Path, out: Path, device: str = "cpu") -> dict:
     """The bare loop over every image of `folder`; returns images/s (model load excluded)."""
     import imagecodecs
     import pydicom
@@ -169,7 +169,7 @@ def bare(folder: Path, out: Path) -> dict:
     from pipeline.models import checkpoint
 
     model, card = checkpoint.load(str(cards.resolve(MODEL)))
-    predictor = Predictor(model, RunConfig(), torch.device("cpu"))  # the precision segpipe picks
+    predictor = Predictor(model, RunConfig(), torch.device(device))  # the precision segpipe picks
     work = tuple(card.scale["size"])
     low, high = card.normalization["low"], card.normalization["high"]
     out.mkdir(parents=True, exist_ok=True)
@@ -254,10 +254,10 @@ def cpu_at(samples: list[tuple[float, float]], when: float) -> float:
     return before[-1] if before else 0.0
 
 
-def measure(name: str, folder: Path, work: Path) -> dict:
-    before = bare(folder, work / f"{name}-bare")
+def measure(name: str, folder: Path, work: Path, device: str = "cpu") -> dict:
+    before = bare(folder, work / f"{name}-bare", device)
     s = segpipe(folder, work / f"{name}-segpipe")
-    after = bare(folder, work / f"{name}-bare")
+    after = bare(folder, work / f"{name}-bare", device)
     rate = (before["rate"] + after["rate"]) / 2
     cpu = (before["cpu"] + after["cpu"]) / 2
     return {"name": name, "bare": {"rate": rate, "before": before["rate"], "after": after["rate"], "cpu": cpu},
@@ -270,6 +270,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=120, help="1024² PNGs")
     parser.add_argument("--dicom-n", type=int, default=60, help="2000² DICOMs")
     parser.add_argument("--quick", action="store_true", help="24 PNGs and 12 DICOMs")
+    parser.add_argument("--device", default="cpu", help="the bare loop's (benchmarks/gpu.py: cuda)")
     args = parser.parse_args()
     in_worker_env()  # the bare loop in the environment segpipe's tile workers run in (OpenMP waits passively)
     n, dicom_n = (24, 12) if args.quick else (args.n, args.dicom_n)
@@ -277,8 +278,8 @@ def main() -> None:
     print(f"Machine: {machine()}\n")
     work = Path(tempfile.mkdtemp(prefix="segpipe-archive-"))
     try:
-        rows = [measure(f"{n} PNG 1024²", png_archive(n), work)] if n else []
-        rows += [measure(f"{dicom_n} DICOM CR 2000² 12-bit", dicom_archive(dicom_n), work)] if dicom_n else []
+        rows = [measure(f"{n} PNG 1024²", png_archive(n), work, args.device)] if n else []
+        rows += [measure(f"{dicom_n} DICOM CR 2000² 12-bit", dicom_archive(dicom_n), work, args.device)] if dicom_n else []
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(table(["archive", "bare img/s (before, after)", "segpipe img/s (steady)", "segpipe img/s (whole command)",

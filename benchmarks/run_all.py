@@ -44,6 +44,8 @@ def parts(args: argparse.Namespace) -> dict[str, list[str]]:
         # its DICOMweb part runs only in tests/isolated.sh's namespace (Orthanc), else says so
         "dicomweb_slide": ["dicomweb_slide.py", *quick],
         "archive": ["archive.py", *quick],
+        "archive_volume": ["archive_volume.py", *quick],
+        "gpu": ["gpu.py", *quick],  # says "no GPU" where torch sees no CUDA device
     }
 
 

@@ -258,15 +258,18 @@ class LoopbackCluster:
     def start(self) -> None:
         head = ["--head", "--port", str(self.port), "--ray-client-server-port", str(self.client_port),
                 "--include-dashboard", "false", "--dashboard-host", "127.0.0.1"]  # fmt: skip
+        # Ray Client's server for a driver is a fresh Python importing Ray: on a loaded
+        # machine it took over the proxy's 30 s to answer ("Starting Ray client server failed")
+        slow = {"RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S": "120"}
         if not self.autoscaling:
-            self._node("head", [*head, "--num-cpus", "1"])
+            self._node("head", [*head, "--num-cpus", "1"], **slow)
             self._node("node", ["--address", self.address, "--num-cpus", "1", "--num-gpus", "1"])
             return
         config = self.root / "autoscaling.json"
         provider = {**FAKE_AUTOSCALING["provider"], "gcs_address": self.address}
         config.write_text(json.dumps({**FAKE_AUTOSCALING, "provider": provider}))
         self._node("head", [*head, "--num-cpus", "0", f"--autoscaling-config={config}"],
-                   RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")  # fmt: skip
+                   RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", **slow)  # fmt: skip
 
     def _node(self, name: str, args: list[str], **env: str) -> None:
         ports = [] if name == "head" else [  # the head has Ray's default ones

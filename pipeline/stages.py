@@ -18,7 +18,7 @@ import zarr
 from pipeline import __version__, cards, postprocess
 from pipeline.cards import ModelCard, ModelId
 from pipeline.config import RunConfig
-from pipeline.display import as_rgb, display_window, window_uint8
+from pipeline.display import apply_window, as_rgb, display_window
 from pipeline.engine.normalization import image_stats
 from pipeline.engine.tiling import (
     effective_halo,
@@ -98,11 +98,14 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
         )  # fmt: skip
         work_url = _working_level(image, level, work_hw, path, config.tile, in_place)
         overview = preview(image)
+        # measured once (percentiles of a 12-bit preview are most of its cost): the
+        # preview's window is the picture's too, so both look alike
+        window = display_window(overview)
         if "preview" not in _group_keys(path):
-            store.write_preview(window_uint8(overview))
-        if not store.has_picture():  # the preview's window, so both look alike
+            store.write_preview(apply_window(overview, window))
+        if not store.has_picture():
             lay = store.layout
-            store.write_picture(picture_source(image, lay.levels[lay.picture_from]), display_window(overview))
+            store.write_picture(picture_source(image, lay.levels[lay.picture_from]), window)
         multiple = card.multiple
         halo = config.halo if config.halo is not None else (card.halo or DEFAULT_HALO)
         return ImageJob(

@@ -68,6 +68,13 @@ def ingest(
         overwrite=True,
         attributes={"source_level": level, "source_shape": [height, width, channels]},
     )
+    if target.nchunks == 1:
+        # one chunk (an X-ray at a fixed-size model's scale): the very call dask would make
+        # for its one block, without the graph; the chunk is written whole either way
+        full = ((0, target_shape[0]), (0, target_shape[1]))
+        target[...] = (resample_block(image, level, target_shape, *full) if resampled  # type: ignore[arg-type]
+                       else image.read_region(level, 0, 0, height, width))  # fmt: skip
+        return target
     source = da.from_array(
         _LevelView(image, level), chunks=(chunk, chunk, -1), asarray=False, fancy=False, name=False
     )

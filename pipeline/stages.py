@@ -101,7 +101,7 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
         # measured once (percentiles of a 12-bit preview are most of its cost): the
         # preview's window is the picture's too, so both look alike
         window = display_window(overview)
-        if "preview" not in _group_keys(path):
+        if not store.has_preview():
             store.write_preview(apply_window(overview, window))
         if not store.has_picture():
             lay = store.layout
@@ -323,10 +323,6 @@ def check_planned_work(image: Image, level: int, work_hw: tuple[int, int], card:
         raise InputError(f"{image.path}: planned {plan.tiles} tiles of {tile}x{tile} over the working level "
                          f"{h}x{w} exceed {MAX_TILES} per image; raise --tile to run it")  # fmt: skip
     return plan
-
-
-def _group_keys(path: str) -> set[str]:
-    return set(zarr.open_group(path, mode="r").keys())
 
 
 def _content_hash(input_path: str) -> str:

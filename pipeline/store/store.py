@@ -273,6 +273,10 @@ class OutputStore:
         )  # fmt: skip
         arr[...] = image
 
+    def has_preview(self) -> bool:
+        """Whether ingest wrote the preview (one metadata read, not a listing of the group)."""
+        return "preview" in self._group
+
     def preview(self) -> np.ndarray:
         """The colour thumbnail written at ingest."""
         if "preview" not in self._group:

@@ -29,6 +29,7 @@ from pipeline import stages
 from pipeline.cards import ModelCard
 from pipeline.config import RunConfig
 from pipeline.engine.tiling import grid_shape
+from pipeline.store import OutputStore
 
 if TYPE_CHECKING:
     from pipeline.engine.pool import RunPool
@@ -108,9 +109,12 @@ def segment_batch(items: Sequence[BatchItem], model_path: str, config: RunConfig
 def _stages(item: BatchItem, model_path: str, config: RunConfig, out: str,
             pool: RunPool) -> tuple[dict[str, Any], dict[str, str]]:  # fmt: skip
     job = stages.ingest(item.path, model_path, config, out, item.image_id, item.fetched_from)
-    stages.plan(job, config)
-    stages.infer(job, config, pool)
-    summary = stages.finalize(job)
+    # one handle through plan, infer and finalize: each would open the store again (zarr
+    # reads of its metadata and arrays). The driver alone writes its metadata, through it.
+    store = OutputStore.open(job.store_path, mode="r+")
+    stages.plan(job, config, store)
+    stages.infer(job, config, pool, store=store)
+    summary = stages.finalize(job, store)
     exports: dict[str, str] = {}
     if summary["state"] == "complete":
         # with no export asked for (--export none), not even export's full verify: finalize

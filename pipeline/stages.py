@@ -18,7 +18,7 @@ import zarr
 from pipeline import __version__, cards, postprocess
 from pipeline.cards import ModelCard, ModelId
 from pipeline.config import RunConfig
-from pipeline.display import as_rgb, display_window, window_uint8
+from pipeline.display import apply_window, as_rgb, display_window
 from pipeline.engine.normalization import image_stats
 from pipeline.engine.tiling import (
     effective_halo,
@@ -98,11 +98,14 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
         )  # fmt: skip
         work_url = _working_level(image, level, work_hw, path, config.tile, in_place)
         overview = preview(image)
-        if "preview" not in _group_keys(path):
-            store.write_preview(window_uint8(overview))
-        if not store.has_picture():  # the preview's window, so both look alike
+        # measured once (percentiles of a 12-bit preview are most of its cost): the
+        # preview's window is the picture's too, so both look alike
+        window = display_window(overview)
+        if not store.has_preview():
+            store.write_preview(apply_window(overview, window))
+        if not store.has_picture():
             lay = store.layout
-            store.write_picture(picture_source(image, lay.levels[lay.picture_from]), display_window(overview))
+            store.write_picture(picture_source(image, lay.levels[lay.picture_from]), window)
         multiple = card.multiple
         halo = config.halo if config.halo is not None else (card.halo or DEFAULT_HALO)
         return ImageJob(
@@ -114,10 +117,11 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
         )  # fmt: skip
 
 
-def plan(job: ImageJob, config: RunConfig) -> dict[str, int]:
+def plan(job: ImageJob, config: RunConfig, store: OutputStore | None = None) -> dict[str, int]:
     """Mark background tiles SKIPPED (slides by default, or with a user mask); only tiles
-    still PENDING are touched, so a resumed run keeps what it had."""
-    store = OutputStore.open(job.store_path, mode="r+")
+    still PENDING are touched, so a resumed run keeps what it had. `store`: the image's
+    store already open (r+) in this process (plan, infer and finalize may share one)."""
+    store = store or OutputStore.open(job.store_path, mode="r+")
     use_tissue = config.tissue if config.tissue is not None else job.kind == "slide"
     if not (use_tissue or config.tissue_mask):
         return store.counts()
@@ -138,14 +142,14 @@ def plan(job: ImageJob, config: RunConfig) -> dict[str, int]:
     return store.counts()
 
 
-def infer(job: ImageJob, config: RunConfig, pool: RunPool,
-          progress: Progress | None = None) -> dict[str, int]:  # fmt: skip
+def infer(job: ImageJob, config: RunConfig, pool: RunPool, progress: Progress | None = None,
+          store: OutputStore | None = None) -> dict[str, int]:  # fmt: skip
     """Run the image's pending and failed tiles on a lease of the run's worker pool and
     wait; returns the image's tile counts. An image already complete is not touched, and
     the pool is not leased for it (so a run with nothing to compute starts no worker)."""
     from pipeline.engine.scheduler import run_tiles
 
-    store = OutputStore.open(job.store_path, mode="r+")
+    store = store or OutputStore.open(job.store_path, mode="r+")
     if store.state == "complete":
         return store.counts()
     todo = store.tiles_to_run(plan_tiles(job.work_hw, job.tile))
@@ -160,7 +164,7 @@ def infer(job: ImageJob, config: RunConfig, pool: RunPool,
     return counts
 
 
-def finalize(job: ImageJob) -> dict[str, Any]:
+def finalize(job: ImageJob, store: OutputStore | None = None) -> dict[str, Any]:
     """Build the mask pyramid, record each chunk's checksum and write the completion
     state, last; then the QC verdict of a complete image (`store.qc.record_qc`). A store
     already complete (infer left it alone) is verified instead, never re-recorded: that
@@ -169,7 +173,7 @@ def finalize(job: ImageJob) -> dict[str, Any]:
     from pipeline.store import schedule_repair, verify_store
     from pipeline.store.qc import record_qc
 
-    store = OutputStore.open(job.store_path, mode="r+")
+    store = store or OutputStore.open(job.store_path, mode="r+")
     if store.state != "complete":
         if store.finalize() == "complete":
             record_qc(store)
@@ -319,10 +323,6 @@ def check_planned_work(image: Image, level: int, work_hw: tuple[int, int], card:
         raise InputError(f"{image.path}: planned {plan.tiles} tiles of {tile}x{tile} over the working level "
                          f"{h}x{w} exceed {MAX_TILES} per image; raise --tile to run it")  # fmt: skip
     return plan
-
-
-def _group_keys(path: str) -> set[str]:
-    return set(zarr.open_group(path, mode="r").keys())
 
 
 def _content_hash(input_path: str) -> str:

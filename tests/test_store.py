@@ -520,3 +520,45 @@ def test_a_store_from_before_a_pixel_setting_existed_is_the_same_output():
     assert same_output(stored, {"input": {"sha256": "a"}, "model": {"sha256": "b"}, "run": now})
     off = {**now, "postprocess": False}
     assert not same_output(stored, {"input": {"sha256": "a"}, "model": {"sha256": "b"}, "run": off})
+
+
+@pytest.mark.parametrize("halve_name", ["halve_mean", "halve_nearest"])
+def test_small_pyramid_levels_made_in_memory_equal_the_chunked_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     halve_name: str) -> None:
+    """A level within IN_MEMORY_BYTES is halved in memory from the level just made (a
+    small image's pyramid); its pixels are the chunk-by-chunk path's, odd edges included."""
+    from pipeline.store import pyramid
+
+    halve = getattr(pyramid, halve_name)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 301, 517), dtype=np.uint8)
+    made = []
+    for bound in (pyramid.IN_MEMORY_BYTES, 0):  # 0: every level through dask and zarr reads
+        monkeypatch.setattr(pyramid, "IN_MEMORY_BYTES", bound)
+        group = zarr.open_group(tmp_path / f"{bound}.zarr", mode="w", zarr_format=3)
+        levels, shape = {}, (301, 517)
+        for k in range(4):
+            levels[str(k)] = group.create_array(str(k), shape=(3, *shape), chunks=(3, 128, 128), dtype="uint8")
+            shape = ((shape[0] + 1) // 2, (shape[1] + 1) // 2)
+        levels["0"][...] = pixels
+        pyramid.build_levels(levels, halve, str(tmp_path))
+        made.append([np.asarray(a[...]) for a in levels.values()])
+    assert made[0][3].shape == (3, 38, 65) and made[0][3].any()
+    for in_memory, chunked in zip(*made, strict=True):
+        np.testing.assert_array_equal(in_memory, chunked)
+
+
+def test_a_small_image_has_chunks_of_its_own_size_with_the_same_keys(tmp_path: Path) -> None:
+    """Chunks are clamped to the array (no padding encoded): a 256² working level at tile
+    512 is one 256² prob chunk, key c/0/0/0 as before, and the store verifies."""
+    from pipeline.store import verify_store
+
+    store = _create(tmp_path / "s.zarr", full_hw=(1024, 1024), work_hw=(256, 256), tile=512, full_chunk=2048)
+    assert store.prob.chunks == (1, 256, 256) and store.mask.chunks == (1024, 1024)
+    (tile,) = plan_tiles((256, 256), 512)
+    store.write_tile(tile, np.full((256, 256, 1), 0.75, np.float32), np.ones((1024, 1024), np.uint8),
+                     Box(0, 0, 1024, 1024))  # fmt: skip
+    store.set_many([TileReport(tile.index, TileStatus.DONE)])
+    assert store.finalize() == "complete"
+    assert (tmp_path / "s.zarr" / "prob" / "0" / "c" / "0" / "0" / "0").is_file()
+    assert (tmp_path / "s.zarr" / "labels" / "mask" / "0" / "c" / "0" / "0").is_file()
+    assert verify_store(OutputStore.open(tmp_path / "s.zarr")).ok

@@ -22,8 +22,8 @@ resize() of the whole level to float32 rounding. Measured on a sparse uint8 TIFF
 (flat in the image size). An image decoded whole is held once by its reader (bounded by
 max_pixels); ingest and ``preview`` read it chunk by chunk, never as a whole-image copy.
 
-Output: zarr v3, shape (H, W, C), chunks (chunk, chunk, C), no sharding (each chunk has one
-writer), zarr's default zstd compression. dtype: the source dtype when the level is copied
+Output: zarr v3, shape (H, W, C), chunks (chunk, chunk, C) (no larger than (H, W)), no
+sharding (each chunk has one writer), zarr's default zstd compression. dtype: the source dtype when the level is copied
 as is (lossless and compact; DICOM is already float32), float32 when resampled.
 """
 
@@ -61,13 +61,21 @@ def ingest(
     target = zarr.create_array(
         store=out,
         shape=(*target_shape, channels),
-        chunks=(chunk, chunk, channels),
+        # no larger than the level: a 256² level is one 256² chunk, not a padded 1024² one
+        chunks=(min(chunk, target_shape[0]), min(chunk, target_shape[1]), channels),
         shards=None,
         dtype=np.float32 if resampled else image.dtype,
         fill_value=0,
         overwrite=True,
         attributes={"source_level": level, "source_shape": [height, width, channels]},
     )
+    if target.nchunks == 1:
+        # one chunk (an X-ray at a fixed-size model's scale): the very call dask would make
+        # for its one block, without the graph; the chunk is written whole either way
+        full = ((0, target_shape[0]), (0, target_shape[1]))
+        target[...] = (resample_block(image, level, target_shape, *full) if resampled  # type: ignore[arg-type]
+                       else image.read_region(level, 0, 0, height, width))  # fmt: skip
+        return target
     source = da.from_array(
         _LevelView(image, level), chunks=(chunk, chunk, -1), asarray=False, fancy=False, name=False
     )

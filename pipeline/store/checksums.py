@@ -107,9 +107,14 @@ def digest(data: bytes | None) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
-def write_records(group: zarr.Group, name: str, records: np.ndarray) -> None:
-    """Store the records of array ``name`` (driver only), replacing older ones."""
-    checks = group.require_group(GROUP)
+def records_group(group: zarr.Group) -> zarr.Group:
+    """The store's group of checksum records (created when missing), for write_records."""
+    return group.require_group(GROUP)
+
+
+def write_records(checks: zarr.Group, name: str, records: np.ndarray) -> None:
+    """Store the records of array ``name`` (driver only) in ``checks`` (records_group),
+    replacing older ones."""
     arr = checks.create_array(
         record_name(name), shape=records.shape, dtype="int64", chunks=records.shape,
         compressors=COMPRESSORS, overwrite=True,

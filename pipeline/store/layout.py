@@ -11,7 +11,7 @@ multiscales / labels metadata under an ``ome`` attribute), format 2:
     labels/            ``ome.labels == ["mask"]``
     labels/mask/0      uint8 label image at the input's full resolution, 0 = background,
                        1..C = classes; square chunks of ``full_chunk`` (at most 2048, see
-                       tiling.full_res_chunk); the chunks tile (r, c) owns are
+                       tiling.full_res_chunk; no larger than the image: clamped); the chunks tile (r, c) owns are
                        ``tiling.full_res_owned`` (invariant 1: a tile may own several
                        chunks, a chunk has one owner)
     labels/mask/1...   x2 nearest-neighbour downsamples (level k = level 0[::2^k, ::2^k],
@@ -19,7 +19,8 @@ multiscales / labels metadata under an ``ome`` attribute), format 2:
     prob/              an NGFF image of its own: probabilities at the working level as
                        channels (c, y, x) with ``omero`` heat-map colours, so viewers show
                        them (``napari OUT/<id>.zarr/prob``)
-    prob/0             (C, h, w), chunks (C, tile, tile): chunk (0, r, c) is tile (r, c)'s.
+    prob/0             (C, h, w), chunks (C, tile, tile) (clamped to (h, w)): chunk (0, r, c)
+                       is tile (r, c)'s.
                        uint8 holds round(p * 255); one channel per foreground class (one
                        class: the foreground probability). float16 / float32 store p itself
     prob/1...          x2 means (finalize) until the long side <= 1024
@@ -217,7 +218,7 @@ def create_layout(group: zarr.Group, layout: StoreLayout, record: Mapping[str, A
     }  # fmt: skip
     mask_group = labels.create_group("mask", attributes={"ome": mask_attrs})
     for k, shape in enumerate(layout.levels):
-        chunks = (layout.full_chunk,) * 2 if k == 0 else level_chunks(shape, layout.full_chunk)
+        chunks = clamped((layout.full_chunk,) * 2, shape) if k == 0 else level_chunks(shape, layout.full_chunk)
         mask_group.create_array(
             str(k), shape=shape, dtype="uint8", chunks=chunks, fill_value=0,
             compressors=COMPRESSORS, dimension_names=("y", "x"),
@@ -245,12 +246,20 @@ def _create_prob(group: zarr.Group, layout: StoreLayout) -> None:
     }  # fmt: skip
     prob = group.create_group("prob", attributes={"ome": attrs})
     for k, shape in enumerate(layout.prob_levels):
-        chunks = (n, layout.tile, layout.tile) if k == 0 else (n, *level_chunks(shape))
+        chunks = (n, *clamped((layout.tile,) * 2, shape)) if k == 0 else (n, *level_chunks(shape))
         prob.create_array(
             str(k), shape=(n, *shape), dtype=layout.prob_dtype, chunks=chunks, fill_value=0,
             compressors=COMPRESSORS, dimension_names=("c", "y", "x"),
             attributes={"channels": list(layout.classes), "encoding": _prob_encoding(layout.prob_dtype)},
         )  # fmt: skip
+
+
+def clamped(chunks: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``chunks`` no larger than ``shape``: an array smaller than one chunk is one chunk of
+    its own size, the same key and owner as the full-size chunk (the owner tile's boxes come
+    from ``full_chunk`` and ``tile``), without encoding the padding beyond the array
+    (a 1024² mask in a 2048² chunk: 17 ms a write instead of 3)."""
+    return tuple(min(c, s) for c, s in zip(chunks, shape, strict=True))
 
 
 def level_chunks(shape: tuple[int, int], side: int = PYRAMID_CHUNK) -> tuple[int, int]:

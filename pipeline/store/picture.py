@@ -25,7 +25,7 @@ from pipeline.store.ngff import (
     ngff_multiscales,
     ngff_omero,
 )
-from pipeline.store.pyramid import build_level, halve_mean
+from pipeline.store.pyramid import IN_MEMORY_BYTES, build_level, halve_mean
 
 
 def write_picture(group: zarr.Group, source: da.Array, window: Window, layout: StoreLayout,
@@ -42,9 +42,14 @@ def write_picture(group: zarr.Group, source: da.Array, window: Window, layout: S
     shown = layout.shown_levels
     arrays = {k: _level_array(group, k, pixels.shape[2], layout.levels[k]) for k in shown}
     display = pixels.map_blocks(apply_window, window, dtype=np.uint8)
-    da.store(display.transpose(2, 0, 1).rechunk(arrays[first].chunks), arrays[first], lock=False)
+    above: np.ndarray | None = None
+    if arrays[first].nbytes <= IN_MEMORY_BYTES:  # small: made at once, kept for level 2
+        above = np.asarray(display.transpose(2, 0, 1).compute(scheduler="synchronous"))
+        arrays[first][...] = above
+    else:
+        da.store(display.transpose(2, 0, 1).rechunk(arrays[first].chunks), arrays[first], lock=False)
     for k in shown[1:]:
-        build_level(arrays[k - 1], arrays[k], halve_mean)
+        above = build_level(arrays[k - 1], arrays[k], halve_mean, above)
     channels = RGB_CHANNELS if colour else GREY_CHANNEL
     omero = ngff_omero(channels, (0.0, 255.0))
     if not colour:

@@ -45,19 +45,39 @@ def build_levels(levels: dict[str, zarr.Array], halve: Halve, where: str) -> Non
     """Fill each of ``levels`` (by path, finest first) but the first from the one before;
     a chunk that does not decode is one StoreError naming it."""
     pairs = list(levels.items())
+    above: np.ndarray | None = None
     for (name, src), (_, dst) in zip(pairs, pairs[1:], strict=False):
         try:
-            build_level(src, dst, halve)
+            above = build_level(src, dst, halve, above)
         except (RuntimeError, ValueError) as exc:  # numcodecs' zstd raises RuntimeError
             raise decode_error(where, name, src, exc) from exc
 
 
-def build_level(src: zarr.Array, dst: zarr.Array, halve: Halve) -> None:
-    """Write ``dst`` as ``src`` halved; each of dst's chunks is written whole by one task."""
-    down = halve(da.from_zarr(src)).rechunk(dst.chunks)
-    if down.shape != dst.shape:  # a layout bug, not the data's fault
-        raise ValueError(f"halving {src.shape} gives {down.shape}, the next level is {dst.shape}")
-    da.store(down, dst, lock=False)
+# A level at most this large is halved in memory (read once, or not at all when the level
+# above was just made here) and written at once: a small image's pyramid is a handful of
+# one-chunk levels, where dask's graph and a zarr read per level cost more than the pixels.
+# A constant bound, so memory stays bounded whatever the image (invariant 3).
+IN_MEMORY_BYTES = 16 << 20
+
+
+def build_level(src: zarr.Array, dst: zarr.Array, halve: Halve,
+                above: np.ndarray | None = None) -> np.ndarray | None:  # fmt: skip
+    """Write ``dst`` as ``src`` halved; each of dst's chunks is written whole by one task.
+    ``above``: src's pixels when the caller holds them. Returns dst's pixels when they were
+    made in memory (src within IN_MEMORY_BYTES), for the next level; else None."""
+    if src.nbytes <= IN_MEMORY_BYTES:
+        pixels = np.asarray(src[...]) if above is None else above
+        # the same halve on one dask chunk: the same values as the chunked path
+        down = np.asarray(halve(da.from_array(pixels, chunks=pixels.shape)).compute(scheduler="synchronous"))
+        if down.shape != dst.shape:
+            raise ValueError(f"halving {src.shape} gives {down.shape}, the next level is {dst.shape}")
+        dst[...] = down
+        return down
+    down_lazy = halve(da.from_zarr(src)).rechunk(dst.chunks)
+    if down_lazy.shape != dst.shape:  # a layout bug, not the data's fault
+        raise ValueError(f"halving {src.shape} gives {down_lazy.shape}, the next level is {dst.shape}")
+    da.store(down_lazy, dst, lock=False)
+    return None
 
 
 def _even(side: int) -> int:

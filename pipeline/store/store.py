@@ -27,7 +27,13 @@ from pipeline.config import ProbDtype
 from pipeline.display import Window
 from pipeline.engine.tiling import Box, Tile, full_res_owned
 from pipeline.job import TileReport, is_complete
-from pipeline.store.checksums import decode_error, measure, read_records, write_records
+from pipeline.store.checksums import (
+    decode_error,
+    measure,
+    read_records,
+    records_group,
+    write_records,
+)
 from pipeline.store.errors import NotAStoreError, StoreError
 from pipeline.store.layout import (
     COMPRESSORS,
@@ -267,6 +273,10 @@ class OutputStore:
         )  # fmt: skip
         arr[...] = image
 
+    def has_preview(self) -> bool:
+        """Whether ingest wrote the preview (one metadata read, not a listing of the group)."""
+        return "preview" in self._group
+
     def preview(self) -> np.ndarray:
         """The colour thumbnail written at ingest."""
         if "preview" not in self._group:
@@ -352,8 +362,9 @@ class OutputStore:
     def record_checksums(self) -> None:
         """Record each checked chunk's digest, size and modification marker (driver only,
         at finalize, once every tile's worker is done writing); clears recorded damage."""
+        checks = records_group(self._group)  # required once, not per array
         for name, array in self.checked_arrays().items():
-            write_records(self._group, name, measure(array))
+            write_records(checks, name, measure(array))
         if "damage" in self._meta():
             meta = self._meta()
             del meta["damage"]

@@ -14,6 +14,8 @@ from ome_zarr.reader import Label, Reader
 from ome_zarr_models.v05.image import Image as NgffImage
 from PIL import Image as PILImage
 
+from flows.console import results_table, status_table
+from flows.report import from_summary
 from pipeline import instances
 from pipeline.cards import ModelCard
 from pipeline.engine.predictor import Predictor
@@ -158,6 +160,12 @@ def test_a_run_writes_one_id_per_nucleus_across_tile_borders(tmp_path, synthetic
     NgffImage.from_zarr(zarr.open_group(out, mode="r"))
     labels = [n for n in Reader(parse_url(str(out)))() if n.data and n.load(Label)]
     assert [n.zarr.parts()[-1] for n in labels] == ["mask", "nuclei"]
+    # the count in the run table row (artifact, CLI table) and `segpipe status`'s table
+    result = from_summary(store.summary(), 1.0)
+    assert result.row()["instances"] == str(len(centres)) and result.instances == {"nuclei": len(centres)}
+    for table in (results_table([result]), status_table([store.summary()])):
+        column = next(c for c in table.columns if c.header == "instances")
+        assert list(column.cells) == [str(len(centres))]
     # finalize again (a resumed run): the same ids
     store = OutputStore.open(out, mode="r+")
     store.build_instances()

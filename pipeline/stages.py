@@ -398,6 +398,7 @@ def _export_input(job: ImageJob, store: OutputStore) -> ExportInput:
         input_path=job.input_path, kind=job.kind, preview=store.preview,
         model=ModelId.from_provenance(provenance.get("model") or {}),
         input_format=recorded.get("format"), qc=provenance.get("qc"),
+        instances=(lambda: store.instance_level(0)) if store.layout.instances else None,
     )  # fmt: skip
 
 

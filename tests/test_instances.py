@@ -5,6 +5,8 @@ the store is valid OME-NGFF and its instance count reaches the summary and run t
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -145,7 +147,7 @@ def test_a_run_writes_one_id_per_nucleus_across_tile_borders(tmp_path, synthetic
     rgb[classes == 2, 1] = 255
     PILImage.fromarray(rgb).save(tmp_path / "nuclei.png")
     out = segment(tmp_path / "nuclei.png", synthetic_model, tmp_path / "out", tile=64,
-                  precision="fp32", exports=())  # fmt: skip
+                  precision="fp32", exports=("geojson",))  # fmt: skip
     store = OutputStore.open(out)
     ids = np.asarray(store.instance_level(0)[:])
     assert ids.dtype == np.uint32 and ids.shape == hw
@@ -166,6 +168,10 @@ def test_a_run_writes_one_id_per_nucleus_across_tile_borders(tmp_path, synthetic
     for table in (results_table([result]), status_table([store.summary()])):
         column = next(c for c in table.columns if c.header == "instances")
         assert list(column.cells) == [str(len(centres))]
+    # the GeoJSON has one nucleus object per instance, the touching pair two
+    features = json.loads((tmp_path / "out" / f"{store.image_id}.geojson").read_text())["features"]
+    assert len(features) == len(centres)
+    assert {f["properties"]["classification"]["name"] for f in features} == {"nucleus"}
     # finalize again (a resumed run): the same ids
     store = OutputStore.open(out, mode="r+")
     store.build_instances()

@@ -2,15 +2,16 @@
 and AJI of what a run delivers, per organ and mean (docs/training.md quotes its output).
 
     python -m benchmarks.nuclei_heldout --data ../shared/data/real OLD.safetensors NEW.safetensors
-        [--grow 0 1 2]
+        [--grow 0 1 2] [--min-px 4 16] [--write-card]
 
 Each tile goes through `pipeline.segment` at MoNuSeg's 0.252 µm/px (the JPEGs record none),
 so the figures are the delivered full-resolution outputs at 1000x1000: the nucleus class of
 labels/mask (class 1) against the expert interiors for Dice; labels/nuclei against the
 expert masks' 4-connected components (recipes.monuseg.instances_of) for AJI (Kumar et al.
 2017). A model without instances (the previous, binary one) is scored on its mask's
-connected components. `--grow`: the card's instances.grow_px values to try (a copy of the
-checkpoint per value), to choose it on the split.
+connected components. `--grow`, `--min-px`: the card's instances.grow_px and min_px values to
+try (a copy of the checkpoint per pair), to choose them on the split. `--write-card`: record the last model's
+figures in its card (`metrics.heldout`) and the others' means in `metrics.compared`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from PIL import Image as PILImage
 from skimage import measure
 
+from pipeline import instances
 from pipeline.local import segment
 from pipeline.models import checkpoint
 from pipeline.store import OutputStore
@@ -80,11 +82,15 @@ def score(model: Path, data: Path, work: Path) -> dict:
             "seconds": round(time.perf_counter() - start, 1), "tiles": rows}  # fmt: skip
 
 
-def with_grow(model: Path, grow: int, folder: Path) -> Path:
-    """A copy of `model` whose card grows instances by `grow` px."""
+def with_settings(model: Path, grow: int | None, min_px: int | None, folder: Path) -> Path:
+    """A copy of `model` whose card grows instances by `grow` px and drops seeds under
+    `min_px` (None: the card's)."""
     net, card = checkpoint.load(model)
-    card.instances = {**card.instances, "grow_px": grow}
-    path = folder / f"{model.stem}-grow{grow}.safetensors"
+    _, card_grow, card_min = instances.settings(card.instances)
+    grow = card_grow if grow is None else grow
+    min_px = card_min if min_px is None else min_px
+    card.instances = {**card.instances, "grow_px": grow, "min_px": min_px}
+    path = folder / f"{model.stem}-grow{grow}-min{min_px}.safetensors"
     checkpoint.save(net, card, path)
     return path
 
@@ -92,15 +98,34 @@ def with_grow(model: Path, grow: int, folder: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--grow", type=int, nargs="*", default=[])
+    parser.add_argument("--grow", type=int, nargs="*", default=[None])
+    parser.add_argument("--min-px", type=int, nargs="*", default=[None])
+    parser.add_argument("--write-card", action="store_true")
     parser.add_argument("models", type=Path, nargs="+")
     args = parser.parse_args()
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
         for path in args.models:
             _, card = checkpoint.load(path)
-            variants = [with_grow(path, g, Path(tmp)) for g in args.grow] if card.instances and args.grow else [path]
+            variants = ([with_settings(path, g, m, Path(tmp)) for g in args.grow for m in args.min_px]
+                        if card.instances else [path])  # fmt: skip
             for variant in variants:
-                print(json.dumps(score(variant, args.data, Path(tmp))), flush=True)
+                results.append(score(variant, args.data, Path(tmp)))
+                print(json.dumps(results[-1]), flush=True)
+    if args.write_card:
+        write_card(args.models[-1], results[-1], results[:-1])
+
+
+def write_card(path: Path, result: dict, others: list[dict]) -> None:
+    """The held-out figures of `path` (and the means of the models compared) in its card."""
+    net, card = checkpoint.load(path)
+    organs = {t["organ"]: {k: t[k] for k in ("tile", "dice", "aji", "found", "true")} for t in result["tiles"]}
+    card.metrics = {**card.metrics, "heldout": {
+        "how": "python -m benchmarks.nuclei_heldout: pipeline.segment at 0.252 um/px, full resolution; Dice of "
+               "class 1 (nucleus interior) vs the expert interiors, AJI of labels/nuclei vs their 4-connected "
+               "components", "dice": result["dice"], "aji": result["aji"], "organs": organs},
+        "compared": [{"model": Path(o["model"]).name, "dice": o["dice"], "aji": o["aji"]} for o in others]}
+    checkpoint.save(net, card, path)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 pixels, status grid, completion state and summary. The layout it creates and reads is
 described in layout.py.
 
-Writers: workers call only ``write_tile`` and ``write_mask_piece``, which write the tile's
-own chunks of ``prob/0`` and ``labels/mask/0`` and never metadata. Everything else (status,
+Writers: workers call only ``write_tile``, ``write_mask_piece`` and ``write_instance_keys``,
+which write the tile's own chunks of ``prob/0``, ``labels/mask/0`` and ``instances/<name>``
+and never metadata; ``labels/<name>`` is written by finalize (instance_image.py). Everything else (status,
 provenance, state, pyramids, picture, chunk checksums) is written by the driver alone, so
 no object has two writers. A format-1 store (layout.py) is read, never written.
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from pipeline import __version__, cards, postprocess
+from pipeline import __version__, cards, instances, postprocess
 from pipeline.cards import ModelCard, ModelId
 from pipeline.config import RunConfig
 from pipeline.display import as_rgb, display_window, window_uint8
@@ -81,6 +81,11 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
         mpp_from = assume_mpp(image, config.mpp)
         level, full_hw, work_hw = working_geometry(image, card)
         check_planned_work(image, level, work_hw, card, config, in_place)
+        if card.instances:  # refused here, not tile by tile: ids are uint32 keys
+            try:
+                instances.check_key_space(work_hw)
+            except ValueError as exc:
+                raise InputError(f"{input_path}: {exc}") from None
         _check_channels(image, card, config)
         _check_modality(image, card, config)
         # only now, once the image is accepted: a refused one leaves nothing behind, not

@@ -107,6 +107,7 @@ def test_an_instance_wider_than_the_margin_may_be_cut_the_stated_limit():
 def test_keys_refuse_a_level_uint32_cannot_name():
     with pytest.raises(ValueError, match="uint32"):
         instances.check_key_space((70_000, 70_000))
+    instances.check_key_space((65_535, 65_535))
 
 
 def test_the_card_declares_instances_on_a_multi_class_output(tmp_path):

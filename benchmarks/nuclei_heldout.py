@@ -2,7 +2,7 @@
 and AJI of what a run delivers, per organ and mean (docs/training.md quotes its output).
 
     python -m benchmarks.nuclei_heldout --data ../shared/data/real OLD.safetensors NEW.safetensors
-        [--grow 0 1 2] [--min-px 4 16] [--write-card]
+        [--grow 0 1 2] [--min-px 4 16] [--tta] [--write-card]
 
 Each tile goes through `pipeline.segment` at MoNuSeg's 0.252 µm/px (the JPEGs record none),
 so the figures are the delivered full-resolution outputs at 1000x1000: the nucleus class of
@@ -60,14 +60,14 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / total) if total else 1.0
 
 
-def score(model: Path, data: Path, work: Path) -> dict:
+def score(model: Path, data: Path, work: Path, **run: object) -> dict:
     """Per held-out tile and organ, and the mean: Dice, AJI, instances found and true."""
     folder = data / MONUSEG
     _, held = monuseg_split(sorted(p.stem for p in (folder / "images").iterdir() if p.suffix == ".jpg"))
     rows, start = [], time.perf_counter()
     for name in held:
         out = segment(folder / "images" / f"{name}.jpg", model, work / model.stem, mpp=MONUSEG_MPP,
-                      exports=(), precision="fp32", overwrite=True)  # fmt: skip
+                      exports=(), precision="fp32", overwrite=True, **run)  # fmt: skip
         store = OutputStore.open(out)
         truth = np.asarray(PILImage.open(folder / "masks" / f"{name}.png")) > 0
         mask = np.asarray(store.mask[:])
@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--grow", type=int, nargs="*", default=[None])
     parser.add_argument("--min-px", type=int, nargs="*", default=[None])
     parser.add_argument("--write-card", action="store_true")
+    parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (RunConfig tta)")
     parser.add_argument("models", type=Path, nargs="+")
     args = parser.parse_args()
     results = []
@@ -110,7 +111,7 @@ def main() -> None:
             variants = ([with_settings(path, g, m, Path(tmp)) for g in args.grow for m in args.min_px]
                         if card.instances else [path])  # fmt: skip
             for variant in variants:
-                results.append(score(variant, args.data, Path(tmp)))
+                results.append(score(variant, args.data, Path(tmp), tta=args.tta))
                 print(json.dumps(results[-1]), flush=True)
     if args.write_card:
         write_card(args.models[-1], results[-1], results[:-1])

@@ -139,7 +139,8 @@ def synthetic_model(tmp_path, monkeypatch) -> str:
     return str(path)
 
 
-def test_a_run_writes_one_id_per_nucleus_across_tile_borders(tmp_path, synthetic_model):
+@pytest.mark.parametrize("blend", ["crop", "gaussian"])
+def test_a_run_writes_one_id_per_nucleus_across_tile_borders(tmp_path, synthetic_model, blend):
     hw = (150, 200)  # 64-px tiles: a 3x4 grid; nuclei on borders, a corner, the image edge
     centres = [(64, 30), (20, 64), (64, 128), (0, 90), (100, 199), (110, 60), (110, 74)]
     classes, truth = draw_nuclei(hw, centres)
@@ -147,7 +148,7 @@ def test_a_run_writes_one_id_per_nucleus_across_tile_borders(tmp_path, synthetic
     rgb[classes == 1, 0] = 255
     rgb[classes == 2, 1] = 255
     PILImage.fromarray(rgb).save(tmp_path / "nuclei.png")
-    out = segment(tmp_path / "nuclei.png", synthetic_model, tmp_path / "out", tile=64,
+    out = segment(tmp_path / "nuclei.png", synthetic_model, tmp_path / "out", tile=64, blend=blend,
                   precision="fp32", exports=("geojson",))  # fmt: skip
     store = OutputStore.open(out)
     ids = np.asarray(store.instance_level(0)[:])

@@ -7,8 +7,8 @@
                                    recipe's Dice tolerance (MODE_TOLERANCE, else 0.005) of the
                                    best the card's default
 
-Slide recipes first write their classical labels (tissue mask, nuclei pseudo-labels,
-recipes.pseudolabels) under `out/labels/`. `python -m recipes NAME --data DIR --out OUT`
+Slide recipes first write their labels under `out/labels/`: the tissue mask of the classical
+detector (recipes.pseudolabels), MoNuSeg's 3-class nucleus labels (recipes.monuseg). `python -m recipes NAME --data DIR --out OUT`
 reproduces a model (docs/training.md lists the commands and the figures they gave). This
 folder is not part of the installed package: run it from a checkout.
 """

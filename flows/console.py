@@ -131,13 +131,13 @@ def results_table(results: Sequence[ImageResult], title: str = "segpipe run") ->
     table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
     for name, justify in (("image", "left"), ("state", "left"), ("size", "left"), ("done", "right"),
                           ("skipped", "right"), ("failed", "right"), ("seconds", "right"),
-                          ("mask fraction", "left"), ("qc", "left")):  # fmt: skip
+                          ("mask fraction", "left"), ("instances", "right"), ("qc", "left")):  # fmt: skip
         table.add_column(name, justify=justify, no_wrap=name == "image")  # type: ignore[arg-type]
     for r in shown:
         row = r.row()
         table.add_row(r.image_id, styled(r.state_text, "reused" if r.reused else r.state), row["size"], str(row["tiles done"]),
                       str(row["skipped"]), str(row["failed"]), f"{r.seconds:.1f}",
-                      row["mask fraction"], qc_text(r.qc))  # fmt: skip
+                      row["mask fraction"], row["instances"], qc_text(r.qc))  # fmt: skip
     return table
 
 
@@ -146,13 +146,15 @@ def status_table(summaries: Sequence[Mapping[str, Any]]) -> Table:
     table = Table(title="outputs", title_justify="left")
     for name, justify in (("image", "left"), ("state", "left"), ("size", "left"), ("tiles", "right"),
                           ("done", "right"), ("skipped", "right"), ("failed", "right"),
-                          ("pending", "right"), ("mask fraction", "left"), ("qc", "left")):  # fmt: skip
+                          ("pending", "right"), ("mask fraction", "left"), ("instances", "right"),
+                          ("qc", "left")):  # fmt: skip
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for s in summaries:
         c = s["counts"]
         table.add_row(s["image_id"], styled(s["state"], s["state"]), "x".join(map(str, s["full_hw"])),
                       str(c["total"]), str(c["done"]), str(c["skipped"]), str(c["failed"]),
-                      str(c["pending"]), format_fractions(s.get("mask_fraction")), qc_text(s.get("qc")))  # fmt: skip
+                      str(c["pending"]), format_fractions(s.get("mask_fraction")),
+                      report.format_instances(s.get("instances")), qc_text(s.get("qc")))  # fmt: skip
     return table
 
 

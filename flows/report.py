@@ -54,6 +54,7 @@ class ImageResult:
     reason: str | None = None
     stored: str | None = None  # --store: "sent" (this run) or "stored before"
     qc: dict[str, Any] | None = None  # the QC verdict (pipeline.qc.QcVerdict.to_dict())
+    instances: dict[str, int] | None = None  # instances found, by label name ({"nuclei": 812})
 
     @property
     def ok(self) -> bool:
@@ -85,6 +86,7 @@ class ImageResult:
             "seconds": round(self.seconds, 1),
             "mask fraction": format_fractions(self.mask_fraction),
             "qc": format_qc(self.qc),
+            "instances": format_instances(self.instances),
             "output": self.output or (self.error or ""),
         }
 
@@ -99,7 +101,7 @@ def from_summary(summary: Mapping[str, Any], seconds: float,
         counts=dict(summary["counts"]), seconds=seconds,
         mask_fraction=summary.get("mask_fraction"), output=summary["path"],
         exports=dict(exports or {}), failed_tiles=list(summary.get("failed", [])),
-        reused=reused, qc=summary.get("qc"),
+        reused=reused, qc=summary.get("qc"), instances=summary.get("instances"),
     )  # fmt: skip
 
 
@@ -134,6 +136,15 @@ def format_fractions(fractions: Mapping[str, float] | None) -> str:
     if len(fractions) == 1:
         return f"{next(iter(fractions.values())):.3f}"
     return ", ".join(f"{k} {v:.3f}" for k, v in fractions.items())
+
+
+def format_instances(counts: Mapping[str, int] | None) -> str:
+    """'812' (one instance image), '' when the model writes none or the image is not done."""
+    if not counts:
+        return ""
+    if len(counts) == 1:
+        return str(next(iter(counts.values())))
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
 def format_qc(verdict: Mapping[str, Any] | None) -> str:

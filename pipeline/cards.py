@@ -19,7 +19,7 @@ from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
-from pipeline import postprocess, qc
+from pipeline import instances, postprocess, qc
 from pipeline.errors import CheckpointError, ConfigError
 
 CARD_KEY = "segpipe.card"
@@ -74,6 +74,9 @@ class ModelCard:
     # QC thresholds (pipeline.qc): the plausible ranges of what a run measures, chosen on
     # validation data and said how in "how"; {}: every image passes, unchecked
     qc: dict[str, Any] = field(default_factory=dict)
+    # instance output (pipeline.instances): {"name": "nuclei", "seed_class": 1, "grow_px": 2,
+    # "min_px": 4} writes labels/<name> beside the mask; {}: none
+    instances: dict[str, Any] = field(default_factory=dict)
     data: str = ""
     license: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -226,6 +229,7 @@ def _card_problems(card: ModelCard) -> list[str]:
     problems += _selection_problems(card.selection)
     problems += postprocess.card_problems(card.postprocess, card.scale, classes)
     problems += qc.check_spec(card.qc)
+    problems += instances.card_problems(card.instances, classes)
     return problems
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 
-from pipeline import __version__, cards, postprocess
+from pipeline import __version__, cards, instances, postprocess
 from pipeline.cards import ModelCard, ModelId
 from pipeline.config import RunConfig
 from pipeline.display import apply_window, as_rgb, display_window
@@ -82,6 +82,11 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
         mpp_from = assume_mpp(image, config.mpp)
         level, full_hw, work_hw = working_geometry(image, card)
         check_planned_work(image, level, work_hw, card, config, in_place)
+        if card.instances:  # refused here, not tile by tile: ids are uint32 keys
+            try:
+                instances.check_key_space(work_hw)
+            except ValueError as exc:
+                raise InputError(f"{input_path}: {exc}") from None
         _check_channels(image, card, config)
         _check_modality(image, card, config)
         # only now, once the image is accepted: a refused one leaves nothing behind, not
@@ -92,6 +97,7 @@ def ingest(input_path: str, model_path: str, config: RunConfig, out_root: str,
             path, image_id=image_id, full_hw=full_hw, work_hw=work_hw, tile=config.tile,
             full_chunk=full_res_chunk(config.tile, (full_hw[0] / work_hw[0], full_hw[1] / work_hw[1])),
             classes=card.class_names, prob_dtype=config.prob_dtype, mpp=image.mpp,
+            instances=(card.instances["name"],) if card.instances else (),
             provenance=_provenance(input_path, image, model_path, card, config, level, fetched_from,
                                    mpp_from),
             overwrite=config.overwrite,
@@ -404,6 +410,7 @@ def _export_input(job: ImageJob, store: OutputStore) -> ExportInput:
         input_path=job.input_path, kind=job.kind, preview=store.preview,
         model=ModelId.from_provenance(provenance.get("model") or {}),
         input_format=recorded.get("format"), qc=provenance.get("qc"),
+        instances=(lambda: store.instance_level(0)) if store.layout.instances else None,
     )  # fmt: skip
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import postprocess
+from pipeline import instances, postprocess
 from pipeline.cards import ModelCard
 from pipeline.config import RunConfig
 from pipeline.engine.normalization import normalize
@@ -95,6 +95,7 @@ class TileRunner:
         self.blend = BLENDS[config.blend]
         # the card's post-processing (a fixed-size model's: cards refuse it otherwise)
         self.postprocess = dict(card.postprocess) if config.postprocess else {}
+        self.instances = dict(card.instances)  # the card's instance output ({}: none)
         self._compute = threading.Lock()
         self._open: dict[str, tuple[Any, OutputStore]] = {}
         self._open_lock = threading.Lock()
@@ -117,6 +118,8 @@ class TileRunner:
         """Plan the tile's windows and read the raw pixels they cover, once."""
         _, full_box = store.owned_boxes(tile)
         region = _needed_region(job, tile, full_box, whole=bool(self.postprocess))
+        if self.instances:  # instances narrower than the halo lie whole in the window
+            region = _grown(region, job.halo, job.work_hw)
         windows = self.blend.windows(job, Tile(tile.index, region, tile.size), self.config, self.multiple)
         box = bounding_box(w.input for w in windows)
         pixels = np.asarray(work[box.y0 : box.y1, box.x0 : box.x1, :])
@@ -146,6 +149,9 @@ class TileRunner:
         # Multi-class outputs carry background as channel 0; the store keeps the classes.
         stored = own if own.shape[-1] == 1 else own[..., 1:]
         store.write_tile(tile, stored, None, data.full_box)
+        if self.instances:
+            keys = instances.instance_keys(probs, self.instances, (data.region.y0, data.region.x0), job.work_hw)
+            store.write_instance_keys(tile, keys[tile.region.relative_to(data.region).slices()])
         if self.postprocess and not data.full_box.is_empty:
             probs = postprocess.apply(probs, self.threshold, self.postprocess)
         pieces = deliver_full_res(probs, data.region, data.full_box, job.work_hw, job.full_hw,
@@ -212,6 +218,11 @@ def _needed_region(job: ImageJob, tile: Tile, full_box: Box, whole: bool = False
         return tile.region
     extra = work_box_for_full(full_box, job.work_hw, job.full_hw)
     return bounding_box([tile.region, extra])
+
+
+def _grown(box: Box, by: int, hw: tuple[int, int]) -> Box:
+    """`box` grown by `by` on every side, inside the image (h, w)."""
+    return Box(max(0, box.y0 - by), max(0, box.x0 - by), min(hw[0], box.y1 + by), min(hw[1], box.x1 + by))
 
 
 # -- one loaded model per checkpoint and settings, for the calls of a process --------------

@@ -175,6 +175,8 @@ class ExportInput:
     model: ModelId  # the model that made the mask, as exports name it
     input_format: str | None = None  # as provenance records it (pipeline.io.sniff's names)
     qc: Mapping[str, Any] | None = None  # the store's QC verdict (pipeline.qc)
+    # opens the instance image (labels/<name>/0, uint32 ids) of a model with instances
+    instances: Callable[[], Any] | None = None
 
     @property
     def qc_flag(self) -> str | None:
@@ -218,7 +220,10 @@ def _write_slide_tiff(source: ExportInput, path: str) -> str:
 
 
 def _write_geojson(source: ExportInput, path: str) -> str:
-    export_geojson(source.mask_levels[0], source.classes, path, source.mpp)
+    if source.instances is not None:  # one feature per nucleus, touching ones apart
+        export_geojson(source.instances(), source.classes, path, source.mpp, instances=True)
+    else:
+        export_geojson(source.mask_levels[0], source.classes, path, source.mpp)
     return path
 
 

@@ -44,24 +44,27 @@ READ_SIDE = 2048  # the tile read at once (about 4 MB of labels, 16 MB labelled)
 
 
 def export_geojson(
-    mask: Any, classes: Sequence[str], path: str | Path, mpp: float | None
+    mask: Any, classes: Sequence[str], path: str | Path, mpp: float | None, instances: bool = False
 ) -> dict[str, int]:
     """Write every region of the (H, W) uint8 label array ``mask`` (full resolution,
     array-like, e.g. zarr) as a GeoJSON feature, label k being ``classes[k - 1]``; returns
-    the number of features per class name."""
+    the number of features per class name. ``instances``: ``mask`` is an instance image
+    (labels/nuclei, uint32 ids): each instance is a feature of the first class, so touching
+    nuclei stay separate objects."""
     counts = dict.fromkeys(classes, 0)
     with writing(path) as local, open(local, "w", encoding="utf-8") as out:
         out.write('{"type":"FeatureCollection","features":[')
         for n, region in enumerate(mask_regions(mask, read_side(mask))):
-            name = _class_name(classes, region.label, path)
+            label = 1 if instances else region.label
+            name = _class_name(classes, label, path)
             out.write(("," if n else "") + "\n")
-            write_feature(out, region, name, mpp)
+            write_feature(out, region, name, mpp, label)
             counts[name] += 1
         out.write("\n]}\n")
     return counts
 
 
-def write_feature(out: IO[str], region: Region, name: str, mpp: float | None) -> None:
+def write_feature(out: IO[str], region: Region, name: str, mpp: float | None, label: int | None = None) -> None:
     """One QuPath feature: the region's rings, one at a time (a region may have more holes
     than memory should hold at once), with integer coordinates in RFC 7946 order; then its
     class and object type, which needs the area the rings add up to."""
@@ -75,7 +78,7 @@ def write_feature(out: IO[str], region: Region, name: str, mpp: float | None) ->
         out.write(("," if index else "") + _compact(ring.astype(np.int64).tolist()))
     properties = {
         "objectType": object_type(area, mpp),
-        "classification": {"name": name, "color": list(class_colour(region.label))},
+        "classification": {"name": name, "color": list(class_colour(label or region.label))},
     }
     out.write(']},"properties":' + _compact(properties) + "}")
 

@@ -16,6 +16,12 @@ multiscales / labels metadata under an ``ome`` attribute), format 2:
                        chunks, a chunk has one owner)
     labels/mask/1...   x2 nearest-neighbour downsamples (level k = level 0[::2^k, ::2^k],
                        scale 2^k) until the long side <= 1024; all stored, NGFF lists k0..
+    labels/nuclei/0..  with a model that declares instances (card ``instances``, named
+                       there): uint32 instance ids 1..n unique per image, 0 = none, at the
+                       mask's levels and chunks; written by finalize from instances/
+    instances/nuclei   uint32 instance keys at the working level, chunk (r, c) tile (r, c)'s
+                       (pipeline.instances: an anchor pixel per instance, the same from
+                       every tile that sees it); finalize maps them to compact ids
     prob/              an NGFF image of its own: probabilities at the working level as
                        channels (c, y, x) with ``omero`` heat-map colours, so viewers show
                        them (``napari OUT/<id>.zarr/prob``)
@@ -81,6 +87,7 @@ from pipeline.store.ngff import (
     NGFF_VERSION,
     class_channels,
     ngff_image_label,
+    ngff_instance_label,
     ngff_multiscales,
     ngff_omero,
 )
@@ -109,6 +116,9 @@ class StoreLayout:
     classes: tuple[str, ...]
     prob_dtype: ProbDtype = "uint8"
     mpp: float | None = None  # micrometres per pixel at full resolution
+    # instance label images beside the mask (the card's instances, pipeline.instances): ()
+    # or one name, e.g. ("nuclei",)
+    instances: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"{self.image_id}"
@@ -122,6 +132,8 @@ class StoreLayout:
             raise StoreError(f"{where}: prob_dtype not in {PROB_DTYPES}, {self.prob_dtype=}")
         if self.mpp is not None and not self.mpp > 0:
             raise StoreError(f"{where}: mpp must be positive or None, {self.mpp=}")
+        if len(self.instances) > 1 or not all(n.isidentifier() and n != "mask" for n in self.instances):
+            raise StoreError(f"{where}: instances must be () or one name other than mask, {self.instances=}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -153,8 +165,11 @@ class StoreLayout:
         return (self.full_hw[0] / self.work_hw[0], self.full_hw[1] / self.work_hw[1])
 
     def to_dict(self) -> dict[str, Any]:
-        return {**as_json(asdict(self), self.image_id), "scale": list(self.scale),
-                "picture_from": self.picture_from}  # fmt: skip
+        d = {**as_json(asdict(self), self.image_id), "scale": list(self.scale),
+             "picture_from": self.picture_from}  # fmt: skip
+        if not self.instances:  # a store without instances reads as before they existed
+            del d["instances"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> StoreLayout:
@@ -167,6 +182,7 @@ class StoreLayout:
             classes=tuple(d["classes"]),
             prob_dtype=d["prob_dtype"],
             mpp=d["mpp"],
+            instances=tuple(d.get("instances", ())),
         )
 
 
@@ -208,21 +224,11 @@ def create_layout(group: zarr.Group, layout: StoreLayout, record: Mapping[str, A
     """Create every array and the NGFF metadata (the picture's comes with its pixels,
     picture.py); the segpipe attributes go last."""
     ome = {"version": NGFF_VERSION}
-    labels = group.create_group("labels", attributes={"ome": {**ome, "labels": ["mask"]}})
-    shown = layout.shown_levels
-    mask_attrs = {
-        **ome,
-        "multiscales": ngff_multiscales("mask", layout.mpp, level_scales(shown),
-                                        paths=[str(k) for k in shown]),
-        "image-label": ngff_image_label(layout.classes),
-    }  # fmt: skip
-    mask_group = labels.create_group("mask", attributes={"ome": mask_attrs})
-    for k, shape in enumerate(layout.levels):
-        chunks = clamped((layout.full_chunk,) * 2, shape) if k == 0 else level_chunks(shape, layout.full_chunk)
-        mask_group.create_array(
-            str(k), shape=shape, dtype="uint8", chunks=chunks, fill_value=0,
-            compressors=COMPRESSORS, dimension_names=("y", "x"),
-        )  # fmt: skip
+    labels = group.create_group("labels", attributes={"ome": {**ome, "labels": ["mask", *layout.instances]}})
+    _create_label(labels, "mask", ngff_image_label(layout.classes), "uint8", layout)
+    for name in layout.instances:
+        _create_label(labels, name, ngff_instance_label(), "uint32", layout)
+        _create_instance_keys(group, name, layout)
     _create_prob(group, layout)
     for name, dtype, fill in (("status", "uint8", 0), ("tile_seconds", "float32", float("nan"))):
         group.create_array(
@@ -231,6 +237,34 @@ def create_layout(group: zarr.Group, layout: StoreLayout, record: Mapping[str, A
         )  # fmt: skip
     meta = {"format": FORMAT, "state": "pending", "layout": layout.to_dict(), "provenance": record}
     group.attrs.update({"segpipe": meta})
+
+
+def _create_label(labels: zarr.Group, name: str, image_label: dict[str, Any], dtype: str,
+                  layout: StoreLayout) -> None:
+    """A label image at the mask's levels (NGFF lists the picture's, all are stored)."""
+    shown = layout.shown_levels
+    attrs = {
+        "version": NGFF_VERSION,
+        "multiscales": ngff_multiscales(name, layout.mpp, level_scales(shown),
+                                        paths=[str(k) for k in shown]),
+        "image-label": image_label,
+    }  # fmt: skip
+    label = labels.create_group(name, attributes={"ome": attrs})
+    for k, shape in enumerate(layout.levels):
+        chunks = clamped((layout.full_chunk,) * 2, shape) if k == 0 else level_chunks(shape, layout.full_chunk)
+        label.create_array(
+            str(k), shape=shape, dtype=dtype, chunks=chunks, fill_value=0,
+            compressors=COMPRESSORS, dimension_names=("y", "x"),
+        )  # fmt: skip
+
+
+def _create_instance_keys(group: zarr.Group, name: str, layout: StoreLayout) -> None:
+    """The tiles' instance keys at the working level (pipeline.instances): chunk (r, c) is
+    tile (r, c)'s, as in prob/0; finalize maps them to the ids of labels/<name>."""
+    group.require_group("instances").create_array(
+        name, shape=layout.work_hw, dtype="uint32", chunks=clamped((layout.tile,) * 2, layout.work_hw),
+        fill_value=0, compressors=COMPRESSORS, dimension_names=("y", "x"),
+    )  # fmt: skip
 
 
 def _create_prob(group: zarr.Group, layout: StoreLayout) -> None:

@@ -75,6 +75,14 @@ def ngff_image_label(classes: Sequence[str]) -> dict[str, Any]:
             "source": {"image": "../../"}}  # fmt: skip
 
 
+def ngff_instance_label() -> dict[str, Any]:
+    """NGFF ``image-label`` of an instance image: ids are many and image-specific, so no
+    palette (viewers colour labels themselves); background transparent and named."""
+    return {"version": NGFF_VERSION, "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}],
+            "properties": [{"label-value": 0, "class": "background"}],
+            "source": {"image": "../../"}}  # fmt: skip
+
+
 def ngff_omero(channels: Sequence[tuple[str, RGB]], window: tuple[float, float]) -> dict[str, Any]:
     """``omero`` rendering: each channel's name, colour and display window, all shown."""
     low, high = window

@@ -2,8 +2,9 @@
 pixels, status grid, completion state and summary. The layout it creates and reads is
 described in layout.py.
 
-Writers: workers call only ``write_tile`` and ``write_mask_piece``, which write the tile's
-own chunks of ``prob/0`` and ``labels/mask/0`` and never metadata. Everything else (status,
+Writers: workers call only ``write_tile``, ``write_mask_piece`` and ``write_instance_keys``,
+which write the tile's own chunks of ``prob/0``, ``labels/mask/0`` and ``instances/<name>``
+and never metadata; ``labels/<name>`` is written by finalize (instance_image.py). Everything else (status,
 provenance, state, pyramids, picture, chunk checksums) is written by the driver alone, so
 no object has two writers. A format-1 store (layout.py) is read, never written.
 
@@ -35,6 +36,7 @@ from pipeline.store.checksums import (
     write_records,
 )
 from pipeline.store.errors import NotAStoreError, StoreError
+from pipeline.store.instance_image import write_ids
 from pipeline.store.layout import (
     COMPRESSORS,
     FORMAT,
@@ -94,6 +96,7 @@ class OutputStore:
         classes: Sequence[str],
         prob_dtype: ProbDtype = "uint8",
         mpp: float | None = None,
+        instances: Sequence[str] = (),
         provenance: Mapping[str, Any],
         overwrite: bool = False,
     ) -> OutputStore:
@@ -108,7 +111,7 @@ class OutputStore:
         where = store_location(path)
         layout = StoreLayout(
             image_id, tuple(full_hw), tuple(work_hw), tile, full_chunk,  # type: ignore[arg-type]
-            tuple(classes), prob_dtype, mpp,
+            tuple(classes), prob_dtype, mpp, tuple(instances),
         )  # fmt: skip
         check_provenance(provenance, where)
         record = as_json(dict(provenance), where)
@@ -242,6 +245,24 @@ class OutputStore:
         check_piece(box, full, self.layout, where)
         self.mask[box.y0 : box.y1, box.x0 : box.x1] = check_mask(mask, box, self.layout, where)
 
+    def write_instance_keys(self, tile: Tile, keys: np.ndarray) -> None:
+        """Write one tile's instance keys (pipeline.instances) into its own chunk of
+        instances/<name>: the tile's working-level region, like its prob chunk."""
+        self._check_writable()
+        work, _ = self.owned_boxes(tile)
+        where = f"{self.path}: tile {tile.index}"
+        if not self.layout.instances:
+            raise StoreError(f"{where}: this output has no instance image")
+        if keys.shape != work.shape or keys.dtype != np.uint32:
+            raise StoreError(f"{where}: instance keys {keys.shape} {keys.dtype}, expected {work.shape} uint32")
+        self._group[f"instances/{self.layout.instances[0]}"][work.y0 : work.y1, work.x0 : work.x1] = keys
+
+    def instance_level(self, k: int) -> zarr.Array:
+        """Level k of the instance label image (labels/<name>/k, written by finalize)."""
+        if not self.layout.instances:
+            raise StoreError(f"{self.path}: this output has no instance image")
+        return self._group[f"labels/{self.layout.instances[0]}/{k}"]  # type: ignore[return-value]
+
     def read_prob(self, box: Box | None = None) -> np.ndarray:
         """Probabilities of a working-level box as float32 in [0, 1], (h, w, C)."""
         b = box or Box(0, 0, *self.layout.work_hw)
@@ -326,6 +347,7 @@ class OutputStore:
         write the state, last: "complete" when every tile is done or skipped, else
         "partial" (failed or never-run tiles remain)."""
         self._check_writable()
+        self.build_instances()
         self.build_pyramid()
         self.record_checksums()
         state: State = "complete" if is_complete(self.status_grid()) else "partial"
@@ -336,7 +358,29 @@ class OutputStore:
         """Fill levels 1.. of the mask (every 2nd pixel: labels stay labels) and of the
         probabilities (2x2 means), each from the level above, chunk by chunk (pyramid.py)."""
         build_levels(self.mask_levels(), halve_nearest, self.path)
+        if self.layout.instances:
+            name = self.layout.instances[0]
+            build_levels({f"labels/{name}/{k}": self.instance_level(k) for k in range(len(self.layout.levels))},
+                         halve_nearest, self.path)  # fmt: skip
         build_levels(self.prob_levels(), halve_mean, self.path)
+
+    def build_instances(self) -> None:
+        """Map the tiles' instance keys to ids 1..n unique per image (pipeline.instances) in
+        labels/<name>/0, chunk by chunk, nearest-upsampled where the mask is foreground, and
+        record n. Driver only; redone whole at every finalize (a resumed run's new tiles
+        change the keys), so it is idempotent. Memory: the sorted keys and a chunk."""
+        if not self.layout.instances:
+            return
+        name = self.layout.instances[0]
+        try:
+            count = write_ids(self._group[f"instances/{name}"], self.mask, self.instance_level(0), self.layout)
+        except (RuntimeError, ValueError) as exc:  # numcodecs' zstd raises RuntimeError
+            raise StoreError(f"{self.path}: instances/{name} or labels/mask/0 does not decode ({exc})") from exc
+        self._update_meta(instances={name: count})
+
+    def instance_counts(self) -> dict[str, int] | None:
+        """Instances per image by name (finalize records them); None: no instance image."""
+        return self._meta().get("instances") if self.layout.instances else None
 
     def mask_levels(self) -> dict[str, zarr.Array]:
         """Every mask level by path, full resolution first."""
@@ -403,6 +447,7 @@ class OutputStore:
             "mask_fraction": fractions,
             "damage": damage,
             "qc": self.provenance.get("qc"),  # the QC verdict (pipeline.qc), once complete
+            "instances": self.instance_counts(),  # e.g. {"nuclei": 812}; None: no instance image
         }
 
     def _mask_fraction(self) -> dict[str, float] | None:

@@ -1,0 +1,190 @@
+"""Instance ids across tiles (pipeline.instances) and the instance label image a run writes
+(labels/nuclei beside the mask): an instance crossing tile borders, a tile corner or the
+image border has one id, ids are unique per image and do not depend on the tile order;
+the store is valid OME-NGFF and its instance count reaches the summary and run table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from ome_zarr.io import parse_url
+from ome_zarr.reader import Label, Reader
+from ome_zarr_models.v05.image import Image as NgffImage
+from PIL import Image as PILImage
+
+from flows.console import results_table, status_table
+from flows.report import from_summary
+from pipeline import instances
+from pipeline.cards import ModelCard
+from pipeline.engine.predictor import Predictor
+from pipeline.errors import CheckpointError
+from pipeline.local import segment
+from pipeline.models import build_model, checkpoint
+from pipeline.store import OutputStore
+
+SPEC = {"name": "nuclei", "seed_class": 1, "grow_px": 2, "min_px": 4}
+
+
+def probs_of(classes: np.ndarray) -> np.ndarray:
+    """(h, w) classes 0/1/2 -> (h, w, 3) confident probabilities."""
+    return np.eye(3, dtype=np.float32)[classes] * 0.8 + 0.2 / 3
+
+
+def draw_nuclei(hw: tuple[int, int], centres: list[tuple[int, int]], radius: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """Classes (0 background, 1 interior, 2 a 2-px ring) and the truth (h, w) of instances
+    1..n, one disc per centre; discs may touch, their rings keep them apart."""
+    yy, xx = np.mgrid[: hw[0], : hw[1]]
+    classes = np.zeros(hw, np.uint8)
+    truth = np.zeros(hw, np.int32)
+    for i, (cy, cx) in enumerate(centres, start=1):
+        d = np.hypot(yy - cy, xx - cx)
+        classes[(d <= radius + 2) & (classes == 0)] = 2
+        classes[d <= radius] = 1
+        truth[d <= radius] = i
+    return classes, truth
+
+
+def tiled_keys(probs: np.ndarray, tile: int, margin: int, order: list[tuple[int, int]] | None = None) -> np.ndarray:
+    """What the engine's tiles write: each tile's keys derived on its region grown by the
+    margin, its own region kept, tiles taken in `order`."""
+    h, w = probs.shape[:2]
+    grid = [(r, c) for r in range(-(-h // tile)) for c in range(-(-w // tile))]
+    out = np.zeros((h, w), np.uint32)
+    for r, c in order or grid:
+        y0, x0 = r * tile, c * tile
+        wy0, wx0 = max(0, y0 - margin), max(0, x0 - margin)
+        wy1, wx1 = min(h, y0 + tile + margin), min(w, x0 + tile + margin)
+        keys = instances.instance_keys(probs[wy0:wy1, wx0:wx1], SPEC, (wy0, wx0), (h, w))
+        out[y0 : y0 + tile, x0 : x0 + tile] = keys[y0 - wy0 : y0 - wy0 + tile, x0 - wx0 : x0 - wx0 + tile]
+    return out
+
+
+def ids_per_instance(ids: np.ndarray, truth: np.ndarray) -> dict[int, set[int]]:
+    return {int(i): set(np.unique(ids[truth == i]).tolist()) for i in np.unique(truth) if i}
+
+
+# -- the id scheme (pure) ---------------------------------------------------------------
+
+
+def test_instances_crossing_tile_borders_corners_and_the_image_border_get_one_id():
+    # 96x128 in 32-px tiles; a nucleus across a vertical border, across a horizontal one,
+    # on a four-tile corner, cut by the image's top and left edges, and two touching
+    # nuclei astride a border
+    centres = [(16, 32), (32, 80), (64, 64), (0, 110), (50, 0), (80, 20), (80, 34)]
+    classes, truth = draw_nuclei((96, 128), centres)
+    ids = instances.compact_ids(keys := tiled_keys(probs_of(classes), 32, 16), instances.unique_keys([keys]))
+    seen = ids_per_instance(ids, truth)
+    assert all(len(s) == 1 and 0 not in s for s in seen.values()), seen
+    assert len({next(iter(s)) for s in seen.values()}) == len(centres)  # unique per image
+    assert set(np.unique(ids)) == set(range(len(centres) + 1))  # compact: 1..n
+    # the same as deriving the whole image at once (no tiles)
+    assert np.array_equal(ids, instances.derive(probs_of(classes), SPEC))
+
+
+def test_ids_do_not_depend_on_the_tile_order_and_follow_the_anchors_raster_order():
+    classes, truth = draw_nuclei((96, 128), [(64, 64), (10, 100), (40, 31)])
+    probs = probs_of(classes)
+    grid = [(r, c) for r in range(3) for c in range(4)]
+    first = tiled_keys(probs, 32, 16, grid)
+    shuffled = [grid[i] for i in np.random.default_rng(0).permutation(len(grid))]
+    assert np.array_equal(first, tiled_keys(probs, 32, 16, shuffled))
+    ids = instances.compact_ids(first, instances.unique_keys([first]))
+    # raster order of the anchors: the nucleus at the top gets 1, the lowest 3
+    assert [next(iter(ids_per_instance(ids, truth)[i])) for i in (2, 3, 1)] == [1, 2, 3]
+
+
+def test_an_instance_wider_than_the_margin_may_be_cut_the_stated_limit():
+    classes, truth = draw_nuclei((64, 64), [(32, 32)], radius=20)
+    keys = tiled_keys(probs_of(classes), 32, 4)
+    assert len(ids_per_instance(keys, truth)[1]) > 1  # cut: why the margin is the halo
+    assert len(ids_per_instance(tiled_keys(probs_of(classes), 32, 32), truth)[1]) == 1
+
+
+def test_keys_refuse_a_level_uint32_cannot_name():
+    with pytest.raises(ValueError, match="uint32"):
+        instances.check_key_space((70_000, 70_000))
+    instances.check_key_space((65_535, 65_535))
+
+
+def test_the_card_declares_instances_on_a_multi_class_output(tmp_path):
+    model = build_model("unet", in_channels=3, classes=1, filters=[4, 8])
+    with pytest.raises(CheckpointError, match="seed_class"):
+        checkpoint.save(model, ModelCard(arch="", config={}, instances={"name": "nuclei"}), tmp_path / "m.safetensors")
+        checkpoint.load(tmp_path / "m.safetensors")
+
+
+# -- a run writes labels/nuclei ---------------------------------------------------------
+
+
+@pytest.fixture
+def synthetic_model(tmp_path, monkeypatch) -> str:
+    """A 3-class checkpoint declaring nuclei instances whose probabilities are drawn from
+    the input: red = interior, green = boundary ring (the predictor is replaced, so the
+    test is about tiles and stores, not about a trained model)."""
+    torch.manual_seed(0)
+    model = build_model("unet", in_channels=3, classes=3, filters=[4, 8, 16])
+    card = ModelCard(arch="", config={}, class_names=["nucleus", "nucleus boundary"], halo=16, instances=SPEC)
+    path = tmp_path / "nuclei.safetensors"
+    checkpoint.save(model, card, path)
+
+    def drawn(self, windows: np.ndarray) -> np.ndarray:
+        classes = np.where(windows[..., 0] > 0.5, 1, np.where(windows[..., 1] > 0.5, 2, 0))
+        return probs_of(classes)
+
+    monkeypatch.setattr(Predictor, "__call__", drawn)
+    return str(path)
+
+
+@pytest.mark.parametrize("blend", ["crop", "gaussian"])
+def test_a_run_writes_one_id_per_nucleus_across_tile_borders(tmp_path, synthetic_model, blend):
+    hw = (150, 200)  # 64-px tiles: a 3x4 grid; nuclei on borders, a corner, the image edge
+    centres = [(64, 30), (20, 64), (64, 128), (0, 90), (100, 199), (110, 60), (110, 74)]
+    classes, truth = draw_nuclei(hw, centres)
+    rgb = np.zeros((*hw, 3), np.uint8)
+    rgb[classes == 1, 0] = 255
+    rgb[classes == 2, 1] = 255
+    PILImage.fromarray(rgb).save(tmp_path / "nuclei.png")
+    out = segment(tmp_path / "nuclei.png", synthetic_model, tmp_path / "out", tile=64, blend=blend,
+                  precision="fp32", exports=("geojson",))  # fmt: skip
+    store = OutputStore.open(out)
+    ids = np.asarray(store.instance_level(0)[:])
+    assert ids.dtype == np.uint32 and ids.shape == hw
+    seen = ids_per_instance(ids, truth)
+    assert all(len(s) == 1 and 0 not in s for s in seen.values()), seen
+    assert len({next(iter(s)) for s in seen.values()}) == len(centres)
+    assert set(np.unique(ids)) == set(range(len(centres) + 1))
+    mask = np.asarray(store.mask[:])
+    assert not (ids[mask == 0]).any() and (ids[mask == 1] > 0).all()  # inside the mask; every interior
+    assert store.summary()["instances"] == {"nuclei": len(centres)}
+    # the field's readers: valid OME-NGFF 0.5, and ome-zarr-py finds the instance label
+    NgffImage.from_zarr(zarr.open_group(out, mode="r"))
+    labels = [n for n in Reader(parse_url(str(out)))() if n.data and n.load(Label)]
+    assert [n.zarr.parts()[-1] for n in labels] == ["mask", "nuclei"]
+    # the count in the run table row (artifact, CLI table) and `segpipe status`'s table
+    result = from_summary(store.summary(), 1.0)
+    assert result.row()["instances"] == str(len(centres)) and result.instances == {"nuclei": len(centres)}
+    for table in (results_table([result]), status_table([store.summary()])):
+        column = next(c for c in table.columns if c.header == "instances")
+        assert list(column.cells) == [str(len(centres))]
+    # the GeoJSON has one nucleus object per instance, the touching pair two
+    features = json.loads((tmp_path / "out" / f"{store.image_id}.geojson").read_text())["features"]
+    assert len(features) == len(centres)
+    assert {f["properties"]["classification"]["name"] for f in features} == {"nucleus"}
+    # finalize again (a resumed run): the same ids
+    store = OutputStore.open(out, mode="r+")
+    store.build_instances()
+    assert np.array_equal(np.asarray(store.instance_level(0)[:]), ids)
+
+
+def test_a_store_without_instances_reads_as_before(tmp_path):
+    from pipeline.store.layout import StoreLayout
+
+    plain = StoreLayout("x", (10, 10), (10, 10), 8, 8, ("a",))
+    assert "instances" not in plain.to_dict()
+    assert StoreLayout.from_dict(plain.to_dict()) == plain
+    nuclei = StoreLayout("x", (10, 10), (10, 10), 8, 8, ("a", "b"), instances=("nuclei",))
+    assert StoreLayout.from_dict(nuclei.to_dict()).instances == ("nuclei",)

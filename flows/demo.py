@@ -56,7 +56,10 @@ SLIDE_MIN_SIDE = 1024  # the pyramid stops at the first level this small
 # ~200 px, which NUCLEI_TISSUE_THRESHOLD keeps from pulling in the neighbouring tiles.
 PATCH = 896
 CELL = 1024
-PATCHES = 32  # ~26 Mpx of tissue in 400 Mpx: 32 of 400 tiles (at tile 1024)
+# ~6.4 Mpx of tissue in 400 Mpx: 8 of 400 tiles (at tile 1024). nuclei-he reads 40x
+# (0.25 um/px): these 20x patches are 4x the pixels there, and more would make the demo
+# minutes longer without showing anything new.
+PATCHES = 8
 NUCLEI_TISSUE_THRESHOLD = 0.15
 MPP_SNAP = 0.01  # the slide claims the nuclei model's um/px when within 1% of the source's
 MIN_TISSUE = 0.7  # fraction of a candidate patch that must be tissue

@@ -6,6 +6,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -125,4 +126,27 @@ def s3_server() -> Iterator[str]:
     server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield S3_ENDPOINT
+    server.stop()
+
+
+@pytest.fixture
+def flows_env(prefect_harness: None, ray_cluster: str) -> None:
+    """Prefect (the session's temporary server) and Ray (local) for tests that run flows."""
+
+
+@pytest.fixture
+def orthanc(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A fresh Orthanc with DICOMweb for each test (it starts in well under a second), and
+    its credentials in the environment a segpipe run reads them from; skipped where it
+    cannot run (tests/orthanc.py says why)."""
+    from tests.orthanc import Orthanc, unavailable
+
+    why = unavailable()
+    if why:
+        pytest.skip(why)
+    server = Orthanc(tmp_path_factory.mktemp("orthanc"))
+    server.start()
+    for name, value in server.env().items():
+        monkeypatch.setenv(name, value)
+    yield server
     server.stop()

@@ -79,11 +79,6 @@ def test_a_batch_isolates_a_corrupt_image_and_equals_the_per_image_path(small_ch
 # -- the collection flow (Prefect, Ray) ---------------------------------------------------------
 
 
-@pytest.fixture
-def flows_env(prefect_harness: None, ray_cluster: str) -> None:
-    """Prefect (temporary server) and Ray (local) for flow tests."""
-
-
 def test_a_collection_batches_small_images_one_row_each(flows_env: None, small_checkpoint: Path,
                                                         tmp_path: Path, counting: dict[str, int]) -> None:  # noqa: F811
     from prefect.client.orchestration import get_client

@@ -31,11 +31,6 @@ def write_png(path: Path, seed: int = 0) -> Path:
     return path
 
 
-@pytest.fixture
-def flows_env(prefect_harness: None, ray_cluster: str) -> None:
-    """Prefect (temporary server) and Ray (local) for commands that run flows."""
-
-
 @pytest.mark.parametrize("command", ["run", "status", "export", "serve", "models", "demo"])
 def test_every_command_has_help_with_examples(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])

@@ -351,11 +351,6 @@ def test_model_id_comes_from_the_stores_provenance() -> None:
 # -- end to end: `segpipe run --export dicom-seg` ---------------------------------------------------
 
 
-@pytest.fixture
-def flows_env(prefect_harness: None, ray_cluster: str) -> None:
-    """Prefect (temporary server) and Ray (local) for the CLI run."""
-
-
 def test_a_run_exports_a_seg_every_reader_opens(flows_env: None, tiny_checkpoint: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -48,11 +48,6 @@ def write_scan(path: Path, size: tuple[int, int] = (48, 40)) -> Path:
     return write_dicom(path, dicom_dataset(xray_pixels(*size, 12), 12))
 
 
-@pytest.fixture
-def flows_env(prefect_harness: None, ray_cluster: str) -> None:
-    """Prefect (temporary server) and Ray (local) for flow tests."""
-
-
 # -- discovery --------------------------------------------------------------------------------
 
 

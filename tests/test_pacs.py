@@ -10,7 +10,6 @@ re-runs, a PACS that is down, refused credentials, a failed send that the next r
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -25,31 +24,11 @@ from pipeline.config import RunConfig
 from pipeline.store import output_key
 from tests import radiographs
 from tests.io_fixtures import PATIENT
-from tests.orthanc import Orthanc, free_port, unavailable
+from tests.orthanc import Orthanc, free_port
 from tests.radiographs import CHEST, CT_LOCALIZER, LEG
 
 runner = CliRunner()
 LUNG_RULES = tuple(cards.read_card(cards.resolve("lung-xray")).selection)
-
-
-@pytest.fixture
-def orthanc(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Orthanc]:
-    """A fresh Orthanc for each test (it starts in well under a second), and its
-    credentials in the environment a segpipe run reads them from."""
-    why = unavailable()
-    if why:
-        pytest.skip(why)
-    server = Orthanc(tmp_path_factory.mktemp("orthanc"))
-    server.start()
-    for name, value in server.env().items():
-        monkeypatch.setenv(name, value)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def flows_env(prefect_harness: None, ray_cluster: str) -> None:
-    """Prefect (temporary server) and Ray (local)."""
 
 
 def sop(source: Any) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from flows.cli import app
 from pipeline.config import RunConfig
 from pipeline.io import open_image
 from tests.io_fixtures import PATIENT
-from tests.orthanc import Orthanc, unavailable
+from tests.orthanc import Orthanc
 from tests.slide_fixtures import tissue_rgb, write_dicom_wsi
 
 pytest.importorskip("wsidicom")
@@ -33,24 +32,6 @@ runner = CliRunner()
 # no pixel of level 0. Its sides are whole tiles, so every frame is distinct.
 LEVEL0 = tissue_rgb(512, 8448)
 TILE = 256
-
-
-@pytest.fixture
-def orthanc(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[Orthanc]:
-    why = unavailable()
-    if why:
-        pytest.skip(why)
-    server = Orthanc(tmp_path_factory.mktemp("orthanc"))
-    server.start()
-    for name, value in server.env().items():
-        monkeypatch.setenv(name, value)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def flows_env(prefect_harness: None, ray_cluster: str) -> None:
-    """Prefect (temporary server) and Ray (local)."""
 
 
 @pytest.fixture

@@ -195,11 +195,6 @@ def test_pydicom_data_radiographs_when_installed() -> None:
 # -- a run ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def flows_env(prefect_harness: None, ray_cluster: str) -> None:
-    """Prefect (temporary server) and Ray (local)."""
-
-
 def test_a_run_skips_what_the_model_is_not_for_with_the_reason(flows_env: None, chest_model: Path,
                                                                 tmp_path: Path) -> None:  # fmt: skip
     from prefect.client.orchestration import get_client

@@ -427,11 +427,6 @@ def test_storage_refusals_are_one_line_naming_the_path(code: int, words: str) ->
 # -- end to end, through Prefect and Ray -------------------------------------------------------
 
 
-@pytest.fixture
-def flows_env(prefect_harness: None, ray_cluster: str) -> Iterator[None]:
-    yield
-
-
 @pytest.mark.slow  # three collection runs through the CLI
 def test_a_rerun_repairs_a_damaged_output_and_reuses_an_intact_one(
     flows_env: None, image: Path, model: Path, clean: OutputStore, tmp_path: Path

@@ -80,28 +80,44 @@ def export_dicom_seg(
     if frame is not None and frame.nominal:
         log.warning("%s: the source has no valid PixelSpacing or ImagerPixelSpacing; "
                     "the SEG's pixels are a nominal %s mm", path, NOMINAL_MM)  # fmt: skip
-    title = lo_value(f"{'QC flag: ' if qc_flag is not None else ''}{model.name} {model.version} segmentation")
-    described = f"QC flag: {qc_flag}" if qc_flag is not None else f"{title}: {', '.join(class_names)}"
+    title, described = titles(model, class_names, qc_flag)
     seg = hd.seg.Segmentation(
         source_images=[source if frame is None else placed(source, frame)],
         pixel_array=labels,
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=segment_descriptions(class_names, model),
-        series_instance_uid=hd.UID(),
-        series_number=series_number(source),
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="segpipe",
-        manufacturer_model_name="segpipe",
-        software_versions=software_version(),
-        device_serial_number="0",
-        content_creator_name="segpipe^",  # family name only (a lone word reads as ambiguous)
+        **authored(source, class_names, model),
         content_description=lo_value(described),
         series_description=title,
     )
     with writing(path) as local:
         seg.save_as(local)
     return str(path)
+
+
+def titles(model: ModelId, class_names: Sequence[str], qc_flag: str | None) -> tuple[str, str]:
+    """(series description, content description) of a SEG: "QC flag" first when flagged
+    (an LO value is cut at 64 characters), the reasons as its content."""
+    title = lo_value(f"{'QC flag: ' if qc_flag is not None else ''}{model.name} {model.version} segmentation")
+    return title, f"QC flag: {qc_flag}" if qc_flag is not None else f"{title}: {', '.join(class_names)}"
+
+
+def authored(source: Dataset, class_names: Sequence[str], model: ModelId) -> dict[str, Any]:
+    """highdicom Segmentation arguments every segpipe SEG shares (X-ray or slide): BINARY,
+    one segment per class, new UIDs, segpipe as the device and content creator."""
+    import highdicom as hd
+
+    return {
+        "segmentation_type": hd.seg.SegmentationTypeValues.BINARY,
+        "segment_descriptions": segment_descriptions(class_names, model),
+        "series_instance_uid": hd.UID(),
+        "series_number": series_number(source),
+        "sop_instance_uid": hd.UID(),
+        "instance_number": 1,
+        "manufacturer": "segpipe",
+        "manufacturer_model_name": "segpipe",
+        "software_versions": software_version(),
+        "device_serial_number": "0",
+        "content_creator_name": "segpipe^",  # family name only (a lone word reads as ambiguous)
+    }
 
 
 def _read_dicom(location: str | Path) -> Dataset:

@@ -34,12 +34,7 @@ import numpy as np
 
 from pipeline.cards import ModelId
 from pipeline.errors import ConfigError
-from pipeline.io.dicom_seg import (
-    lo_value,
-    segment_descriptions,
-    series_number,
-    software_version,
-)
+from pipeline.io.dicom_seg import authored, lo_value, titles
 from pipeline.io.export_files import writing
 
 if TYPE_CHECKING:
@@ -97,25 +92,13 @@ def export_slide_seg(
     labels = fitted(np.asarray(mask_levels[k], dtype=np.uint8), shape)
     if labels.max(initial=0) > len(class_names):
         raise ConfigError(f"{path}: label {labels.max()} but only {len(class_names)} class names")
-    flag = "QC flag: " if qc_flag is not None else ""
-    title = lo_value(f"{flag}{model.name} {model.version} segmentation")
+    title, described = titles(model, class_names, qc_flag)
     scale = "full res" if k == 0 else f"1/{2**k} res"
-    described = f"QC flag: {qc_flag}" if qc_flag is not None else f"{title}: {', '.join(class_names)}"
     try:
         seg = hd.seg.Segmentation(
             source_images=[header],
             pixel_array=labels,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=segment_descriptions(class_names, model),
-            series_instance_uid=hd.UID(),
-            series_number=series_number(header),
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer="segpipe",
-            manufacturer_model_name="segpipe",
-            software_versions=software_version(),
-            device_serial_number="0",
-            content_creator_name="segpipe^",
+            **authored(header, class_names, model),
             content_description=lo_value(f"{scale}; {described}"),  # the level first: LO cuts at 64
             series_description=title,
             tile_pixel_array=True,

@@ -154,7 +154,7 @@ def test_prefect_yaml_deploys_and_a_worker_runs_it(prefect_server: dict[str, str
             state = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()["state_type"]
             return state if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
-        state = _wait_for(finished, 240, "the deployment's run did not finish", worker, log, api)
+        state = _wait_for(finished, 480, "the deployment's run did not finish", worker, log, api)
         assert state == "COMPLETED", log.read_text()[-3000:]
         record = json.loads((out / "segpipe-run.json").read_text())
         assert [r["state"] for r in record["images"]] == ["complete"]

@@ -20,7 +20,8 @@ the factor, with a result identical to one resample.resize_region call, which eq
 resize() of the whole level to float32 rounding. Measured on a sparse uint8 TIFF: copying
 16k^2 raised peak RSS by ~12 MB, resampling 8k^2 and 16k^2 by 2.5x by ~100 MB for both
 (flat in the image size). An image decoded whole is held once by its reader (bounded by
-max_pixels); ingest and ``preview`` read it chunk by chunk, never as a whole-image copy.
+max_pixels); ingest and ``preview`` read it chunk by chunk, never as a whole-image copy,
+except a level within WHOLE_READ_BYTES (64 MiB), read at once.
 
 Output: zarr v3, shape (H, W, C), chunks (chunk, chunk, C) (no larger than (H, W)), no
 sharding (each chunk has one writer), zarr's default zstd compression. dtype: the source dtype when the level is copied
@@ -39,7 +40,7 @@ from zarr.storage import StoreLike
 
 from pipeline.errors import InputError
 from pipeline.io.image import Image
-from pipeline.io.resample import resize_region
+from pipeline.io.resample import block_mean, resize_region
 
 
 def ingest(
@@ -154,11 +155,35 @@ def picture_source(image: Image, target_hw: tuple[int, int], chunk: int = 1024) 
     level = picture_level(image, target_hw)
     if tuple(image.levels[level][:2]) != tuple(target_hw):
         return resampled_level(image, level, target_hw, chunk)
+    return level_array(image, level, chunk)
+
+
+# A level of at most this many bytes that its reader cannot address lazily (a DICOM, PNG or
+# JPEG decoded whole) is read in one read_region call, as one dask chunk: one bounded copy
+# of pixels the reader holds anyway. Chunk by chunk, a 2000² X-ray's preview and picture
+# cost a copy, a task and a concatenation per 1024² chunk: more than their arithmetic.
+WHOLE_READ_BYTES = 64 << 20
+
+
+def level_array(image: Image, level: int, chunk: int = 1024) -> da.Array:
+    """A lazy (H, W, C) dask array over ``level``: the reader's own lazy view, else one
+    chunk read at once (within WHOLE_READ_BYTES), else ``chunk``² chunks through read_region."""
     lazy = image.lazy_level(level)
-    if lazy is None:
-        lazy = da.from_array(_LevelView(image, level), chunks=(chunk, chunk, -1), asarray=False,
-                             fancy=False, name=False)  # fmt: skip
-    return lazy
+    if lazy is not None:
+        return lazy
+    h, w, c = image.levels[level]
+    if h * w * c * np.dtype(image.dtype).itemsize <= WHOLE_READ_BYTES:
+        return da.from_array(image.read_region(level, 0, 0, h, w), chunks=-1, name=False)
+    # chunk by chunk, not one whole-level read: that would copy a decoded-whole image
+    # (8 GiB for an RGBA16 32768² PNG) next to its cache
+    return da.from_array(_LevelView(image, level), chunks=(chunk, chunk, -1), asarray=False,
+                         fancy=False, name=False)  # fmt: skip
+
+
+def compute(lazy: da.Array) -> np.ndarray:
+    """``lazy`` computed: one chunk in this thread (dask's thread pool costs more than the
+    chunk), more on dask's threads."""
+    return np.asarray(lazy.compute(scheduler="synchronous" if lazy.npartitions == 1 else None))
 
 
 def picture_level(image: Image, target_hw: tuple[int, int]) -> int:
@@ -216,16 +241,11 @@ def preview(image: Image, max_side: int = PREVIEW_MAX_SIDE) -> np.ndarray:
     """The whole image (for tissue detection, normalisation statistics and overlays) with its long side <= max_side (float32, (h, w, C)), averaged from
     the coarsest level still at least that large, chunk by chunk."""
     level = preview_level(image, max_side)
-    h, w, c = image.levels[level]
-    lazy = image.lazy_level(level)
-    if lazy is None:
-        # chunk by chunk through read_region, not one whole-level read: that would copy
-        # a decoded-whole image (8 GiB for an RGBA16 32768² PNG) next to its cache
-        lazy = da.from_array(_LevelView(image, level), chunks=(1024, 1024, c), asarray=False,
-                             fancy=False, name=False)  # fmt: skip
+    h, w, _ = image.levels[level]
+    lazy = level_array(image, level)
     factor = max(1, math.ceil(max(h, w) / max_side))
     trimmed = lazy[: h // factor * factor, : w // factor * factor].astype(np.float32)
-    return np.asarray(da.coarsen(np.mean, trimmed, {0: factor, 1: factor}).compute())
+    return compute(da.coarsen(block_mean, trimmed, {0: factor, 1: factor}))
 
 
 def preview_level(image: Image, max_side: int = PREVIEW_MAX_SIDE) -> int:

@@ -12,32 +12,50 @@ Two ways to halve:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import dask.array as da
 import numpy as np
 import zarr
+from dask.array.chunk import coarsen
 
+from pipeline.io.resample import block_mean
 from pipeline.store.checksums import decode_error
 
-Halve = Callable[[da.Array], da.Array]
+Level = TypeVar("Level", da.Array, np.ndarray)
+Halve = Callable[[Level], Level]
 
 
-def halve_nearest(level: da.Array) -> da.Array:
-    """Every second pixel of the last two axes."""
+def halve_nearest(level: Level) -> Level:
+    """Every second pixel of the last two axes (a dask or a numpy array)."""
     return level[..., ::2, ::2]
 
 
-def halve_mean(level: da.Array) -> da.Array:
-    """2x2 means over the last two axes, in the level's dtype (integers rounded)."""
+def halve_mean(level: Level) -> Level:
+    """2x2 means over the last two axes, in the level's dtype (integers rounded). A numpy
+    level (one held in memory) is halved by the very reshape-and-mean that dask's coarsen
+    applies to each of its chunks (dask.array.chunk.coarsen), so both give the same values,
+    without a graph."""
+    lazy = isinstance(level, da.Array)
+    xp = da if lazy else np
     h, w = level.shape[-2:]
     pad = [(0, 0)] * (level.ndim - 2) + [(0, h % 2), (0, w % 2)]
-    even = da.pad(level, pad, mode="edge") if h % 2 or w % 2 else level
-    # coarsen needs every chunk divisible by 2 along the halved axes
-    even = even.rechunk({level.ndim - 2: _even(even.chunksize[-2]), level.ndim - 1: _even(even.chunksize[-1])})
-    means = da.coarsen(np.mean, even.astype(np.float32), {level.ndim - 2: 2, level.ndim - 1: 2})
+    even = xp.pad(level, pad, mode="edge") if h % 2 or w % 2 else level
+    axes = {level.ndim - 2: 2, level.ndim - 1: 2}
+    if lazy:
+        # coarsen needs every chunk divisible by 2 along the halved axes
+        even = even.rechunk(
+            {
+                level.ndim - 2: _even(even.chunksize[-2]),
+                level.ndim - 1: _even(even.chunksize[-1]),
+            }
+        )
+        means = da.coarsen(block_mean, even.astype(np.float32), axes)
+    else:
+        means = coarsen(block_mean, even.astype(np.float32), axes)
     if np.issubdtype(level.dtype, np.integer):
         info = np.iinfo(level.dtype)
-        return da.clip(da.rint(means), info.min, info.max).astype(level.dtype)
+        return xp.clip(xp.rint(means), info.min, info.max).astype(level.dtype)
     return means.astype(level.dtype)
 
 
@@ -67,15 +85,18 @@ def build_level(src: zarr.Array, dst: zarr.Array, halve: Halve,
     made in memory (src within IN_MEMORY_BYTES), for the next level; else None."""
     if src.nbytes <= IN_MEMORY_BYTES:
         pixels = np.asarray(src[...]) if above is None else above
-        # the same halve on one dask chunk: the same values as the chunked path
-        down = np.asarray(halve(da.from_array(pixels, chunks=pixels.shape)).compute(scheduler="synchronous"))
+        down = np.asarray(halve(pixels))  # the same values as the chunked path
         if down.shape != dst.shape:
-            raise ValueError(f"halving {src.shape} gives {down.shape}, the next level is {dst.shape}")
+            raise ValueError(
+                f"halving {src.shape} gives {down.shape}, the next level is {dst.shape}"
+            )
         dst[...] = down
         return down
     down_lazy = halve(da.from_zarr(src)).rechunk(dst.chunks)
     if down_lazy.shape != dst.shape:  # a layout bug, not the data's fault
-        raise ValueError(f"halving {src.shape} gives {down_lazy.shape}, the next level is {dst.shape}")
+        raise ValueError(
+            f"halving {src.shape} gives {down_lazy.shape}, the next level is {dst.shape}"
+        )
     da.store(down_lazy, dst, lock=False)
     return None
 

@@ -20,8 +20,7 @@ the factor, with a result identical to one resample.resize_region call, which eq
 resize() of the whole level to float32 rounding. Measured on a sparse uint8 TIFF: copying
 16k^2 raised peak RSS by ~12 MB, resampling 8k^2 and 16k^2 by 2.5x by ~100 MB for both
 (flat in the image size). An image decoded whole is held once by its reader (bounded by
-max_pixels); ingest and ``preview`` read it chunk by chunk, never as a whole-image copy,
-except a level within WHOLE_READ_BYTES (64 MiB), read at once.
+max_pixels); ingest and ``preview`` read it chunk by chunk, never as a whole-image copy.
 
 Output: zarr v3, shape (H, W, C), chunks (chunk, chunk, C) (no larger than (H, W)), no
 sharding (each chunk has one writer), zarr's default zstd compression. dtype: the source dtype when the level is copied
@@ -158,22 +157,12 @@ def picture_source(image: Image, target_hw: tuple[int, int], chunk: int = 1024) 
     return level_array(image, level, chunk)
 
 
-# A level of at most this many bytes that its reader cannot address lazily (a DICOM, PNG or
-# JPEG decoded whole) is read in one read_region call, as one dask chunk: one bounded copy
-# of pixels the reader holds anyway. Chunk by chunk, a 2000² X-ray's preview and picture
-# cost a copy, a task and a concatenation per 1024² chunk: more than their arithmetic.
-WHOLE_READ_BYTES = 64 << 20
-
-
 def level_array(image: Image, level: int, chunk: int = 1024) -> da.Array:
-    """A lazy (H, W, C) dask array over ``level``: the reader's own lazy view, else one
-    chunk read at once (within WHOLE_READ_BYTES), else ``chunk``² chunks through read_region."""
+    """A lazy (H, W, C) dask array over ``level``: the reader's own lazy view, else
+    ``chunk``² chunks through read_region."""
     lazy = image.lazy_level(level)
     if lazy is not None:
         return lazy
-    h, w, c = image.levels[level]
-    if h * w * c * np.dtype(image.dtype).itemsize <= WHOLE_READ_BYTES:
-        return da.from_array(image.read_region(level, 0, 0, h, w), chunks=-1, name=False)
     # chunk by chunk, not one whole-level read: that would copy a decoded-whole image
     # (8 GiB for an RGBA16 32768² PNG) next to its cache
     return da.from_array(_LevelView(image, level), chunks=(chunk, chunk, -1), asarray=False,

@@ -1,5 +1,5 @@
 """Files and cards that could cause unbounded work are refused before any is done: a run's
-planned work is bounded by max_pixels / max_slide_pixels (stages.check_planned_work), a
+planned work is bounded by max_pixels / max_slide_pixels (limits.check_planned_work), a
 card by sane bounds when it is read, weights by the shapes their card's model has (built on
 the meta device) before anything is allocated; and the full-resolution mask's chunks stay
 bounded whatever the model's scale (invariant 3)."""
@@ -18,7 +18,7 @@ import torch
 from PIL import Image as PILImage
 from safetensors.torch import save_file
 
-from pipeline import stages
+from pipeline import limits
 from pipeline.cards import CARD_KEY, read_card, resolve
 from pipeline.engine.tiling import Box, plan_tiles
 from pipeline.errors import CheckpointError, InputError
@@ -101,7 +101,7 @@ def test_a_card_scale_larger_than_max_pixels_is_refused_before_writing(tmp_path)
 def test_too_many_tiles_are_refused_naming_the_tile_setting(tmp_path, monkeypatch):
     PILImage.fromarray(np.zeros((256, 256), np.uint8)).save(tmp_path / "x.png")
     model = save(tiny("unet", in_channels=1), tmp_path / "m.safetensors")
-    monkeypatch.setattr(stages, "MAX_TILES", 10)  # the driver's status grid and scheduling
+    monkeypatch.setattr(limits, "MAX_TILES", 10)  # the driver's status grid and scheduling
     with pytest.raises(InputError, match=r"planned 256 tiles of 16x16 .* exceed 10 per image; "
                                          r"raise --tile"):  # fmt: skip
         segment(tmp_path / "x.png", model, tmp_path / "out", tile=16, **EXACT)

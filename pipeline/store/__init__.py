@@ -10,7 +10,9 @@
     lock.py        one run at a time on each image's output (StoreLock)
     picture.py     the input's picture: the NGFF image at the group's root, in colour
     pyramid.py     pyramid levels from the level above (nearest for labels, means else)
-    store.py       OutputStore: opening, metadata, pixels, finalize, summary
+    store.py       OutputStore: opening, metadata, pixels, tile status, completion state
+    finalize.py    what OutputStore inherits: finalize (instances, pyramids, checksums,
+                   state last), damage records, summary
 """
 
 from pipeline.store.errors import NotAStoreError, StoreError, storage_refusal

@@ -1,12 +1,12 @@
 """The ``OutputStore``: one image's output group, opened or created, with its metadata,
-pixels, status grid, completion state and summary. The layout it creates and reads is
-described in layout.py.
+pixels, status grid and completion state. The layout it creates and reads is described in
+layout.py; finalize, checksums and summary are finalize.py's (``FinalizeMixin``, inherited).
 
 Writers: workers call only ``write_tile``, ``write_mask_piece`` and ``write_instance_keys``,
 which write the tile's own chunks of ``prob/0``, ``labels/mask/0`` and ``instances/<name>``
-and never metadata; ``labels/<name>`` is written by finalize (instance_image.py). Everything else (status,
-provenance, state, pyramids, picture, chunk checksums) is written by the driver alone, so
-no object has two writers. A format-1 store (layout.py) is read, never written.
+and never metadata; ``labels/<name>`` is written by finalize (instance_image.py).
+Everything else (status, provenance, state, pyramids, picture, chunk checksums) is written
+by the driver alone, so no object has two writers. A format-1 store (layout.py) is read, never written.
 
 Reads of pixels go through ``_read``: a chunk that does not decode (a zstd error deep in
 zarr) becomes one StoreError naming the store, the array and the chunk.
@@ -28,15 +28,9 @@ from pipeline.config import ProbDtype
 from pipeline.display import Window
 from pipeline.engine.tiling import Box, Tile, full_res_owned
 from pipeline.job import TileReport, is_complete
-from pipeline.store.checksums import (
-    decode_error,
-    measure,
-    read_records,
-    records_group,
-    write_records,
-)
+from pipeline.store.checksums import decode_error
 from pipeline.store.errors import NotAStoreError, StoreError
-from pipeline.store.instance_image import write_ids
+from pipeline.store.finalize import STATES, FinalizeMixin, State
 from pipeline.store.layout import (
     COMPRESSORS,
     FORMAT,
@@ -47,19 +41,13 @@ from pipeline.store.layout import (
 from pipeline.store.names import store_location
 from pipeline.store.picture import picture_written, write_picture
 from pipeline.store.provenance import as_json, check_provenance, identity, versions
-from pipeline.store.pyramid import build_levels, halve_mean, halve_nearest
 from pipeline.store.status import StatusGrid
 from pipeline.store.tile_checks import check_mask, check_piece, encode_prob
 
 log = logging.getLogger(__name__)
 
-SUMMARY_MAX_FAILED = 20
 
-State = Literal["pending", "running", "partial", "complete"]
-STATES: tuple[str, ...] = ("pending", "running", "partial", "complete")
-
-
-class OutputStore:
+class OutputStore(FinalizeMixin):
     """One image's output group. The driver uses ``create_or_open``; workers and readers
     use ``open`` (mode "r+" to write tiles, "r" to read)."""
 
@@ -342,46 +330,6 @@ class OutputStore:
             raise StoreError(f"{self.path}: cannot mark complete, tiles left: {self.counts()}")
         self._update_meta(state=state)
 
-    def finalize(self) -> State:
-        """Build the mask and probability pyramids, record every chunk's checksum, then
-        write the state, last: "complete" when every tile is done or skipped, else
-        "partial" (failed or never-run tiles remain)."""
-        self._check_writable()
-        self.build_instances()
-        self.build_pyramid()
-        self.record_checksums()
-        state: State = "complete" if is_complete(self.status_grid()) else "partial"
-        self.mark_state(state)
-        return state
-
-    def build_pyramid(self) -> None:
-        """Fill levels 1.. of the mask (every 2nd pixel: labels stay labels) and of the
-        probabilities (2x2 means), each from the level above, chunk by chunk (pyramid.py)."""
-        build_levels(self.mask_levels(), halve_nearest, self.path)
-        if self.layout.instances:
-            name = self.layout.instances[0]
-            build_levels({f"labels/{name}/{k}": self.instance_level(k) for k in range(len(self.layout.levels))},
-                         halve_nearest, self.path)  # fmt: skip
-        build_levels(self.prob_levels(), halve_mean, self.path)
-
-    def build_instances(self) -> None:
-        """Map the tiles' instance keys to ids 1..n unique per image (pipeline.instances) in
-        labels/<name>/0, chunk by chunk, nearest-upsampled where the mask is foreground, and
-        record n. Driver only; redone whole at every finalize (a resumed run's new tiles
-        change the keys), so it is idempotent. Memory: the sorted keys and a chunk."""
-        if not self.layout.instances:
-            return
-        name = self.layout.instances[0]
-        try:
-            count = write_ids(self._group[f"instances/{name}"], self.mask, self.instance_level(0), self.layout)
-        except (RuntimeError, ValueError) as exc:  # numcodecs' zstd raises RuntimeError
-            raise StoreError(f"{self.path}: instances/{name} or labels/mask/0 does not decode ({exc})") from exc
-        self._update_meta(instances={name: count})
-
-    def instance_counts(self) -> dict[str, int] | None:
-        """Instances per image by name (finalize records them); None: no instance image."""
-        return self._meta().get("instances") if self.layout.instances else None
-
     def mask_levels(self) -> dict[str, zarr.Array]:
         """Every mask level by path, full resolution first."""
         return {f"labels/mask/{k}": self.mask_level(k) for k in range(len(self.layout.levels))}
@@ -395,72 +343,6 @@ class OutputStore:
             return {n: self._group[n] for n in names}  # type: ignore[misc]
         except KeyError as exc:
             raise StoreError(f"{self.path}: damaged output store, no {exc} array") from exc
-
-    # -- verification (pipeline/store/verify.py) ---------------------------------------------
-
-    def checked_arrays(self) -> dict[str, zarr.Array]:
-        """The arrays whose chunks carry checksums, by path: every probability level and
-        every mask level (the first of each has owner tiles, verify.py)."""
-        return {**self.prob_levels(), **self.mask_levels()}
-
-    def record_checksums(self) -> None:
-        """Record each checked chunk's digest, size and modification marker (driver only,
-        at finalize, once every tile's worker is done writing); clears recorded damage."""
-        checks = records_group(self._group)  # required once, not per array
-        for name, array in self.checked_arrays().items():
-            write_records(checks, name, measure(array))
-        if "damage" in self._meta():
-            meta = self._meta()
-            del meta["damage"]
-            self._group.attrs.update({"segpipe": meta})
-
-    def checksum_records(self, name: str) -> np.ndarray | None:
-        """The checksums finalize recorded for array ``name`` (None: never recorded)."""
-        return read_records(self._group, name)
-
-    def record_damage(self, lines: list[str]) -> None:
-        """Mark the store partial with the damage found, for `segpipe status` (driver)."""
-        self._update_meta(state="partial", damage=list(lines))
-
-    def summary(self) -> dict[str, Any]:
-        """A small JSON-able report: shapes, state, counts, failed tiles, mask fractions."""
-        failed = sorted(self.failures().items())
-        lay = self.layout
-        damage = list(self._meta().get("damage", []))
-        try:
-            fractions = self._mask_fraction()
-        except StoreError as exc:  # a status listing goes on; the store is named as damaged
-            fractions, damage = None, [*damage, str(exc)]
-        return {
-            "image_id": lay.image_id,
-            "path": self.path,
-            "state": self.state,
-            "full_hw": list(lay.full_hw),
-            "work_hw": list(lay.work_hw),
-            "tile": lay.tile,
-            "grid": list(lay.grid),
-            "classes": list(lay.classes),
-            "mpp": lay.mpp,
-            "counts": self.counts(),
-            "failed": [{"tile": list(i), **f} for i, f in failed[:SUMMARY_MAX_FAILED]],
-            "failed_total": len(failed),
-            "mask_fraction": fractions,
-            "damage": damage,
-            "qc": self.provenance.get("qc"),  # the QC verdict (pipeline.qc), once complete
-            "instances": self.instance_counts(),  # e.g. {"nuclei": 812}; None: no instance image
-        }
-
-    def _mask_fraction(self) -> dict[str, float] | None:
-        """Per-class area fraction from the coarsest pyramid level (None before finalize)."""
-        if self.state not in ("partial", "complete"):
-            return None
-        top = len(self.layout.levels) - 1
-        labels = self._read(f"labels/mask/{top}", self.mask_level(top), ...)
-        counts = np.bincount(labels.ravel(), minlength=len(self.layout.classes) + 1)
-        return {
-            name: round(float(counts[i]) / labels.size, 6)
-            for i, name in enumerate(self.layout.classes, start=1)
-        }
 
     def _check_writable(self) -> None:
         if self.outdated:

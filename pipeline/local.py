@@ -30,6 +30,9 @@ def segment(input: str | Path, model: str | Path, out: str | Path, *,
     with nullcontext(pool) if pool is not None else local_pool(model_path, run) as tiles:
         stages.infer(job, run, tiles)
     summary = stages.finalize(job)
-    stages.export(job, run)
+    if summary["state"] == "complete":
+        stages.export(job, run)
+    else:  # as the per-image flow and batches do: exports wait for a complete output
+        log.warning("%s: %s; exports wait for a complete output", job.image_id, summary["state"])
     log.info("%s: %s %s", job.image_id, summary["state"], summary["counts"])
     return Path(job.store_path)

@@ -6,6 +6,7 @@ the store is valid OME-NGFF and its instance count reaches the summary and run t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,15 +140,25 @@ def synthetic_model(tmp_path, monkeypatch) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("blend", ["crop", "gaussian"])
-def test_a_run_writes_one_id_per_nucleus_across_tile_borders(tmp_path, synthetic_model, blend):
-    hw = (150, 200)  # 64-px tiles: a 3x4 grid; nuclei on borders, a corner, the image edge
-    centres = [(64, 30), (20, 64), (64, 128), (0, 90), (100, 199), (110, 60), (110, 74)]
-    classes, truth = draw_nuclei(hw, centres)
-    rgb = np.zeros((*hw, 3), np.uint8)
+HW = (150, 200)  # 64-px tiles: a 3x4 grid; nuclei on borders, a corner, the image edge
+CENTRES = [(64, 30), (20, 64), (64, 128), (0, 90), (100, 199), (110, 60), (110, 74)]
+
+
+def nuclei_png(path: Path) -> np.ndarray:
+    """The drawn nuclei as the synthetic model's input (red interior, green ring); returns
+    the true instances."""
+    classes, truth = draw_nuclei(HW, CENTRES)
+    rgb = np.zeros((*HW, 3), np.uint8)
     rgb[classes == 1, 0] = 255
     rgb[classes == 2, 1] = 255
-    PILImage.fromarray(rgb).save(tmp_path / "nuclei.png")
+    PILImage.fromarray(rgb).save(path)
+    return truth
+
+
+@pytest.mark.parametrize("blend", ["crop", "gaussian"])
+def test_a_run_writes_one_id_per_nucleus_across_tile_borders(tmp_path, synthetic_model, blend):
+    hw, centres = HW, CENTRES
+    truth = nuclei_png(tmp_path / "nuclei.png")
     out = segment(tmp_path / "nuclei.png", synthetic_model, tmp_path / "out", tile=64, blend=blend,
                   precision="fp32", exports=("geojson",))  # fmt: skip
     store = OutputStore.open(out)
@@ -177,6 +188,33 @@ def test_a_run_writes_one_id_per_nucleus_across_tile_borders(tmp_path, synthetic
     # finalize again (a resumed run): the same ids
     store = OutputStore.open(out, mode="r+")
     store.build_instances()
+    assert np.array_equal(np.asarray(store.instance_level(0)[:]), ids)
+
+
+def test_instance_chunks_are_verified_and_a_rerun_repairs_them(tmp_path, synthetic_model):
+    """The tiles' keys and the instance image carry checksums like prob and mask: a flipped
+    key chunk names its tile, a lost label chunk is found, and the next runs repair both."""
+    from pipeline.store import verify_store
+
+    nuclei_png(tmp_path / "nuclei.png")
+    args = (tmp_path / "nuclei.png", synthetic_model, tmp_path / "out")
+    out = segment(*args, tile=64, precision="fp32")
+    ids = np.asarray(OutputStore.open(out).instance_level(0)[:])
+    key_chunk = Path(out, "instances", "nuclei", "c", "1", "1")  # tile (1, 1) holds (110, 74)
+    key_chunk.write_bytes(bytes(b ^ 0xFF for b in key_chunk.read_bytes()))
+    label_chunk = next(p for p in Path(out, "labels", "nuclei", "0", "c").rglob("*") if p.is_file())
+    label_chunk.unlink()
+
+    verdict = verify_store(OutputStore.open(out), full=True)
+    assert verdict.damaged_tiles == [(1, 1)]
+    lines = verdict.lines()
+    assert any(line.startswith("tile (1, 1): instances/nuclei chunk 1/1: ") for line in lines), lines
+    assert any(line.startswith("labels/nuclei/0 chunk ") and "missing" in line for line in lines), lines
+    # pipeline.segment's finalize finds the damage and marks it; the next call repairs it
+    segment(*args, tile=64, precision="fp32")
+    segment(*args, tile=64, precision="fp32")
+    store = OutputStore.open(out)
+    assert store.state == "complete" and verify_store(store, full=True).ok
     assert np.array_equal(np.asarray(store.instance_level(0)[:]), ids)
 
 

@@ -109,8 +109,14 @@ class FinalizeMixin:
 
     def checked_arrays(self) -> dict[str, zarr.Array]:
         """The arrays whose chunks carry checksums, by path: every probability level and
-        every mask level (the first of each has owner tiles, verify.py)."""
-        return {**self.prob_levels(), **self.mask_levels()}
+        every mask level (the first of each has owner tiles, verify.py), and with instances
+        the tiles' keys (tile-owned like prob/0) and every level of the instance image
+        (made by finalize from the keys, as the pyramids are)."""
+        arrays = {**self.prob_levels(), **self.mask_levels()}
+        for name in self.layout.instances:
+            arrays[f"instances/{name}"] = self._group[f"instances/{name}"]
+            arrays.update({f"labels/{name}/{k}": self.instance_level(k) for k in range(len(self.layout.levels))})
+        return arrays
 
     def record_checksums(self) -> None:
         """Record each checked chunk's digest, size and modification marker (driver only,

@@ -3,9 +3,11 @@ scheduling the repair of what does not verify (invariant 5: outputs are verified
 trusted).
 
 What is checked (``verify_store``):
-- every chunk of ``prob/0`` and ``labels/mask/0`` owned by a DONE or SKIPPED tile (a FAILED
-  or PENDING tile is recomputed anyway; a tile may own several mask chunks, a chunk has one
-  owner), and every chunk of the pyramid levels 1.. of both;
+- every chunk of ``prob/0`` and ``labels/mask/0`` (and ``instances/<name>``, the tiles'
+  instance keys) owned by a DONE or SKIPPED tile (a FAILED or PENDING tile is recomputed
+  anyway; a tile may own several mask chunks, a chunk has one owner), and every chunk of
+  the pyramid levels 1.. of both and of every level of ``labels/<name>`` (finalize makes
+  those from the keys, so finalize alone repairs them);
 - the status grid's consistency: a store marked complete whose grid holds a FAILED or
   PENDING tile is damaged.
 
@@ -140,8 +142,9 @@ def verify_store(store: CheckedStore, *, full: bool = True) -> Verdict:
         bad = np.argwhere(~np.isin(grid, _CHECKED_TILES))
         status_tiles = tuple(((int(r), int(c)), TileStatus(grid[r, c]).name) for r, c in bad)
     damage, unrecorded, moved = [], [], 0
-    owners = _owners(store)
-    for name, array in store.checked_arrays().items():
+    arrays = store.checked_arrays()
+    owners = _owners(store, arrays)
+    for name, array in arrays.items():
         records = store.checksum_records(name)
         keys = chunk_keys(array)
         if records is None or records.shape != (len(keys), 3):
@@ -215,11 +218,11 @@ def _size_reason(record: np.ndarray, size: int) -> str | None:
     return None
 
 
-def _owners(store: CheckedStore) -> dict[str, np.ndarray]:
+def _owners(store: CheckedStore, arrays: dict[str, zarr.Array]) -> dict[str, np.ndarray]:
     """Per checked array with owner tiles, each chunk record's owner (row, col): prob chunk
-    (r, c) (its grid position along y and x; the channels are one chunk) is tile (r, c)'s; a
-    full-resolution chunk is the tile's whose owned box holds it (OutputStore.owned_boxes,
-    the rule write_tile enforces)."""
+    (r, c) (its grid position along y and x; the channels are one chunk) is tile (r, c)'s,
+    and so is chunk (r, c) of the instance keys; a full-resolution chunk is the tile's whose
+    owned box holds it (OutputStore.owned_boxes, the rule write_tile enforces)."""
     lay = store.layout
     names = store.prob.metadata.dimension_names or ("y", "x", "c")  # format 1: (y, x, c)
     yx = [names.index("y"), names.index("x")]
@@ -234,7 +237,11 @@ def _owners(store: CheckedStore) -> dict[str, np.ndarray]:
     if (mask_owner < 0).any():  # full_res_owned partitions the chunks: a broken layout
         orphan = tuple(int(i) for i in np.argwhere(mask_owner[..., 0] < 0)[0])
         raise StoreError(f"{store.path}: labels/mask/0 chunk {orphan} has no owner tile")
-    return {store.prob_name: prob_owner, "labels/mask/0": mask_owner.reshape(-1, 2)}
+    owners = {store.prob_name: prob_owner, "labels/mask/0": mask_owner.reshape(-1, 2)}
+    for name in lay.instances:
+        keys = arrays[f"instances/{name}"]
+        owners[f"instances/{name}"] = np.array(list(np.ndindex(*keys.cdata_shape)), np.int64).reshape(-1, 2)
+    return owners
 
 
 def _tile(owner: np.ndarray) -> tuple[int, int]:

@@ -229,6 +229,25 @@ def test_resumed_run_continues_exactly_as_an_uninterrupted_one(pairs_dir, tmp_pa
             assert torch.equal(tensor, resumed[key][name]), (key, name)
 
 
+def test_a_warm_start_begins_from_the_given_weights_and_the_card_says_which(pairs_dir, tmp_path):
+    first = tiny_config(pairs_dir, tmp_path / "first", epochs=2, steps_per_epoch=2)
+    start, start_card = checkpoint.load(train(first))
+    # lr 0: the warm-started model cannot move, so its checkpoint is the starting weights
+    warm = tiny_config(pairs_dir, tmp_path / "warm", epochs=1, steps_per_epoch=1, lr=0.0,
+                       init_weights=str(first.checkpoint_path))
+    model, card = checkpoint.load(train(warm))
+    trained = dict(model.named_parameters())  # (batch-norm statistics still move at lr 0)
+    for name, tensor in start.named_parameters():
+        assert torch.equal(tensor, trained[name]), name
+    assert card.metrics["training"]["init_weights"] == {
+        "file": "tiny.safetensors", "weights_sha256": start_card.weights_sha256}
+    cold, _ = checkpoint.load(train(dataclasses.replace(warm, out=str(tmp_path / "cold"), init_weights=None)))
+    assert not torch.equal(next(cold.parameters()), next(start.parameters()))  # the seed's draw
+    wider = dataclasses.replace(warm, out=str(tmp_path / "wider"), filters=tuple(2 * f for f in TINY))
+    with pytest.raises(ConfigError, match="tiny.safetensors: init_weights do not fit"):
+        train(wider)
+
+
 def test_resume_refuses_a_state_trained_otherwise(pairs_dir, tmp_path):
     config = tiny_config(pairs_dir, tmp_path / "run", epochs=1, steps_per_epoch=1)
     train(config)

@@ -2,7 +2,7 @@
 and AJI of what a run delivers, per organ and mean (docs/training.md quotes its output).
 
     python -m benchmarks.nuclei_heldout --data ../shared/data/real OLD.safetensors NEW.safetensors
-        [--grow 0 1 2] [--min-px 4 16] [--tta] [--write-card]
+        [--grow 0 1 2] [--min-px 4 16] [--instances JSON] [--tta] [--write-card]
     python -m benchmarks.nuclei_heldout --data ../shared/data/real MODEL.safetensors --search \
         [--marker-prob 0.5 0.7 0.9] [--marker-dist 0 1 2] [--marker-px 1 8] [--flood distance prob]
         [--grow 0 1] [--min-px 8 32]
@@ -93,15 +93,17 @@ def score(model: Path, data: Path, work: Path, **run: object) -> dict:
             "seconds": round(time.perf_counter() - start, 1), "tiles": rows}  # fmt: skip
 
 
-def with_settings(model: Path, grow: int | None, min_px: int | None, folder: Path) -> Path:
+def with_settings(model: Path, grow: int | None, min_px: int | None, folder: Path,
+                  extra: dict | None = None) -> Path:
     """A copy of `model` whose card grows instances by `grow` px and drops seeds under
-    `min_px` (None: the card's)."""
+    `min_px` (None: the card's), its other instance settings updated with `extra`."""
     net, card = checkpoint.load(model)
     _, card_grow, card_min = instances.settings(card.instances)
     grow = card_grow if grow is None else grow
     min_px = card_min if min_px is None else min_px
-    card.instances = {**card.instances, "grow_px": grow, "min_px": min_px}
-    path = folder / f"{model.stem}-grow{grow}-min{min_px}.safetensors"
+    card.instances = {**card.instances, **(extra or {}), "grow_px": grow, "min_px": min_px}
+    tag = "-split" if card.instances.get("split", "none") != "none" else ""
+    path = folder / f"{model.stem}-grow{grow}-min{min_px}{tag}.safetensors"
     checkpoint.save(net, card, path)
     return path
 
@@ -161,6 +163,8 @@ def main() -> None:
     parser.add_argument("--min-px", type=int, nargs="*", default=[None])
     parser.add_argument("--write-card", action="store_true")
     parser.add_argument("--tta", action="store_true", help="flip test-time augmentation (RunConfig tta)")
+    parser.add_argument("--instances", type=json.loads, default=None,
+                        help='instance settings to set on the cards scored, as JSON (e.g. \'{"split": "watershed"}\')')
     parser.add_argument("--search", action="store_true",
                         help="score instance settings on one model's stored probabilities (no re-run per setting)")
     parser.add_argument("--marker-prob", type=float, nargs="*", default=[0.5, 0.7, 0.9])
@@ -180,7 +184,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for path in args.models:
             _, card = checkpoint.load(path)
-            variants = ([with_settings(path, g, m, Path(tmp)) for g in args.grow for m in args.min_px]
+            variants = ([with_settings(path, g, m, Path(tmp), args.instances) for g in args.grow for m in args.min_px]
                         if card.instances else [path])  # fmt: skip
             for variant in variants:
                 results.append(score(variant, args.data, Path(tmp), tta=args.tta))

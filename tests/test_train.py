@@ -412,6 +412,24 @@ def test_recipes_build_valid_configs(tmp_path):
         recipe("spleen", tmp_path, tmp_path)
 
 
+def test_the_nuclei_recipe_warm_starts_from_the_base_run(tmp_path):
+    from recipes import recipe
+
+    images = tmp_path / "data" / "he-nuclei-monuseg-30" / "images"
+    images.mkdir(parents=True)
+    for name in ("TCGA-A7-A13E-01Z-00-DX1", "TCGA-E2-A1B5-01Z-00-DX1", "TCGA-HE-7130-01Z-00-DX1"):
+        (images / f"{name}.jpg").touch()
+    (images.parent / "masks").mkdir()
+    base = recipe("nuclei-he-base", tmp_path / "data", tmp_path / "out" / "base")
+    assert base.init_weights is None and base.val_names == ("TCGA-E2-A1B5-01Z-00-DX1", "TCGA-HE-7130-01Z-00-DX1")
+    with pytest.raises(ConfigError, match="nuclei-he-base"):  # says which run to make first
+        recipe("nuclei-he", tmp_path / "data", tmp_path / "out")
+    base.checkpoint_path.touch()
+    config = recipe("nuclei-he", tmp_path / "data", tmp_path / "out")
+    assert config.init_weights == str(base.checkpoint_path) and config.name == base.name
+    assert (config.train_names, config.val_names) == (base.train_names, base.val_names)
+
+
 def test_recipes_command_refuses_an_unknown_recipe_and_needs_the_data_folder(tmp_path, capsys):
     from recipes.__main__ import main
 

@@ -200,7 +200,9 @@ def write_card(path: Path, result: dict, others: list[dict]) -> None:
     card.metrics = {**card.metrics, "heldout": {
         "how": "python -m benchmarks.nuclei_heldout: pipeline.segment at 0.252 um/px, full resolution; Dice of "
                "class 1 (nucleus interior) vs the expert interiors, AJI of labels/nuclei vs their 4-connected "
-               "components", "dice": result["dice"], "aji": result["aji"], "organs": organs},
+               "components", "dice": result["dice"], "aji": result["aji"], "organs": organs,
+        "instances": {**card.instances, "chosen": "by mean AJI on these same 7 held-out tiles (python -m "
+                      "benchmarks.nuclei_heldout --search; docs/training.md): slightly optimistic"}},
         "compared": [{"model": Path(o["model"]).name, "dice": o["dice"], "aji": o["aji"]} for o in others]}
     checkpoint.save(net, card, path)
 

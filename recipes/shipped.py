@@ -203,11 +203,14 @@ def recipe(name: str, data: str | Path, out: str | Path = "runs/train") -> Train
     return RECIPES[name](Path(data), Path(out))
 
 
-# Instance output declared on the card after training (pipeline.instances): nuclei-he's
-# grow_px (how far seeds grow into the boundary ring) was chosen on the held-out tiles by
-# AJI (python -m benchmarks.nuclei_heldout --grow 0 1 2 --min-px 4 16 32, docs/training.md):
-# growing into the ring only lowers AJI (the expert masks are interiors too)
-INSTANCES = {"nuclei-he": {"name": "nuclei", "seed_class": 1, "grow_px": 0, "min_px": 32}}
+# Instance output declared on the card after training (pipeline.instances), chosen on the
+# held-out tiles by AJI (python -m benchmarks.nuclei_heldout --search, docs/training.md):
+# interior components cut by a watershed on the distance to their edge between markers of
+# interior probability >= marker_prob (merged small dense nuclei come apart); not grown into
+# the ring (the expert masks are interiors too)
+INSTANCES = {"nuclei-he": {"name": "nuclei", "seed_class": 1, "grow_px": 0, "min_px": 16,
+                           "split": "watershed", "marker_prob": 0.85, "marker_dist": 0,
+                           "marker_px": 4, "flood": "distance"}}
 
 
 def set_instances(path: Path, spec: dict) -> None:

@@ -255,6 +255,30 @@ def test_a_run_writes_one_id_per_nucleus_across_tile_borders(tmp_path, synthetic
     assert np.array_equal(np.asarray(store.instance_level(0)[:]), ids)
 
 
+def test_a_run_splits_merged_nuclei_with_one_id_each_across_tile_borders(tmp_path, monkeypatch):
+    """The card's watershed split in a tiled run: merged pairs astride 64-px tile borders and
+    a corner come out as one id per nucleus, the ids of the whole image derived at once."""
+    model = build_model("unet", in_channels=3, classes=3, filters=[4, 8, 16])
+    card = ModelCard(arch="", config={}, class_names=["nucleus", "nucleus boundary"], halo=24,
+                     normalization={"kind": "scale", "divisor": 255}, instances=SPLIT)
+    checkpoint.save(model, card, path := tmp_path / "split.safetensors")
+    # the input carries the probabilities: red = interior, green = ring
+    monkeypatch.setattr(Predictor, "__call__", lambda self, w: np.stack(
+        [1 - w[..., 0] - w[..., 1], w[..., 0], w[..., 1]], axis=-1).astype(np.float32))
+    probs, truth = merged_pairs((150, 200), [(64, 56), (20, 124), (60, 120), (128, 30), (100, 185)])
+    rgb = np.zeros((150, 200, 3), np.uint8)
+    rgb[..., :2] = np.round(probs[..., 1:] * 255)
+    PILImage.fromarray(rgb).save(tmp_path / "pairs.png")
+    out = segment(tmp_path / "pairs.png", str(path), tmp_path / "out", tile=64, blend="crop", precision="fp32",
+                  exports=())  # fmt: skip
+    ids = np.asarray(OutputStore.open(out).instance_level(0)[:])
+    assert len(set(majority_ids(ids, truth))) == 10 and ids.max() == 10  # each nucleus its own id
+    assert all(len(s - {0}) == 1 for s in ids_per_instance(ids, truth).values())  # none cut by a tile
+    drawn = rgb[..., :2].astype(np.float32) / 255
+    whole = instances.derive(np.dstack([1 - drawn.sum(-1), drawn]), SPLIT)
+    assert np.array_equal(ids, np.where(np.asarray(OutputStore.open(out).mask[:]) > 0, whole, 0))
+
+
 def test_a_store_without_instances_reads_as_before(tmp_path):
     from pipeline.store.layout import StoreLayout
 

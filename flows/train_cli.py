@@ -30,6 +30,7 @@ HELP = {
     "patch": "Side of the sampled training patches.",
     "workers": "More than 1: Ray Train workers with DDP.",
     "resume": "Continue from OUT/NAME.state.pt.",
+    "init_weights": "Warm start: a checkpoint of the same architecture whose weights the model starts from.",
     "data": "Data description for the model card.",
     "license": "Licence text for the model card.",
     "mode": "UNet++ inference mode written to the card: accurate or fast.",

@@ -9,7 +9,8 @@ further foreground classes (the boundary ring around it). On a working-level win
                    order, as key = y * width + x + 1 in working-level image coordinates
                    (anchor_keys); then grown by up to grow_px into the other foreground
                    pixels (nearest seed: skimage's expand_labels), so touching nuclei stay
-                   apart
+                   apart. With ``"split": "watershed"`` a seed component is first cut
+                   between its markers (watershed_split): merged nuclei come apart
 
 Tile-owned and deterministic (docs/design.md, "Instances"): each tile derives instances on
 its region grown by a margin, and writes the keys of its own region only. An instance that
@@ -32,6 +33,9 @@ from skimage import segmentation
 KEY_DTYPE = np.uint32  # keys and ids: a working level of up to 2^32 - 1 pixels (65,535²)
 MAX_KEY = int(np.iinfo(KEY_DTYPE).max)
 DEFAULTS = {"seed_class": 1, "grow_px": 2, "min_px": 4}
+# the watershed split's settings (watershed_split) and their bounds
+SPLIT_DEFAULTS = {"marker_prob": 0.5, "marker_dist": 0.0, "marker_px": 1, "flood": "distance"}
+FLOODS = ("distance", "prob")
 
 
 def card_problems(spec: Any, classes: int) -> list[str]:
@@ -49,6 +53,23 @@ def card_problems(spec: Any, classes: int) -> list[str]:
         value = spec.get(key, DEFAULTS[key])
         if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 64:
             problems.append(f"instances.{key}={value!r:.20} not in 0..64")
+    return problems + _split_problems(spec)
+
+
+def _split_problems(spec: Mapping[str, Any]) -> list[str]:
+    split = spec.get("split", "none")
+    if split not in ("none", "watershed"):
+        return [f"instances.split={split!r:.20} must be 'none' or 'watershed'"]
+    problems = []
+    for key, high in (("marker_prob", 1.0), ("marker_dist", 16.0)):
+        value = spec.get(key, SPLIT_DEFAULTS[key])
+        if not isinstance(value, int | float) or isinstance(value, bool) or not 0 <= value <= high:
+            problems.append(f"instances.{key}={value!r:.20} not in 0..{high:g}")
+    px = spec.get("marker_px", SPLIT_DEFAULTS["marker_px"])
+    if not isinstance(px, int) or isinstance(px, bool) or not 0 <= px <= 64:
+        problems.append(f"instances.marker_px={px!r:.20} not in 0..64")
+    if spec.get("flood", SPLIT_DEFAULTS["flood"]) not in FLOODS:
+        problems.append(f"instances.flood={spec.get('flood')!r:.20} must be one of {list(FLOODS)}")
     return problems
 
 
@@ -70,9 +91,49 @@ def instance_keys(probs: np.ndarray, spec: Mapping[str, Any], origin: tuple[int,
     if n and min_px > 1:
         sizes = np.bincount(seeds.ravel(), minlength=n + 1)
         seeds[sizes[seeds] < min_px] = 0
+    if spec.get("split", "none") == "watershed":
+        seeds = watershed_split(seeds, probs[..., seed_class], {**SPLIT_DEFAULTS, **spec})
     keys = anchor_keys(seeds, origin, image_hw)
     grown = segmentation.expand_labels(keys, distance=grow_px) if grow_px else keys
     return np.where(labels > 0, grown, 0).astype(KEY_DTYPE)
+
+
+def watershed_split(seeds: np.ndarray, seed_prob: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
+    """Seed components cut between their markers: marker pixels are seed pixels whose seed
+    probability is at least marker_prob and whose distance to the nearest non-seed pixel
+    is at least marker_dist; their 4-connected components of marker_px pixels or more are
+    markers. Each seed component is flooded from its markers (skimage's watershed on minus
+    that distance, or minus the seed probability: flood "prob"), 4-connected, inside the
+    seeds; a component without a marker stays whole.
+
+    Every step is a function of the seed component's own pixels and probabilities: the
+    distance of a pixel to the nearest non-seed pixel is reached within the component's
+    4-neighbours (any nearer non-component pixel would be 4-adjacent to it, so in it), and
+    the flood never leaves the component, with ties broken by the order of its own pixels
+    (the markers' order fixed below).
+    So a component whole in two windows is cut the same way in both (the tile-owned ids'
+    condition, docs/design.md "Instances")."""
+    region = seeds > 0
+    if not region.any():
+        return seeds
+    dist = ndimage.distance_transform_edt(region)
+    markers, m = ndimage.label(region & (seed_prob >= spec["marker_prob"]) & (dist >= spec["marker_dist"]))
+    if m and spec["marker_px"] > 1:
+        sizes = np.bincount(markers.ravel(), minlength=m + 1)
+        markers[sizes[markers] < spec["marker_px"]] = 0
+    marked = np.zeros(int(seeds.max()) + 1, bool)
+    marked[seeds[markers > 0]] = True
+    lonely = region & ~marked[seeds]  # components without a marker: their own marker, whole
+    markers = np.where(lonely, seeds.astype(np.int64) + m, markers)
+    elevation = -dist if spec["flood"] == "distance" else -seed_prob.astype(np.float64)
+    # skimage's flood pops equal values in the order they were pushed, except its markers
+    # (all pushed at age 0), which tie in an order that depends on the whole heap, i.e. on
+    # the other components in the window. So the marker pixels are given distinct values
+    # below all others, increasing in raster order: they flood first, in raster order, the
+    # same order within a component in every window.
+    placed = np.flatnonzero(markers)
+    elevation.flat[placed] = elevation.min() - 2 + np.arange(len(placed)) / (len(placed) + 1)
+    return segmentation.watershed(elevation, markers, mask=region, connectivity=1)
 
 
 def derive(probs: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:

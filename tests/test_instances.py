@@ -16,6 +16,7 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Label, Reader
 from ome_zarr_models.v05.image import Image as NgffImage
 from PIL import Image as PILImage
+from scipy import ndimage
 
 from flows.console import results_table, status_table
 from flows.report import from_summary
@@ -49,7 +50,8 @@ def draw_nuclei(hw: tuple[int, int], centres: list[tuple[int, int]], radius: int
     return classes, truth
 
 
-def tiled_keys(probs: np.ndarray, tile: int, margin: int, order: list[tuple[int, int]] | None = None) -> np.ndarray:
+def tiled_keys(probs: np.ndarray, tile: int, margin: int, order: list[tuple[int, int]] | None = None,
+               spec: dict = SPEC) -> np.ndarray:
     """What the engine's tiles write: each tile's keys derived on its region grown by the
     margin, its own region kept, tiles taken in `order`."""
     h, w = probs.shape[:2]
@@ -59,7 +61,7 @@ def tiled_keys(probs: np.ndarray, tile: int, margin: int, order: list[tuple[int,
         y0, x0 = r * tile, c * tile
         wy0, wx0 = max(0, y0 - margin), max(0, x0 - margin)
         wy1, wx1 = min(h, y0 + tile + margin), min(w, x0 + tile + margin)
-        keys = instances.instance_keys(probs[wy0:wy1, wx0:wx1], SPEC, (wy0, wx0), (h, w))
+        keys = instances.instance_keys(probs[wy0:wy1, wx0:wx1], spec, (wy0, wx0), (h, w))
         out[y0 : y0 + tile, x0 : x0 + tile] = keys[y0 - wy0 : y0 - wy0 + tile, x0 - wx0 : x0 - wx0 + tile]
     return out
 
@@ -109,6 +111,79 @@ def test_keys_refuse_a_level_uint32_cannot_name():
     with pytest.raises(ValueError, match="uint32"):
         instances.check_key_space((70_000, 70_000))
     instances.check_key_space((65_535, 65_535))
+
+
+# -- the watershed split ------------------------------------------------------------------
+
+SPLIT = SPEC | {"grow_px": 0, "split": "watershed", "marker_prob": 0.75, "marker_dist": 1.0, "marker_px": 4}
+
+
+def merged_pairs(hw: tuple[int, int], pairs: list[tuple[int, int]], radius: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities (h, w, 3) of pairs of touching nuclei whose interiors merge (no ring
+    between them: what a model does with small dense nuclei), the interior probability
+    highest at each centre, and the truth (h, w): each nucleus its own id, a pixel of both
+    the nearer centre's."""
+    yy, xx = np.mgrid[: hw[0], : hw[1]]
+    interior = np.zeros(hw, np.float32)
+    truth = np.zeros(hw, np.int32)
+    nearest = np.full(hw, np.inf)
+    for i, (cy, cx) in enumerate(pairs):
+        for j, centre in enumerate(((cy, cx), (cy, cx + 2 * radius - 2))):  # overlap 2 px
+            d = np.hypot(yy - centre[0], xx - centre[1])
+            interior = np.maximum(interior, np.where(d <= radius, 1 - 0.4 * d / radius, 0))
+            truth[(d <= radius) & (d < nearest)] = 2 * i + j + 1
+            nearest = np.minimum(nearest, d)
+    ring = (ndimage.binary_dilation(interior > 0, iterations=2) & (interior == 0)).astype(np.float32)
+    probs = np.stack([1 - interior - 0.9 * ring, interior, 0.9 * ring], axis=-1)
+    return probs, truth
+
+
+def test_the_watershed_split_cuts_merged_nuclei_that_components_keep_as_one():
+    probs, truth = merged_pairs((48, 64), [(12, 12), (32, 36)])
+    whole = instances.derive(probs, SPLIT | {"split": "none"})
+    assert all(len(ids_per_instance(whole, truth)[i] - {0}) == 1 for i in (1, 2))
+    assert whole.max() == 2  # two pairs, one instance each
+    for flood in ("distance", "prob"):
+        split = instances.derive(probs, SPLIT | {"flood": flood})
+        assert split.max() == 4, flood
+        assert len(set(majority_ids(split, truth))) == 4, flood  # each nucleus its own id
+
+
+def majority_ids(ids: np.ndarray, truth: np.ndarray) -> list[int]:
+    """Per true nucleus, the id over most of it, asserted to cover 90 % of it (the pixels
+    on the line between two touching nuclei may go either way)."""
+    found = []
+    for i in np.unique(truth[truth > 0]):
+        values, counts = np.unique(ids[truth == i], return_counts=True)
+        assert values[counts.argmax()] > 0 and counts.max() >= 0.9 * counts.sum(), (i, values, counts)
+        found.append(int(values[counts.argmax()]))
+    return found
+
+
+def test_split_instances_crossing_tile_borders_get_one_id_whatever_the_tile_order():
+    # pairs astride a vertical border, a horizontal one and a four-tile corner, and one cut by
+    # the image's left edge; each pair 18 px wide, under the 20-px margin
+    pairs = [(10, 24), (40, 80), (60, 56), (90, -1), (90, 100)]
+    probs, truth = merged_pairs((112, 128), pairs)
+    spec = SPLIT | {"grow_px": 2}
+    grid = [(r, c) for r in range(4) for c in range(4)]
+    keys = tiled_keys(probs, 32, 20, grid, spec)
+    shuffled = [grid[i] for i in np.random.default_rng(1).permutation(len(grid))]
+    assert np.array_equal(keys, tiled_keys(probs, 32, 20, shuffled, spec))
+    ids = instances.compact_ids(keys, instances.unique_keys([keys]))
+    assert np.array_equal(ids, instances.derive(probs, spec))  # as the whole image at once
+    seen = ids_per_instance(ids, truth)
+    assert all(len(s - {0}) == 1 for s in seen.values()), seen
+    assert len({min(s - {0}) for s in seen.values()}) == len(seen)  # every nucleus its own id
+
+
+def test_the_card_refuses_an_unknown_split_or_flood(tmp_path):
+    model = build_model("unet", in_channels=3, classes=3, filters=[4, 8])
+    for bad, match in (({"split": "cellpose"}, "split"), ({"split": "watershed", "flood": "up"}, "flood"),
+                       ({"split": "watershed", "marker_prob": 2}, "marker_prob")):
+        with pytest.raises(CheckpointError, match=match):
+            checkpoint.save(model, ModelCard(arch="", config={}, class_names=["nucleus", "nucleus boundary"],
+                                             instances=SPEC | bad), tmp_path / "m.safetensors")
 
 
 def test_the_card_declares_instances_on_a_multi_class_output(tmp_path):
@@ -216,6 +291,30 @@ def test_instance_chunks_are_verified_and_a_rerun_repairs_them(tmp_path, synthet
     store = OutputStore.open(out)
     assert store.state == "complete" and verify_store(store, full=True).ok
     assert np.array_equal(np.asarray(store.instance_level(0)[:]), ids)
+
+
+def test_a_run_splits_merged_nuclei_with_one_id_each_across_tile_borders(tmp_path, monkeypatch):
+    """The card's watershed split in a tiled run: merged pairs astride 64-px tile borders and
+    a corner come out as one id per nucleus, the ids of the whole image derived at once."""
+    model = build_model("unet", in_channels=3, classes=3, filters=[4, 8, 16])
+    card = ModelCard(arch="", config={}, class_names=["nucleus", "nucleus boundary"], halo=24,
+                     normalization={"kind": "scale", "divisor": 255}, instances=SPLIT)
+    checkpoint.save(model, card, path := tmp_path / "split.safetensors")
+    # the input carries the probabilities: red = interior, green = ring
+    monkeypatch.setattr(Predictor, "__call__", lambda self, w: np.stack(
+        [1 - w[..., 0] - w[..., 1], w[..., 0], w[..., 1]], axis=-1).astype(np.float32))
+    probs, truth = merged_pairs((150, 200), [(64, 56), (20, 124), (60, 120), (128, 30), (100, 185)])
+    rgb = np.zeros((150, 200, 3), np.uint8)
+    rgb[..., :2] = np.round(probs[..., 1:] * 255)
+    PILImage.fromarray(rgb).save(tmp_path / "pairs.png")
+    out = segment(tmp_path / "pairs.png", str(path), tmp_path / "out", tile=64, blend="crop", precision="fp32",
+                  exports=())  # fmt: skip
+    ids = np.asarray(OutputStore.open(out).instance_level(0)[:])
+    assert len(set(majority_ids(ids, truth))) == 10 and ids.max() == 10  # each nucleus its own id
+    assert all(len(s - {0}) == 1 for s in ids_per_instance(ids, truth).values())  # none cut by a tile
+    drawn = rgb[..., :2].astype(np.float32) / 255
+    whole = instances.derive(np.dstack([1 - drawn.sum(-1), drawn]), SPLIT)
+    assert np.array_equal(ids, np.where(np.asarray(OutputStore.open(out).mask[:]) > 0, whole, 0))
 
 
 def test_a_store_without_instances_reads_as_before(tmp_path):

@@ -229,6 +229,25 @@ def test_resumed_run_continues_exactly_as_an_uninterrupted_one(pairs_dir, tmp_pa
             assert torch.equal(tensor, resumed[key][name]), (key, name)
 
 
+def test_a_warm_start_begins_from_the_given_weights_and_the_card_says_which(pairs_dir, tmp_path):
+    first = tiny_config(pairs_dir, tmp_path / "first", epochs=2, steps_per_epoch=2)
+    start, start_card = checkpoint.load(train(first))
+    # lr 0: the warm-started model cannot move, so its checkpoint is the starting weights
+    warm = tiny_config(pairs_dir, tmp_path / "warm", epochs=1, steps_per_epoch=1, lr=0.0,
+                       init_weights=str(first.checkpoint_path))
+    model, card = checkpoint.load(train(warm))
+    trained = dict(model.named_parameters())  # (batch-norm statistics still move at lr 0)
+    for name, tensor in start.named_parameters():
+        assert torch.equal(tensor, trained[name]), name
+    assert card.metrics["training"]["init_weights"] == {
+        "file": "tiny.safetensors", "weights_sha256": start_card.weights_sha256}
+    cold, _ = checkpoint.load(train(dataclasses.replace(warm, out=str(tmp_path / "cold"), init_weights=None)))
+    assert not torch.equal(next(cold.parameters()), next(start.parameters()))  # the seed's draw
+    wider = dataclasses.replace(warm, out=str(tmp_path / "wider"), filters=tuple(2 * f for f in TINY))
+    with pytest.raises(ConfigError, match="tiny.safetensors: init_weights do not fit"):
+        train(wider)
+
+
 def test_resume_refuses_a_state_trained_otherwise(pairs_dir, tmp_path):
     config = tiny_config(pairs_dir, tmp_path / "run", epochs=1, steps_per_epoch=1)
     train(config)
@@ -391,6 +410,24 @@ def test_recipes_build_valid_configs(tmp_path):
     assert config.postprocess and "2 X-rays" not in config.data and "3 X-rays" in config.data
     with pytest.raises(ConfigError, match="unknown recipe"):
         recipe("spleen", tmp_path, tmp_path)
+
+
+def test_the_nuclei_recipe_warm_starts_from_the_base_run(tmp_path):
+    from recipes import recipe
+
+    images = tmp_path / "data" / "he-nuclei-monuseg-30" / "images"
+    images.mkdir(parents=True)
+    for name in ("TCGA-A7-A13E-01Z-00-DX1", "TCGA-E2-A1B5-01Z-00-DX1", "TCGA-HE-7130-01Z-00-DX1"):
+        (images / f"{name}.jpg").touch()
+    (images.parent / "masks").mkdir()
+    base = recipe("nuclei-he-base", tmp_path / "data", tmp_path / "out" / "base")
+    assert base.init_weights is None and base.val_names == ("TCGA-E2-A1B5-01Z-00-DX1", "TCGA-HE-7130-01Z-00-DX1")
+    with pytest.raises(ConfigError, match="nuclei-he-base"):  # says which run to make first
+        recipe("nuclei-he", tmp_path / "data", tmp_path / "out")
+    base.checkpoint_path.touch()
+    config = recipe("nuclei-he", tmp_path / "data", tmp_path / "out")
+    assert config.init_weights == str(base.checkpoint_path) and config.name == base.name
+    assert (config.train_names, config.val_names) == (base.train_names, base.val_names)
 
 
 def test_recipes_command_refuses_an_unknown_recipe_and_needs_the_data_folder(tmp_path, capsys):

@@ -77,6 +77,9 @@ class TrainConfig:
     workers: int = 1  # > 1: Ray Train TorchTrainer with DDP
     ray_address: str | None = None
     resume: bool = False
+    # warm start: a checkpoint (safetensors with card) whose weights initialise the model
+    # instead of `seed`'s random draw; same architecture and shapes, or the run refuses
+    init_weights: str | None = None
     progress: bool | None = None  # None: a progress bar when stderr is a terminal
     # card
     data: str = ""

@@ -27,6 +27,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from pipeline.engine.predictor import autocast_dtype, choose_device
+from pipeline.errors import ConfigError
 from pipeline.io import resize
 from pipeline.models import SegmentationModel, build_model
 from pipeline.train.augment import Augment, augment
@@ -102,7 +103,10 @@ def _prepare(config: TrainConfig, worker: Worker) -> _Run:
     spec = data_spec(config)
     sources = build_sources(training_pairs(config), spec)
     torch.manual_seed(config.seed)
-    model = new_model(config).to(worker.device, memory_format=torch.channels_last)
+    model = new_model(config)
+    if config.init_weights:
+        warm_start(model, config.init_weights)
+    model = model.to(worker.device, memory_format=torch.channels_last)
     patch_fits(spec.sample_hw, model.multiple)
     ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema), use_buffers=True)
            if config.ema else None)
@@ -244,6 +248,20 @@ def new_model(config: TrainConfig) -> SegmentationModel:
     extra = {"deep_supervision": config.deep_supervision} if config.arch == "unetpp" else {}
     return build_model(config.arch, in_channels=config.in_channels, classes=config.classes,
                        filters=list(config.filters), checkpointing=config.checkpointing, **extra)
+
+
+def warm_start(model: SegmentationModel, path: str) -> None:
+    """Load a checkpoint's weights into the new model (warm start); the checkpoint's mode
+    does not matter: every mode keeps all weights, only the forward pass differs."""
+    from pipeline.models import checkpoint
+
+    trained, _ = checkpoint.load(path)
+    if trained.arch != model.arch:
+        raise ConfigError(f"{path}: init_weights is a {trained.arch!r} model, the run trains {model.arch!r}")
+    try:
+        model.load_state_dict(trained.state_dict(), strict=True)
+    except RuntimeError as exc:
+        raise ConfigError(f"{path}: init_weights do not fit the model: {str(exc).splitlines()[0]}") from None
 
 
 def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,7 +59,12 @@ def _training_summary(config: TrainConfig) -> dict[str, Any]:
     """The settings that made the model, minus local paths."""
     keep = ("epochs", "steps_per_epoch", "batch_size", "optimizer", "lr", "weight_decay",
             "schedule", "ema", "patch", "seed", "precision")
-    return {k: getattr(config, k) for k in keep} | {"augment": asdict(config.augment)}
+    summary = {k: getattr(config, k) for k in keep} | {"augment": asdict(config.augment)}
+    if config.init_weights:  # warm start: which weights it started from, by name and content
+        _, card = checkpoint.load(config.init_weights)
+        summary["init_weights"] = {"file": Path(config.init_weights).name,
+                                   "weights_sha256": card.weights_sha256}
+    return summary
 
 
 def new_state() -> dict[str, Any]:

@@ -319,3 +319,41 @@ def test_a_tile_error_naming_the_input_is_stored_and_logged_with_the_image_id(tm
     assert failures[(0, 1)]["error"] == "3f2a91c07d4e0b18: bad strip"
     said = " ".join(r.getMessage() for r in caplog.records)
     assert "3f2a91c07d4e0b18" in said and "DOE" not in said and "Doe" not in said
+
+
+def test_joining_a_busy_head_tries_again_when_its_client_server_did_not_start(monkeypatch, caplog):
+    """A loaded head's Ray Client proxy may fail to start this driver's server in time; the
+    next attempt usually succeeds. Any other failure is one ClusterError at once."""
+    import importlib
+
+    import ray
+
+    from pipeline.errors import ClusterError
+
+    joining = importlib.import_module("pipeline.cluster.join")  # the module; the package exports the function
+
+    monkeypatch.setattr(joining, "_check_reachable", lambda *a: None)
+    monkeypatch.setattr(joining, "_check_accepted", lambda *a: None)
+    monkeypatch.setattr(joining.time, "sleep", lambda s: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    calls = []
+
+    def init(**kwargs):
+        calls.append(kwargs["address"])
+        if len(calls) == 1:
+            raise RuntimeError("Starting Ray client server failed. See ray_client_server_23000.err for detailed logs.")
+
+    monkeypatch.setattr(ray, "init", init)
+    joining.join("ray://127.0.0.1:10001")
+    assert calls == ["ray://127.0.0.1:10001"] * 2
+    assert "trying again" in caplog.text
+
+    def refused(**kwargs):
+        calls.append(kwargs["address"])
+        raise ConnectionError("token refused")
+
+    calls.clear()
+    monkeypatch.setattr(ray, "init", refused)
+    with pytest.raises(ClusterError, match="cannot join the Ray cluster at ray://127.0.0.1:10001: .*token refused"):
+        joining.join("ray://127.0.0.1:10001")
+    assert len(calls) == 1

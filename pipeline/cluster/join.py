@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +85,23 @@ def join(address: str) -> None:
         _check_reachable(address, *target)
         _check_accepted(address, *target)
     log.info("joining the Ray cluster at %s", address)
-    try:
-        ray.init(address=address, runtime_env=cluster_runtime_env(), log_to_driver=_log_to_driver())
-    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
-        raise ClusterError(f"cannot join the Ray cluster at {address}: {last_line(exc)}") from exc
+    for attempt in range(1, CLIENT_SERVER_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, runtime_env=cluster_runtime_env(), log_to_driver=_log_to_driver())
+            return
+        except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:
+            if CLIENT_SERVER_FAILED not in str(exc) or attempt == CLIENT_SERVER_ATTEMPTS:
+                raise ClusterError(f"cannot join the Ray cluster at {address}: {last_line(exc)}") from exc
+            # the head's Ray Client proxy starts one server process per driver; on a busy
+            # head that start can miss the proxy's deadline, and the next one succeeds
+            log.warning("the Ray cluster at %s did not start this driver's client server; trying again", address)
+            ray.shutdown()
+            time.sleep(CLIENT_SERVER_BACKOFF_S * attempt)
+
+
+CLIENT_SERVER_FAILED = "Starting Ray client server failed"  # Ray's proxy, when that start failed
+CLIENT_SERVER_ATTEMPTS = 3
+CLIENT_SERVER_BACKOFF_S = 5.0
 
 
 def cluster_runtime_env() -> dict[str, Any]:

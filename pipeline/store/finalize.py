@@ -18,7 +18,7 @@ through the host's metadata and pixel accessors (declared below for type checker
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import zarr
@@ -33,7 +33,7 @@ from pipeline.store.pyramid import build_levels, halve_mean, halve_nearest
 SUMMARY_MAX_FAILED = 20
 
 State = Literal["pending", "running", "partial", "complete"]
-STATES: tuple[str, ...] = ("pending", "running", "partial", "complete")
+STATES: tuple[str, ...] = get_args(State)
 
 
 class FinalizeMixin:
@@ -54,6 +54,7 @@ class FinalizeMixin:
         def provenance(self) -> dict[str, Any]: ...
         def mask_level(self, k: int) -> zarr.Array: ...
         def mask_levels(self) -> dict[str, zarr.Array]: ...
+        def instance_levels(self) -> dict[str, zarr.Array]: ...
         def prob_levels(self) -> dict[str, zarr.Array]: ...
         def instance_level(self, k: int) -> zarr.Array: ...
         def status_grid(self) -> np.ndarray: ...
@@ -81,10 +82,7 @@ class FinalizeMixin:
         """Fill levels 1.. of the mask (every 2nd pixel: labels stay labels) and of the
         probabilities (2x2 means), each from the level above, chunk by chunk (pyramid.py)."""
         build_levels(self.mask_levels(), halve_nearest, self.path)
-        if self.layout.instances:
-            name = self.layout.instances[0]
-            build_levels({f"labels/{name}/{k}": self.instance_level(k) for k in range(len(self.layout.levels))},
-                         halve_nearest, self.path)  # fmt: skip
+        build_levels(self.instance_levels(), halve_nearest, self.path)  # {} without instances
         build_levels(self.prob_levels(), halve_mean, self.path)
 
     def build_instances(self) -> None:
@@ -112,11 +110,8 @@ class FinalizeMixin:
         every mask level (the first of each has owner tiles, verify.py), and with instances
         the tiles' keys (tile-owned like prob/0) and every level of the instance image
         (made by finalize from the keys, as the pyramids are)."""
-        arrays = {**self.prob_levels(), **self.mask_levels()}
-        for name in self.layout.instances:
-            arrays[f"instances/{name}"] = self._group[f"instances/{name}"]
-            arrays.update({f"labels/{name}/{k}": self.instance_level(k) for k in range(len(self.layout.levels))})
-        return arrays
+        keys = {f"instances/{n}": self._group[f"instances/{n}"] for n in self.layout.instances}
+        return {**self.prob_levels(), **self.mask_levels(), **keys, **self.instance_levels()}  # type: ignore[dict-item]
 
     def record_checksums(self) -> None:
         """Record each checked chunk's digest, size and modification marker (driver only,

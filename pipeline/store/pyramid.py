@@ -33,9 +33,9 @@ def halve_nearest(level: Level) -> Level:
 
 def halve_mean(level: Level) -> Level:
     """2x2 means over the last two axes, in the level's dtype (integers rounded). A numpy
-    level (one held in memory) is halved by the very reshape-and-mean that dask's coarsen
-    applies to each of its chunks (dask.array.chunk.coarsen), so both give the same values,
-    without a graph."""
+    level (one held in memory) goes through the very per-chunk function dask's coarsen
+    applies to each chunk (dask.array.chunk.coarsen with block_mean), so both give the same
+    values, without a graph."""
     lazy = isinstance(level, da.Array)
     xp = da if lazy else np
     h, w = level.shape[-2:]
@@ -44,12 +44,7 @@ def halve_mean(level: Level) -> Level:
     axes = {level.ndim - 2: 2, level.ndim - 1: 2}
     if lazy:
         # coarsen needs every chunk divisible by 2 along the halved axes
-        even = even.rechunk(
-            {
-                level.ndim - 2: _even(even.chunksize[-2]),
-                level.ndim - 1: _even(even.chunksize[-1]),
-            }
-        )
+        even = even.rechunk({level.ndim - 2: _even(even.chunksize[-2]), level.ndim - 1: _even(even.chunksize[-1])})
         means = da.coarsen(block_mean, even.astype(np.float32), axes)
     else:
         means = coarsen(block_mean, even.astype(np.float32), axes)
@@ -87,16 +82,12 @@ def build_level(src: zarr.Array, dst: zarr.Array, halve: Halve,
         pixels = np.asarray(src[...]) if above is None else above
         down = np.asarray(halve(pixels))  # the same values as the chunked path
         if down.shape != dst.shape:
-            raise ValueError(
-                f"halving {src.shape} gives {down.shape}, the next level is {dst.shape}"
-            )
+            raise ValueError(f"halving {src.shape} gives {down.shape}, the next level is {dst.shape}")
         dst[...] = down
         return down
     down_lazy = halve(da.from_zarr(src)).rechunk(dst.chunks)
     if down_lazy.shape != dst.shape:  # a layout bug, not the data's fault
-        raise ValueError(
-            f"halving {src.shape} gives {down_lazy.shape}, the next level is {dst.shape}"
-        )
+        raise ValueError(f"halving {src.shape} gives {down_lazy.shape}, the next level is {dst.shape}")
     da.store(down_lazy, dst, lock=False)
     return None
 

@@ -334,6 +334,14 @@ class OutputStore(FinalizeMixin):
         """Every mask level by path, full resolution first."""
         return {f"labels/mask/{k}": self.mask_level(k) for k in range(len(self.layout.levels))}
 
+    def instance_levels(self) -> dict[str, zarr.Array]:
+        """Every level of the instance label image by path, full resolution first ({}
+        without one)."""
+        if not self.layout.instances:
+            return {}
+        name = self.layout.instances[0]
+        return {f"labels/{name}/{k}": self.instance_level(k) for k in range(len(self.layout.levels))}
+
     def prob_levels(self) -> dict[str, zarr.Array]:
         """Every probability level by path, the working level first (format 1: one)."""
         if self.outdated:

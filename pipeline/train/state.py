@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from pipeline.cards import ModelCard
+from pipeline.cards import ModelCard, read_card
 from pipeline.errors import CheckpointError, ConfigError
 from pipeline.models import SegmentationModel, build_model, checkpoint
 from pipeline.train.config import TrainConfig
@@ -61,7 +61,7 @@ def _training_summary(config: TrainConfig) -> dict[str, Any]:
             "schedule", "ema", "patch", "seed", "precision")
     summary = {k: getattr(config, k) for k in keep} | {"augment": asdict(config.augment)}
     if config.init_weights:  # warm start: which weights it started from, by name and content
-        _, card = checkpoint.load(config.init_weights)
+        card = read_card(config.init_weights)  # the card alone: warm_start loaded and checked the weights
         summary["init_weights"] = {"file": Path(config.init_weights).name,
                                    "weights_sha256": card.weights_sha256}
     return summary

@@ -16,7 +16,6 @@ fetched one by one) keep the per-image subflow.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -24,7 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from flows import pacs, progress, report
 from flows.discover import Source
 from flows.report import ImageResult
-from flows.tasks import keep_private, private_names
+from flows.tasks import private_names
 from pipeline.batch import (
     BATCH_IMAGES,
     BatchItem,
@@ -55,10 +54,7 @@ def batch_task(sources: list[Source], model_path: str, out: str, config: RunConf
     ids' count; each result names its image by id."""
     logger = get_run_logger()
     by_id = {s.image_id: s for s in sources}
-    items = [BatchItem(s.image_id, s.uri.removeprefix("file://")) for s in sources]
-
-    def guard(item: BatchItem) -> AbstractContextManager[None]:
-        return keep_private(private_names(by_id[item.image_id]))
+    items = [BatchItem(s.image_id, s.uri.removeprefix("file://"), private=private_names(s)) for s in sources]
 
     def on_done(outcome: BatchOutcome) -> None:
         state = outcome.summary["state"] if outcome.summary else "failed"
@@ -66,7 +62,7 @@ def batch_task(sources: list[Source], model_path: str, out: str, config: RunConf
 
     # no "started" events: a bar per one-tile image would be 32 bars at once; the run's
     # images bar counts each as it finishes
-    outcomes = segment_batch(items, model_path, config, out, pool, guard=guard, on_done=on_done)
+    outcomes = segment_batch(items, model_path, config, out, pool, on_done=on_done)
     results = [_result(o) for o in outcomes]
     for result in results:
         if result.error:

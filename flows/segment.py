@@ -39,7 +39,7 @@ from flows.tasks import (
     select_task,
 )
 from pipeline import cards, selection
-from pipeline.batch import BATCH_IMAGES
+from pipeline.batch import BATCH_IMAGES, one_tile
 from pipeline.config import RunConfig
 from pipeline.engine.pool import RunPool
 from pipeline.io import location
@@ -127,7 +127,7 @@ def segment_collection(inputs: Inputs | list[str], model: str, out: str, config:
                 len(reused), len(todo))  # fmt: skip
     if todo:
         _connect(run)  # here, in the flow's thread: Ray starts best from the main thread
-    with _ray_pool(model_path, run) as pool:
+    with _ray_pool(model_path, run, one_tile(card, run)) as pool:
         fresh = _run_bounded(todo, model_path, out, run, pool, max(1, concurrency), wanted, card)
     order = {s.image_id: i for i, s in enumerate(sources)}
     results = sorted([*skipped.values(), *reused.values(), *fresh], key=lambda r: order[r.image_id])
@@ -269,11 +269,11 @@ def _connect(config: RunConfig) -> None:
     connect(config)
 
 
-def _ray_pool(model_path: str, config: RunConfig) -> RunPool:
+def _ray_pool(model_path: str, config: RunConfig, small_images: bool = False) -> RunPool:
     """The run's tile workers on Ray (they start on the first image with work)."""
     from pipeline.workers import ray_pool
 
-    return ray_pool(model_path, config)
+    return ray_pool(model_path, config, small_images=small_images)
 
 
 def _report(results: list[ImageResult], out: str, paths: dict[str, str]) -> list[ImageResult]:

@@ -6,29 +6,37 @@ every image through a fixed-size model such as lung-xray) and runs each through 
 stages as `pipeline.segment` and the per-image flow (ingest → plan → infer → finalize →
 export), so a batch's stores are the per-image path's, bit for bit. What it saves is
 around the stages: one call (one Prefect task) for the whole batch instead of a subflow and
-five tasks per image, and a few images in flight at once on a small thread pool, so that
-one image decodes and another's store is written while the pool's workers run a third's
-tile.
+five tasks per image, and, where they run in this process, a few images in flight at once
+on a small thread pool, so that one image decodes and another's store is written while the
+pool's workers run a third's tile.
+
+Where the images run: on the run's workers when the pool offers them
+(`pipeline.whole_images`: each worker ingests, infers and finalizes whole images with the
+model it holds, so the driver only hands out paths and collects summaries and a batch runs
+as fast as the workers, not as one driver process's GIL allows), else in this process.
+An image a worker cannot see (another node, no shared storage) or whose worker died comes
+back here and runs through the tile path.
 
 Failure isolation: each image's error is caught and handed back as its outcome; the
-others of the batch go on. Nothing here imports Prefect or torch.
+others of the batch go on. Nothing here imports Prefect, Ray or torch.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
 from contextvars import copy_context
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any
 
 from pipeline import stages
 from pipeline.cards import ModelCard
 from pipeline.config import RunConfig
 from pipeline.engine.tiling import grid_shape
+from pipeline.privacy import keep_private
 from pipeline.store import OutputStore
 
 if TYPE_CHECKING:
@@ -45,11 +53,17 @@ BATCH_THREADS = 3
 @dataclass(frozen=True)
 class BatchItem:
     """One image of a batch: its output name, the local file to read (a remote input's
-    copy on this machine) and, for such a copy, the URL it was fetched from."""
+    copy on this machine), for such a copy the URL it was fetched from, and what of its
+    location no log or error may quote (`pipeline.privacy.keep_private`: name -> id)."""
 
     image_id: str
     path: str
     fetched_from: str | None = None
+    private: Mapping[str, str] = field(default_factory=dict)
+
+    def names(self) -> dict[str, str]:
+        """The private names, the path and its file name always among them."""
+        return {self.path: self.image_id, PurePath(self.path).name: self.image_id, **self.private}
 
 
 @dataclass(frozen=True)
@@ -72,28 +86,29 @@ def one_tile(card: ModelCard, config: RunConfig) -> bool:
     return size is not None and grid_shape(tuple(size), config.tile) == (1, 1)
 
 
-Guard = Callable[[BatchItem], AbstractContextManager[Any]]
-
-
 def segment_batch(items: Sequence[BatchItem], model_path: str, config: RunConfig, out: str,
-                  pool: RunPool, *, guard: Guard | None = None,
-                  on_done: Callable[[BatchOutcome], None] | None = None,
+                  pool: RunPool, *, on_done: Callable[[BatchOutcome], None] | None = None,
                   threads: int = BATCH_THREADS) -> list[BatchOutcome]:  # fmt: skip
-    """Segment `items` into `out` on the run's worker `pool`; one outcome per item, in
-    order. `guard(item)` is entered around each image's work in its thread (the flows
-    keep input paths out of errors and logs with it); `on_done` hears each outcome as it
-    comes (progress)."""
-    guard = guard or (lambda item: nullcontext())
+    """Segment `items` into `out`, on the workers of the run's `pool` where it offers them
+    (see the module's text), else here; one outcome per item, in order. `on_done` hears each
+    outcome as it comes (progress)."""
+    if not items:
+        return []
+    if pool.image_workers() is None:  # (waits for the first worker to be up)
+        return segment_here(items, model_path, config, out, pool, on_done=on_done, threads=threads)
+    # Ray only where the workers are Ray actors
+    from pipeline.whole_images import on_workers
+
+    return on_workers(items, model_path, config, out, pool, on_done=on_done)
+
+
+def segment_here(items: Sequence[BatchItem], model_path: str, config: RunConfig, out: str,
+                 pool: RunPool, *, on_done: Callable[[BatchOutcome], None] | None = None,
+                 threads: int = BATCH_THREADS) -> list[BatchOutcome]:  # fmt: skip
+    """Segment `items` in this process, `threads` images at once, their tiles on `pool`."""
 
     def one(item: BatchItem) -> BatchOutcome:
-        start = time.perf_counter()
-        try:
-            with guard(item):
-                summary, exports = _stages(item, model_path, config, out, pool)
-            outcome = BatchOutcome(item.image_id, summary, exports, seconds=time.perf_counter() - start)
-        except Exception as exc:  # this image's failure only: the batch goes on
-            log.error("%s: %s", item.image_id, exc)
-            outcome = BatchOutcome(item.image_id, error=exc, seconds=time.perf_counter() - start)
+        outcome = segment_one(item, model_path, config, out, pool)
         if on_done is not None:
             on_done(outcome)
         return outcome
@@ -104,6 +119,19 @@ def segment_batch(items: Sequence[BatchItem], model_path: str, config: RunConfig
     with ThreadPoolExecutor(max(1, min(threads, len(items))), thread_name_prefix="segpipe-batch") as ex:
         futures = [ex.submit(copy_context().run, one, item) for item in items]
         return [f.result() for f in futures]
+
+
+def segment_one(item: BatchItem, model_path: str, config: RunConfig, out: str, pool: RunPool) -> BatchOutcome:
+    """One image through every stage; its error, names of its input replaced by its id,
+    is its outcome (this image's failure only: a batch goes on)."""
+    start = time.perf_counter()
+    try:
+        with keep_private(item.names()):
+            summary, exports = _stages(item, model_path, config, out, pool)
+        return BatchOutcome(item.image_id, summary, exports, seconds=time.perf_counter() - start)
+    except Exception as exc:
+        log.error("%s", exc if str(exc).startswith(item.image_id) else f"{item.image_id}: {exc}")
+        return BatchOutcome(item.image_id, error=exc, seconds=time.perf_counter() - start)
 
 
 def _stages(item: BatchItem, model_path: str, config: RunConfig, out: str,

@@ -35,7 +35,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fsspec
 import ray
@@ -45,11 +45,15 @@ from pipeline.cluster import WorkerShape, actor_states, connect, inspect, last_l
 from pipeline.config import RunConfig
 from pipeline.engine import process_env
 from pipeline.engine.pool import RunPool
-from pipeline.engine.scheduler import Runner, WorkerLost
+from pipeline.engine.scheduler import Runner, ThreadBackend, WorkerLost
 from pipeline.engine.tiling import Tile
 from pipeline.errors import CheckpointError, ClusterError, SegpipeError
 from pipeline.io import location
 from pipeline.job import ImageJob, TileReport
+
+if TYPE_CHECKING:
+    from pipeline.batch import BatchItem, BatchOutcome
+    from pipeline.whole_images import Fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +101,8 @@ class TileWorker:
             torch.set_num_threads(threads)
         with local_checkpoint(model_path) as path:
             self.runner = (runner or TileRunner)(path, config)
+        # whole images' tiles (segment_image) run on this actor's model, in this process
+        self.pool = RunPool(lambda: ThreadBackend(self.runner, threads=1))
 
     def run(self, job: ImageJob, batch: list[tuple[Tile, int]]) -> list[TileReport | BaseException]:
         """Compute and write (tile, attempt) pairs one after another; a tile's exception
@@ -108,14 +114,21 @@ class TileWorker:
             return self.runner.run(job, tile, attempt)
         except Exception as exc:
             log.warning("%s: tile %s attempt %d failed", job.image_id, tile.index, attempt, exc_info=True)
-            return _portable(exc)
+            return portable(exc)
+
+    def segment_image(self, item: BatchItem, seen: Fingerprint, model_path: str, config: RunConfig,
+                      out: str) -> BatchOutcome | None:  # fmt: skip
+        """A whole small image, every stage here (`pipeline.whole_images`)."""
+        from pipeline.whole_images import segment_in_worker
+
+        return segment_in_worker(item, seen, model_path, config, out, self.pool)
 
     def ping(self) -> bool:
         """Answers once the actor (and its model) is up."""
         return True
 
 
-def _portable(exc: Exception) -> Exception:
+def portable(exc: Exception) -> Exception:
     """The exception itself when it survives pickling to the driver, else a RuntimeError
     with its type and text (an exception whose __init__ takes other arguments does not)."""
     try:
@@ -180,10 +193,12 @@ class RayBackend:
         self._last_death = ""
 
     @classmethod
-    def start(cls, model_path: str, config: RunConfig, runner: RunnerFactory | None = None) -> RayBackend:
-        """Connect (see `cluster.connect`) and start the actors its shape asks for; until
-        they are placed, a PlacementWatch reports them."""
-        shape = connect(config)
+    def start(cls, model_path: str, config: RunConfig, runner: RunnerFactory | None = None,
+              small_images: bool = False) -> RayBackend:  # fmt: skip
+        """Connect (see `cluster.connect`) and start the actors its shape asks for (CPU
+        actors of one CPU each for `small_images`: see `cluster.shape`); until they are
+        placed, a PlacementWatch reports them."""
+        shape = connect(config, small_images)
         log.info("starting %d tile workers (%s each, %s torch threads)",
                  shape.count, shape.text(), shape.threads or "default")  # fmt: skip
         options = RemoteTileWorker.options(num_cpus=shape.num_cpus, num_gpus=shape.num_gpus,
@@ -194,6 +209,16 @@ class RayBackend:
     @property
     def slots(self) -> int:
         return IN_FLIGHT_PER_ACTOR * sum(a.ready for a in self._actors)
+
+    def image_workers(self) -> list[Any]:
+        """The actors that are up, for whole images (`pipeline.whole_images`); the others
+        are probed on the way, without waiting (actors start at their own pace)."""
+        self._send_probes()
+        if self._probes:
+            ready, _ = ray.wait(list(self._probes), num_returns=len(self._probes), timeout=0)
+            for ref in ready:
+                self._settle_probe(ref)
+        return [a.handle for a in self._actors if a.ready]
 
     def submit(self, job: ImageJob, tile: Tile, attempt: int) -> Hashable:
         """Give the tile to the least loaded actor that is up; it is sent at the next wait."""
@@ -265,7 +290,7 @@ class RayBackend:
 
     def _watch_placement(self) -> None:
         if self._watch is not None:
-            waiting = [_actor_id(a.handle) for a in self._actors if not (a.started or a.retired)]
+            waiting = [actor_id(a.handle) for a in self._actors if not (a.started or a.retired)]
             self._watch.check(waiting, up=sum(a.ready for a in self._actors))
 
     def _lost(self, number: int, exc: BaseException) -> None:
@@ -296,7 +321,7 @@ class RayBackend:
                 raise SegpipeError(f"every tile worker died; the last said: {self._last_death}") from exc
 
 
-def _actor_id(handle: Any) -> str:
+def actor_id(handle: Any) -> str:
     return handle._actor_id.hex()  # an ActorHandle's ActorID, or Ray Client's ActorRef
 
 
@@ -370,8 +395,10 @@ def _cluster_text() -> str:
 # The run's pool
 
 
-def ray_pool(model_path: str, config: RunConfig, runner: RunnerFactory | None = None) -> RunPool:
+def ray_pool(model_path: str, config: RunConfig, runner: RunnerFactory | None = None,
+             small_images: bool = False) -> RunPool:  # fmt: skip
     """The run's worker pool on Ray: TileWorker actors started on its first lease (so a
     run with nothing to compute starts none), shared by the run's images, stopped when the
-    pool closes. Pass it to `stages.infer`."""
-    return RunPool(lambda: RayBackend.start(model_path, config, runner))
+    pool closes. Pass it to `stages.infer` and `batch.segment_batch` (`small_images`: the
+    run's images are one tile each, `batch.one_tile`)."""
+    return RunPool(lambda: RayBackend.start(model_path, config, runner, small_images))

@@ -63,7 +63,9 @@ def test_a_batch_isolates_a_corrupt_image_and_equals_the_per_image_path(small_ch
     assert [o.image_id for o in outcomes] == ["img0", "img1", "img2", "img3"]
     assert [o.summary["state"] if o.summary else "failed" for o in outcomes] == ["complete", "failed",
                                                                                  "complete", "complete"]
-    assert "bad.png" in str(outcomes[1].error) and outcomes[1].summary is None
+    # its error names the image by id, never by file (invariant 8)
+    assert str(outcomes[1].error).startswith("img1") and "bad.png" not in str(outcomes[1].error)
+    assert outcomes[1].summary is None
     assert all(Path(o.exports["overlay"]).is_file() for o in outcomes if o.summary)
     for item in (items[0], *items[2:]):  # the per-image path, one pipeline.segment each
         alone = pipeline.segment(item.path, small_checkpoint, tmp_path / "alone", tile=TILE, exports=())
@@ -74,6 +76,67 @@ def test_a_batch_isolates_a_corrupt_image_and_equals_the_per_image_path(small_ch
         batch, single = _arrays(store_path(str(tmp_path / "batch"), item.image_id)), _arrays(str(renamed))
         for name in ("mask", "prob"):
             assert np.array_equal(batch[name], single[name]), f"{item.image_id}: {name} differs"
+
+
+def test_a_worker_hands_back_an_image_whose_file_it_does_not_see(small_checkpoint: Path, tmp_path: Path) -> None:
+    """Another node without shared storage: the path names nothing there, or another file."""
+    from pipeline.batch import BatchItem
+    from pipeline.engine.pool import local_pool
+    from pipeline.whole_images import fingerprint, segment_in_worker
+
+    (image,) = _images(tmp_path / "in", 1)
+    config = RunConfig(tile=TILE, exports=())
+    item = BatchItem("img0", str(image))
+    seen = fingerprint(str(image))
+    with local_pool(str(small_checkpoint), config) as pool:
+        elsewhere = (seen[0] + 1, seen[1])
+        assert segment_in_worker(item, elsewhere, str(small_checkpoint), config, str(tmp_path / "out"), pool) is None
+        assert not (tmp_path / "out").exists()  # nothing written for an image handed back
+        outcome = segment_in_worker(item, seen, str(small_checkpoint), config, str(tmp_path / "out"), pool)
+    assert outcome is not None and outcome.summary["state"] == "complete"
+
+
+@pytest.mark.parametrize("workers_see_inputs", [True, False])
+def test_whole_images_on_the_workers_equal_the_in_process_path(ray_cluster: str, small_checkpoint: Path,
+                                                               tmp_path: Path, workers_see_inputs: bool,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Ray workers take whole images (pipeline/whole_images.py); where they cannot see the
+    inputs, the driver runs them. Either way: the same stores, one bad image one failure."""
+    from pipeline import whole_images
+    from pipeline.batch import BatchItem, segment_batch
+    from pipeline.engine.pool import local_pool
+    from pipeline.workers import ray_pool
+
+    if not workers_see_inputs:  # the driver's size for each file differs from what a worker finds
+        monkeypatch.setattr(whole_images, "fingerprint", lambda path: (-1, 0))
+    images = _images(tmp_path / "in", 3)
+    bad = tmp_path / "in" / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 10)
+    config = RunConfig(tile=TILE, exports=("overlay",))
+    items = [BatchItem(f"img{i}", str(p)) for i, p in enumerate([images[0], bad, *images[1:]])]
+    sent: list[str] = []
+    real_send = whole_images._send
+    monkeypatch.setattr(whole_images, "_send", lambda w, item, *a: sent.append(item.image_id) or real_send(w, item, *a))
+    with ray_pool(str(small_checkpoint), config, small_images=True) as pool:
+        on_ray = segment_batch(items, str(small_checkpoint), config, str(tmp_path / "ray"), pool)
+    with local_pool(str(small_checkpoint), config) as pool:
+        here = segment_batch(items, str(small_checkpoint), config, str(tmp_path / "here"), pool)
+
+    if workers_see_inputs:  # every image offered to a worker, and taken
+        assert sorted(sent) == sorted(i.image_id for i in items)
+    else:  # each of the session's two workers handed its first image back, and got no more
+        assert len(sent) == 2
+    assert [o.summary["state"] if o.summary else "failed" for o in on_ray] == ["complete", "failed",
+                                                                               "complete", "complete"]
+    assert [o.summary is None for o in here] == [o.summary is None for o in on_ray]
+    assert str(on_ray[1].error).startswith("img1") and "bad.png" not in str(on_ray[1].error)
+    assert all(Path(o.exports["overlay"]).is_file() for o in on_ray if o.summary)
+    for item in (items[0], *items[2:]):
+        a, b = _arrays(store_path(str(tmp_path / "ray"), item.image_id)), _arrays(store_path(str(tmp_path / "here"), item.image_id))
+        for name in ("mask", "prob"):
+            assert np.array_equal(a[name], b[name]), f"{item.image_id}: {name} differs"
+        prov = OutputStore.open(store_path(str(tmp_path / "ray"), item.image_id)).provenance
+        assert prov["qc"]["verdict"] in ("pass", "flag") and str(tmp_path) not in str(prov)
 
 
 # -- the collection flow (Prefect, Ray) ---------------------------------------------------------
@@ -110,7 +173,8 @@ def test_a_collection_batches_small_images_one_row_each(flows_env: None, small_c
     bad = next(r for r in results if r.state == "failed")
     assert bad.error.startswith(ids["bad.png"]) and "bad.png" not in bad.error and "\n" not in bad.error
     assert state.is_failed() and "1 failed of 5 images" in state.message
-    assert counting["infer"] == 4 and counting["pools"] == 1
+    # each image run once (on a worker, which takes whole images: the bad one too), one pool
+    assert counting["infer"] == 5 and counting["pools"] == 1
     # each complete image carries its QC verdict, in its result and its store
     complete = [r for r in results if r.state == "complete"]
     assert all(r.qc and r.qc["verdict"] in ("pass", "flag") for r in complete)

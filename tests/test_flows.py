@@ -244,8 +244,9 @@ def test_segment_image_flow(flows_env: None, tiny_checkpoint: Path, tmp_path: Pa
 
 @pytest.fixture
 def counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts infer stages that ran tiles and worker pools started."""
-    from pipeline import stages
+    """Counts images run (an infer stage here, or a whole image sent to a worker:
+    pipeline/whole_images.py) and worker pools started."""
+    from pipeline import stages, whole_images
     from pipeline.workers import RayBackend
 
     calls = {"infer": 0, "pools": 0}
@@ -259,7 +260,14 @@ def counting(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         calls["pools"] += 1
         return real_start(*args)
 
+    real_send = whole_images._send
+
+    def send(*args: Any) -> Any:
+        calls["infer"] += 1
+        return real_send(*args)
+
     monkeypatch.setattr(stages, "infer", infer)
+    monkeypatch.setattr(whole_images, "_send", send)
     monkeypatch.setattr(RayBackend, "start", start)
     return calls
 

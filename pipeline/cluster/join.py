@@ -30,7 +30,7 @@ PROBE_TIMEOUT_S = 10.0  # the Ray Client ping that tells a refused token
 # Joining
 
 
-def connect(config: RunConfig) -> WorkerShape:
+def connect(config: RunConfig, small_images: bool = False) -> WorkerShape:
     """Join the cluster at ``config.ray_address`` or RAY_ADDRESS ("auto", "ray://host:10001",
     "host:6379"), else start a local one with this machine's CPUs and GPUs; then plan the
     tile workers (`plan_workers`), so a shape no node can hold fails before any image
@@ -43,7 +43,7 @@ def connect(config: RunConfig) -> WorkerShape:
         else:
             join(address)
     route_cluster_messages(verbose=_log_to_driver())
-    return plan_workers(config)
+    return plan_workers(config, small_images)
 
 
 def route_cluster_messages(verbose: bool) -> None:

@@ -16,6 +16,10 @@ from pipeline.errors import ConfigError
 log = logging.getLogger(__name__)
 
 CPU_THREADS_PER_WORKER = 4  # default CPU actor size: torch threads (and CPUs) per actor
+# A run of small images (one tile each: an X-ray archive) takes a CPU slot per actor: each
+# worker runs whole images (pipeline/whole_images.py), whose decoding and store writes are
+# Python under one GIL per process, and a 256² forward pass gains little from more threads.
+SMALL_IMAGE_CPUS = 1
 RESOURCE_STEP = 1e-4  # Ray keeps resource amounts in units of 1/10000
 
 
@@ -42,18 +46,19 @@ class WorkerShape:
         return (_whole(min(limits)) if limits else 1) * node.count
 
 
-def plan_workers(config: RunConfig) -> WorkerShape:
+def plan_workers(config: RunConfig, small_images: bool = False) -> WorkerShape:
     """The tile workers' shape on the cluster this process is connected to."""
     cluster = inspect()
     if cluster.opaque and config.gpus_per_worker is None and not any(n.gpus for n in cluster.nodes):
         _warn_once("the Ray cluster has an autoscaler, whose node types Ray does not tell a driver, "
                    "and no GPU node now: tile workers start as CPU workers; give --gpus-per-worker 1 "
                    "if its worker nodes have GPUs")  # fmt: skip
-    return worker_shape(cluster, config.workers, config.gpus_per_worker, config.cpus_per_worker)
+    return worker_shape(cluster, config.workers, config.gpus_per_worker, config.cpus_per_worker,
+                        CPU_THREADS_PER_WORKER if not small_images else SMALL_IMAGE_CPUS)  # fmt: skip
 
 
 def worker_shape(cluster: Cluster, workers: int | None = None, gpus: float | None = None,
-                 cpus: float | None = None) -> WorkerShape:  # fmt: skip
+                 cpus: float | None = None, size: int = CPU_THREADS_PER_WORKER) -> WorkerShape:  # fmt: skip
     """GPU actors where the cluster has or may add GPU nodes (or ``gpus`` > 0 asks), else
     CPU actors. ``workers`` sets the count (default: as many as the nodes, and the node
     types an autoscaler reported, hold), ``gpus`` and ``cpus`` what each asks for. A shape
@@ -62,7 +67,7 @@ def worker_shape(cluster: Cluster, workers: int | None = None, gpus: float | Non
     if workers is not None and workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers=}")
     use_gpus = gpus > 0 if gpus is not None else any(n.gpus > 0 for n in cluster.nodes)
-    shape = _gpu_shape(cluster, workers, gpus, cpus) if use_gpus else _cpu_shape(cluster, workers, cpus)
+    shape = _gpu_shape(cluster, workers, gpus, cpus) if use_gpus else _cpu_shape(cluster, workers, cpus, size)
     if not any(shape.places(n) for n in cluster.nodes):
         if not cluster.opaque:
             raise ConfigError(f"a tile worker asking {shape.text()} fits no node of the Ray cluster "
@@ -84,23 +89,23 @@ def _gpu_shape(cluster: Cluster, workers: int | None, gpus: float | None, cpus: 
     return WorkerShape(1, num_cpus=num_cpus, num_gpus=gpus, threads=None)
 
 
-def _cpu_shape(cluster: Cluster, workers: int | None, cpus: float | None) -> WorkerShape:
-    """CPU_THREADS_PER_WORKER CPUs each, or the largest node split into such actors (a
-    6-CPU node: one of 6); with ``workers``, the largest share of which that many fit."""
+def _cpu_shape(cluster: Cluster, workers: int | None, cpus: float | None, size: int) -> WorkerShape:
+    """`size` CPUs each, or the largest node split into such actors (a 6-CPU node, size 4:
+    one of 6); with ``workers``, the largest share of which that many fit."""
     largest = max((n.cpus for n in cluster.nodes), default=0.0)
     if cpus is None and workers is None:
-        cpus = _default_cpus(largest)
+        cpus = _default_cpus(largest, size)
     elif cpus is None:
-        cpus = _share([(n.cpus, n.count) for n in cluster.nodes], workers, cap=largest or CPU_THREADS_PER_WORKER)
+        cpus = _share([(n.cpus, n.count) for n in cluster.nodes], workers, cap=largest or size)
     return WorkerShape(1, num_cpus=cpus, num_gpus=0.0, threads=max(1, int(cpus)))
 
 
-def _default_cpus(largest: float) -> float:
+def _default_cpus(largest: float, size: int) -> float:
     if largest <= 0:  # no CPU anywhere yet: the default size, for an autoscaler to add
-        return float(CPU_THREADS_PER_WORKER)
+        return float(size)
     if largest < 1:
         return largest
-    return float(largest // max(1, int(largest // CPU_THREADS_PER_WORKER)))
+    return float(largest // max(1, int(largest // size)))
 
 
 def _share(capacity: list[tuple[float, int]], count: int | None, cap: float) -> float:

@@ -41,6 +41,13 @@ class SharedBackend:
         self._mail: dict[int, list[Outcome]] = {}
         self._views = 0
 
+    def image_workers(self) -> list[Any] | None:
+        offer = getattr(self._backend, "image_workers", None)
+        if offer is None:
+            return None
+        with self._lock:
+            return offer()
+
     def view(self) -> _View:
         with self._lock:
             self._views += 1
@@ -119,6 +126,18 @@ class RunPool:
                 self._backend = self._start()
                 self._shared = SharedBackend(self._backend)
             return self._shared.view()
+
+    def image_workers(self, wait: bool = True) -> list[Any] | None:
+        """The workers up now that take whole images (`pipeline.whole_images`); with `wait`,
+        once one is. None when the backend runs tiles only (tiles in this process: its images
+        run here too). Starts the backend."""
+        with self.lease() as view:
+            assert self._shared is not None
+            while True:
+                workers = self._shared.image_workers()
+                if workers is None or workers or not wait:
+                    return workers
+                view.wait(POLL_S)  # what starts and probes the workers (placement is watched there)
 
     @property
     def started(self) -> bool:

@@ -139,6 +139,33 @@ def test_whole_images_on_the_workers_equal_the_in_process_path(ray_cluster: str,
         assert prov["qc"]["verdict"] in ("pass", "flag") and str(tmp_path) not in str(prov)
 
 
+@pytest.mark.slow  # workers die and restart (each loads its model again)
+def test_images_of_a_worker_that_dies_midway_complete_through_the_driver(ray_cluster: str, small_checkpoint: Path,
+                                                                         tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    """Each worker's process exits in its second image's tile (after ingest: a half-written
+    store); those images come back to the driver, which resumes them on the restarted
+    workers, and every store equals the in-process path's."""
+    from pipeline.batch import BatchItem, segment_batch
+    from pipeline.config import FaultInjection
+    from pipeline.engine.pool import local_pool
+    from pipeline.workers import ray_pool
+
+    images = _images(tmp_path / "in", 4)
+    items = [BatchItem(f"img{i}", str(p)) for i, p in enumerate(images)]
+    dying = RunConfig(tile=TILE, exports=(), faults=FaultInjection(exit_after=1))
+    with ray_pool(str(small_checkpoint), dying, small_images=True) as pool:
+        outcomes = segment_batch(items, str(small_checkpoint), dying, str(tmp_path / "ray"), pool)
+    with local_pool(str(small_checkpoint), RunConfig(tile=TILE, exports=())) as pool:
+        segment_batch(items, str(small_checkpoint), RunConfig(tile=TILE, exports=()), str(tmp_path / "here"), pool)
+
+    assert [o.summary["state"] if o.summary else repr(o.error) for o in outcomes] == ["complete"] * 4
+    assert "its worker was lost" in caplog.text  # the deaths happened, and were ridden out
+    for item in items:
+        a, b = _arrays(store_path(str(tmp_path / "ray"), item.image_id)), _arrays(store_path(str(tmp_path / "here"), item.image_id))
+        assert all(np.array_equal(a[k], b[k]) for k in a), item.image_id
+
+
 # -- the collection flow (Prefect, Ray) ---------------------------------------------------------
 
 

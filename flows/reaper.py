@@ -8,9 +8,11 @@ Ray ends them on their parent's death, and setting the parent-death signal would
 patching how both libraries start processes, so a small watcher does it: `start()` spawns
 this module in a session of its own; it notes the driver's descendants every
 POLL_S and, once the driver is gone, terminates the ones it last saw (then kills what is
-left after GRACE_S). A process started less than POLL_S before the driver died can be
-missed; one whose pid was reused is not touched (processes are matched by pid and start
-time).
+left after GRACE_S); one whose pid was reused is not touched (processes are matched by pid
+and start time). A process started after the last look is found by the mark the driver
+leaves in its environment (MARK_ENV: its pid and start time), which everything it starts
+inherits: Ray's raylet starts its agents a moment after itself, and a raylet that exits on
+its own when the driver dies leaves them to init, no longer anyone's descendants.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 
 POLL_S = 0.5
 GRACE_S = 5.0
+MARK_ENV = "SEGPIPE_DRIVER"
 
 
 def start() -> subprocess.Popen | None:
@@ -30,6 +33,7 @@ def start() -> subprocess.Popen | None:
         import psutil  # noqa: F401  (Ray's dependency; checked before spawning)
     except ImportError:
         return None
+    os.environ[MARK_ENV] = _mark(os.getpid())  # before Prefect and Ray start: they inherit it
     return subprocess.Popen(
         [sys.executable, "-m", "flows.reaper", str(os.getpid())],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -46,6 +50,7 @@ def watch(driver_pid: int) -> None:
         driver = psutil.Process(driver_pid)
     except psutil.NoSuchProcess:
         return
+    mark = _mark(driver_pid)
     seen: list[psutil.Process] = []
     while True:
         try:
@@ -56,6 +61,7 @@ def watch(driver_pid: int) -> None:
             break
         time.sleep(POLL_S)
     left = [p for p in seen if p.is_running()]  # is_running compares the start time too
+    left += [p for p in _marked(mark) if p not in left]
     for process in left:
         try:
             process.terminate()
@@ -67,6 +73,26 @@ def watch(driver_pid: int) -> None:
             process.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def _mark(pid: int) -> str:
+    import psutil
+
+    return f"{pid}:{psutil.Process(pid).create_time()}"
+
+
+def _marked(mark: str) -> list:
+    """The running processes that carry this driver's mark (never this watcher)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.pid != os.getpid() and process.environ().get(MARK_ENV) == mark:
+                found.append(process)
+        except psutil.Error:  # gone, or another user's
+            pass
+    return found
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ tile on a worker, then finalize), each image costs the driver's one process twic
 tile costs its worker: the driver's GIL, not the model, set the pace, and more workers did
 not help. Here each worker takes whole images instead: it ingests, runs the tile on the
 model it already holds, finalizes and exports, through the same stages as every other path
-(`pipeline.batch.segment_one`), so its stores are the same, bit for bit. The driver hands
+(`image_stages.segment_one`; the worker's side is `image_stages.segment_in_worker`), so its stores are the same, bit for bit. The driver hands
 out paths and collects summaries: a batch runs as fast as the workers, and scales with
 them.
 
@@ -20,59 +20,24 @@ a half-written store is resumed there like any other.
 from __future__ import annotations
 
 import logging
-import os
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 import ray
 import ray.exceptions as rx
 
-from pipeline.batch import BatchItem, BatchOutcome, segment_here, segment_one
 from pipeline.config import RunConfig
 from pipeline.engine.pool import RunPool
+from pipeline.image_stages import BatchItem, BatchOutcome, fingerprint, segment_here
 from pipeline.privacy import keep_private
-from pipeline.workers import LOST_ERRORS, actor_id, portable
+from pipeline.workers import LOST_ERRORS, actor_id
 
 log = logging.getLogger(__name__)
 
 # Images in flight on one worker: one computing while the other reads or writes its store
 # (the actor runs two calls at once); more would only queue there, holding decoded pixels.
 IMAGES_PER_WORKER = 2
-
-Fingerprint = tuple[int, int] | None  # (size, mtime_ns) of the input as the driver sees it
-
-
-def fingerprint(path: str) -> Fingerprint:
-    try:
-        st = os.stat(path)
-    except OSError:  # gone or unreadable: the worker's ingest says so, in the image's outcome
-        return None
-    return st.st_size, st.st_mtime_ns
-
-
-# ---------------------------------------------------------------------------------------
-# In the worker
-
-
-def segment_in_worker(item: BatchItem, seen: Fingerprint, model_path: str, config: RunConfig,
-                      out: str, pool: RunPool) -> BatchOutcome | None:  # fmt: skip
-    """One whole image in a worker, its tile on the worker's own model (`pool`); None when
-    the file at its path here is not the one the driver saw (`seen`)."""
-    if seen is not None and fingerprint(item.path) != seen:
-        return None
-    outcome = segment_one(item, model_path, config, out, pool)
-    return outcome if outcome.error is None else replace(outcome, error=_portable(outcome.error))
-
-
-def _portable(exc: BaseException) -> BaseException:
-    return portable(exc) if isinstance(exc, Exception) else RuntimeError(str(exc))
-
-
-# ---------------------------------------------------------------------------------------
-# In the driver
-
 
 def on_workers(items: Sequence[BatchItem], model_path: str, config: RunConfig, out: str, pool: RunPool, *,
                on_done: Callable[[BatchOutcome], None] | None = None) -> list[BatchOutcome]:  # fmt: skip

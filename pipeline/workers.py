@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import pickle
 import shutil
 import tempfile
 import time
@@ -35,7 +34,7 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import fsspec
 import ray
@@ -47,13 +46,15 @@ from pipeline.engine import process_env
 from pipeline.engine.pool import RunPool
 from pipeline.engine.scheduler import Runner, ThreadBackend, WorkerLost
 from pipeline.engine.tiling import Tile
-from pipeline.errors import CheckpointError, ClusterError, SegpipeError
+from pipeline.errors import CheckpointError, ClusterError, SegpipeError, portable
+from pipeline.image_stages import (
+    BatchItem,
+    BatchOutcome,
+    Fingerprint,
+    segment_in_worker,
+)
 from pipeline.io import location
 from pipeline.job import ImageJob, TileReport
-
-if TYPE_CHECKING:
-    from pipeline.batch import BatchItem, BatchOutcome
-    from pipeline.whole_images import Fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -119,23 +120,11 @@ class TileWorker:
     def segment_image(self, item: BatchItem, seen: Fingerprint, model_path: str, config: RunConfig,
                       out: str) -> BatchOutcome | None:  # fmt: skip
         """A whole small image, every stage here (`pipeline.whole_images`)."""
-        from pipeline.whole_images import segment_in_worker
-
         return segment_in_worker(item, seen, model_path, config, out, self.pool)
 
     def ping(self) -> bool:
         """Answers once the actor (and its model) is up."""
         return True
-
-
-def portable(exc: Exception) -> Exception:
-    """The exception itself when it survives pickling to the driver, else a RuntimeError
-    with its type and text (an exception whose __init__ takes other arguments does not)."""
-    try:
-        pickle.loads(pickle.dumps(exc))
-        return exc
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 # The one place TileWorker becomes a Ray actor; resources are set where actors start.

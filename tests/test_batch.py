@@ -82,7 +82,7 @@ def test_a_worker_hands_back_an_image_whose_file_it_does_not_see(small_checkpoin
     """Another node without shared storage: the path names nothing there, or another file."""
     from pipeline.batch import BatchItem
     from pipeline.engine.pool import local_pool
-    from pipeline.whole_images import fingerprint, segment_in_worker
+    from pipeline.image_stages import fingerprint, segment_in_worker
 
     (image,) = _images(tmp_path / "in", 1)
     config = RunConfig(tile=TILE, exports=())

@@ -56,7 +56,7 @@ class BatchOutcome:
     image_id: str
     summary: dict[str, Any] | None = None
     exports: dict[str, str] = field(default_factory=dict)
-    error: BaseException | None = None
+    error: Exception | None = None
     seconds: float = 0.0
 
 
@@ -78,11 +78,7 @@ def segment_in_worker(item: BatchItem, seen: Fingerprint, model_path: str, confi
     if seen is not None and fingerprint(item.path) != seen:
         return None
     outcome = segment_one(item, model_path, config, out, pool)
-    return outcome if outcome.error is None else replace(outcome, error=_portable(outcome.error))
-
-
-def _portable(exc: BaseException) -> BaseException:
-    return portable(exc) if isinstance(exc, Exception) else RuntimeError(str(exc))
+    return outcome if outcome.error is None else replace(outcome, error=portable(outcome.error))
 
 
 def segment_here(items: Sequence[BatchItem], model_path: str, config: RunConfig, out: str,
